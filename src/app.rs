@@ -1,0 +1,142 @@
+//! The application state (a cheap `Clone` handle) and the router.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::auth::Access;
+use crate::cache::fill::Fills;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::error::LoggedError;
+use crate::registry::uploads::Sessions;
+use crate::registry::{self, RequestInfo};
+use crate::storage::{fs::FsDriver, Store};
+use crate::upstream::Upstreams;
+
+pub struct Shared {
+    pub config: Config,
+    pub store: Store,
+    pub upstreams: Upstreams,
+    pub fills: Fills,
+    pub sessions: Sessions,
+    pub metrics: Metrics,
+    pub access: Access,
+}
+
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Result<Self, String> {
+        // reqwest and the TLS listener share one crypto provider; installing twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let metrics = Metrics::new();
+        let driver = FsDriver::new(&config.storage_root).map_err(|e| {
+            format!(
+                "storage.root = {:?} cannot be used: {e}",
+                config.storage_root.display()
+            )
+        })?;
+        let upstreams = Upstreams::new(&config, &metrics)
+            .map_err(|e| format!("building upstream clients: {e}"))?;
+        Ok(AppState(Arc::new(Shared {
+            config,
+            store: Store::new(driver),
+            upstreams,
+            fills: Fills::default(),
+            sessions: Sessions::default(),
+            metrics,
+            access: Access::default(),
+        })))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .fallback(registry::handle)
+        .layer(middleware::from_fn_with_state(state.clone(), log_request))
+        .with_state(state)
+}
+
+/// Ready when the store accepts a write.
+async fn ready(State(state): State<AppState>) -> Response {
+    match state.store.driver().put("tmp/.readyz", b"ok").await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store not writable: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// One log line and the request metrics per request.
+async fn log_request(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path_route = match req.uri().path() {
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    let info = resp
+        .extensions()
+        .get::<RequestInfo>()
+        .cloned()
+        .unwrap_or(RequestInfo {
+            route: path_route,
+            ..Default::default()
+        });
+    let status = resp.status();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .requests
+        .with_label_values(&[method.as_str(), info.route, status.as_str()])
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&[method.as_str(), info.route])
+        .observe(elapsed.as_secs_f64());
+    let bytes = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let error = resp.extensions().get::<LoggedError>().map(|e| e.0.as_str());
+    tracing::info!(
+        target: "regmirror::request",
+        method = %method,
+        route = info.route,
+        repository = info.repository.as_deref().unwrap_or(""),
+        reference = info.reference.as_deref().unwrap_or(""),
+        status = status.as_u16(),
+        bytes,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        cache = info.cache.unwrap_or(""),
+        upstream = info.upstream.as_deref().unwrap_or(""),
+        error = error.unwrap_or(""),
+        "request"
+    );
+    resp
+}

@@ -1,0 +1,520 @@
+//! `mirror.toml`: raw TOML (serde, unknown keys rejected) → a validated `Config`. Every problem is
+//! collected, and each message names the key, the value and what is allowed.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    storage: RawStorage,
+    #[serde(default)]
+    private: RawPrivate,
+    #[serde(default)]
+    upstream: Vec<RawUpstream>,
+    #[serde(default)]
+    cache: RawCache,
+    tls: Option<RawTls>,
+    metrics: Option<RawMetrics>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    http_listen: Option<String>,
+    shutdown_timeout: Option<String>,
+    max_manifest_size: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    root: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivate {
+    namespaces: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: String,
+    url: String,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    tag_ttl: Option<String>,
+    serve_stale: Option<bool>,
+    upstream_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    mode: Option<String>,
+    dir: Option<PathBuf>,
+    #[serde(default)]
+    hosts: Vec<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub http_listen: Option<SocketAddr>,
+    pub shutdown_timeout: Duration,
+    pub max_manifest_size: u64,
+    pub storage_root: PathBuf,
+    pub private_namespaces: Vec<String>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub tag_ttl: Duration,
+    pub serve_stale: bool,
+    pub upstream_timeout: Duration,
+    pub tls: TlsConfig,
+    pub metrics_listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub url: reqwest::Url,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    // The password never reaches a log line or an error message.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("name", &self.name)
+            .field("url", &self.url.as_str())
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TlsConfig {
+    Off,
+    SelfSigned { dir: PathBuf, hosts: Vec<String> },
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+pub const DEFAULT_CONFIG_PATH: &str = "mirror.toml";
+
+/// Everything wrong with a configuration, one problem per line.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub problems: Vec<String>,
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} problem(s)",
+            self.path.display(),
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let fail = |p: String| ConfigErrors {
+            path: path.to_path_buf(),
+            problems: vec![p],
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| fail(format!("cannot read the file: {e}")))?;
+        Config::parse(&text, path.parent().unwrap_or(Path::new(""))).map_err(|problems| {
+            ConfigErrors {
+                path: path.to_path_buf(),
+                problems,
+            }
+        })
+    }
+
+    /// Parse and validate; relative paths resolve against `base` (the config file's folder).
+    pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<String>> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| vec![describe_toml_error(&e)])?;
+        let mut v = Validator {
+            problems: Vec::new(),
+        };
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+        let listen = v.addr(
+            "server.listen",
+            raw.server.listen.as_deref().unwrap_or("0.0.0.0:5000"),
+        );
+        let http_listen = raw
+            .server
+            .http_listen
+            .as_deref()
+            .map(|s| v.addr("server.http_listen", s));
+        let shutdown_timeout = v.duration(
+            "server.shutdown_timeout",
+            raw.server.shutdown_timeout.as_deref().unwrap_or("30s"),
+        );
+        let max_manifest_size = v.size(
+            "server.max_manifest_size",
+            raw.server.max_manifest_size.as_deref().unwrap_or("4MiB"),
+        );
+
+        let namespaces = raw
+            .private
+            .namespaces
+            .unwrap_or_else(|| vec!["private".to_string()]);
+        for (i, ns) in namespaces.iter().enumerate() {
+            if crate::registry::names::RepoName::parse(ns).is_err() {
+                v.problem(format!("private.namespaces[{i}] = {ns:?} is not a valid repository name prefix (lowercase letters, digits, '.', '_', '-', separated by '/')"));
+            }
+        }
+
+        let mut upstreams = Vec::new();
+        for (i, u) in raw.upstream.into_iter().enumerate() {
+            let key = format!("upstream[{i}]");
+            if upstreams.iter().any(|x: &UpstreamConfig| x.name == u.name) {
+                v.problem(format!(
+                    "{key}.name = {:?} is a duplicate: each upstream needs its own name",
+                    u.name
+                ));
+            }
+            if u.name.is_empty() || u.name.contains('/') || u.name != u.name.to_ascii_lowercase() {
+                v.problem(format!("{key}.name = {:?} must be a lowercase registry host name such as \"docker.io\"", u.name));
+            }
+            let url = match reqwest::Url::parse(&u.url) {
+                Ok(url)
+                    if (url.scheme() == "http" || url.scheme() == "https")
+                        && url.host().is_some() =>
+                {
+                    Some(url)
+                }
+                _ => {
+                    v.problem(format!("{key}.url = {:?} is not a valid URL: use http:// or https:// followed by a host, such as \"https://registry-1.docker.io\"", u.url));
+                    None
+                }
+            };
+            let password = match (&u.password_file, &u.password_env) {
+                (Some(_), Some(_)) => {
+                    v.problem(format!(
+                        "{key}: set password_file or password_env, not both"
+                    ));
+                    None
+                }
+                (Some(file), None) => match std::fs::read_to_string(resolve(file.clone())) {
+                    Ok(s) => Some(s.trim_end_matches(['\n', '\r']).to_string()),
+                    Err(e) => {
+                        v.problem(format!(
+                            "{key}.password_file = {:?} cannot be read: {e}",
+                            file.display()
+                        ));
+                        None
+                    }
+                },
+                (None, Some(var)) => {
+                    match std::env::var(var) {
+                        Ok(s) => Some(s),
+                        Err(_) => {
+                            v.problem(format!("{key}.password_env = {var:?}: that environment variable is not set"));
+                            None
+                        }
+                    }
+                }
+                (None, None) => None,
+            };
+            if password.is_some() && u.username.is_none() {
+                v.problem(format!("{key}: a password is set but username is missing"));
+            }
+            if let Some(url) = url {
+                upstreams.push(UpstreamConfig {
+                    name: u.name,
+                    url,
+                    username: u.username,
+                    password,
+                });
+            }
+        }
+        if upstreams.is_empty() && v.problems.is_empty() {
+            upstreams.push(UpstreamConfig {
+                name: "docker.io".into(),
+                url: reqwest::Url::parse("https://registry-1.docker.io")
+                    .map_err(|e| vec![e.to_string()])?,
+                username: None,
+                password: None,
+            });
+        }
+
+        let tag_ttl = v.duration(
+            "cache.tag_ttl",
+            raw.cache.tag_ttl.as_deref().unwrap_or("5m"),
+        );
+        let upstream_timeout = v.duration(
+            "cache.upstream_timeout",
+            raw.cache.upstream_timeout.as_deref().unwrap_or("30s"),
+        );
+
+        let tls = match raw.tls {
+            None => TlsConfig::Off,
+            Some(t) => match t.mode.as_deref().unwrap_or("self-signed") {
+                "off" => TlsConfig::Off,
+                "self-signed" => TlsConfig::SelfSigned {
+                    dir: resolve(t.dir.unwrap_or_else(|| "certs".into())),
+                    hosts: t.hosts,
+                },
+                "files" => match (t.cert, t.key) {
+                    (Some(cert), Some(key)) => {
+                        let (cert, key) = (resolve(cert), resolve(key));
+                        for (k, p) in [("tls.cert", &cert), ("tls.key", &key)] {
+                            if !p.is_file() {
+                                v.problem(format!("{k} = {:?}: no such file", p.display()));
+                            }
+                        }
+                        TlsConfig::Files { cert, key }
+                    }
+                    _ => {
+                        v.problem(
+                            "tls.mode = \"files\" needs both tls.cert and tls.key (PEM files)"
+                                .into(),
+                        );
+                        TlsConfig::Off
+                    }
+                },
+                other => {
+                    v.problem(format!("tls.mode = {other:?} is not allowed: use \"self-signed\", \"files\" or \"off\""));
+                    TlsConfig::Off
+                }
+            },
+        };
+
+        let metrics_listen = raw.metrics.map(|m| v.addr("metrics.listen", &m.listen));
+        let log_format = match raw.log.format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                v.problem(format!(
+                    "log.format = {other:?} is not allowed: use \"text\" or \"json\""
+                ));
+                LogFormat::Text
+            }
+        };
+
+        if !v.problems.is_empty() {
+            return Err(v.problems);
+        }
+        Ok(Config {
+            listen,
+            http_listen,
+            shutdown_timeout,
+            max_manifest_size,
+            storage_root: resolve(raw.storage.root.unwrap_or_else(|| "data".into())),
+            private_namespaces: namespaces,
+            upstreams,
+            tag_ttl,
+            serve_stale: raw.cache.serve_stale.unwrap_or(true),
+            upstream_timeout,
+            tls,
+            metrics_listen,
+            log_format,
+        })
+    }
+}
+
+/// toml's own message names the key and the line; keep only the first paragraph and say where.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    let location = e
+        .span()
+        .map(|s| format!(" (at byte {})", s.start))
+        .unwrap_or_default();
+    format!("{msg}{location}")
+}
+
+struct Validator {
+    problems: Vec<String>,
+}
+
+impl Validator {
+    fn problem(&mut self, p: String) {
+        self.problems.push(p);
+    }
+
+    fn addr(&mut self, key: &str, value: &str) -> SocketAddr {
+        value.parse().unwrap_or_else(|_| {
+            self.problem(format!("{key} = {value:?} is not an address: use IP:PORT, such as \"0.0.0.0:5000\" or \"[::]:5000\""));
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        })
+    }
+
+    fn size(&mut self, key: &str, value: &str) -> u64 {
+        parse_size(value).unwrap_or_else(|| {
+            self.problem(format!("{key} = {value:?} is not a size: use a number with a unit B, KiB, MiB, GiB or TiB (KB, MB, GB, TB for powers of 1000), such as \"4MiB\" or \"50GiB\""));
+            0
+        })
+    }
+
+    fn duration(&mut self, key: &str, value: &str) -> Duration {
+        parse_duration(value).unwrap_or_else(|| {
+            self.problem(format!("{key} = {value:?} is not a duration: use a number with a unit ms, s, m, h or d, such as \"30s\" or \"5m\""));
+            Duration::ZERO
+        })
+    }
+}
+
+fn split_number(s: &str) -> Option<(u64, &str)> {
+    let s = s.trim();
+    let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n = s[..end].parse().ok()?;
+    Some((n, s[end..].trim()))
+}
+
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (n, unit) = split_number(s)?;
+    let mult: u64 = match unit {
+        "B" | "" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let (n, unit) = split_number(s)?;
+    Some(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        "d" => Duration::from_secs(n.checked_mul(86400)?),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(toml: &str) -> Vec<String> {
+        Config::parse(toml, Path::new("/etc/regmirror"))
+            .err()
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse("", Path::new("/x")).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(c.storage_root, PathBuf::from("/x/data"));
+        assert_eq!(c.max_manifest_size, 4 << 20);
+        assert_eq!(c.upstreams[0].name, "docker.io");
+        assert_eq!(c.tls, TlsConfig::Off);
+        assert_eq!(c.tag_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("4MiB"), Some(4 << 20));
+        assert_eq!(parse_size("50GiB"), Some(50 << 30));
+        assert_eq!(parse_size("4 MB"), Some(4_000_000));
+        assert_eq!(parse_size("4mb"), None);
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("5"), None);
+    }
+
+    #[test]
+    fn exact_error_texts() {
+        assert_eq!(
+            problems("[server]\nlisten = \"0.0.0.0:5000\"\nlisten_port = 1\n"),
+            vec!["unknown field `listen_port`, expected one of `listen`, `http_listen`, `shutdown_timeout`, `max_manifest_size` (at byte 30)"]
+        );
+        assert_eq!(
+            problems("[server]\nmax_manifest_size = \"4 megs\"\n"),
+            vec!["server.max_manifest_size = \"4 megs\" is not a size: use a number with a unit B, KiB, MiB, GiB or TiB (KB, MB, GB, TB for powers of 1000), such as \"4MiB\" or \"50GiB\""]
+        );
+        assert_eq!(
+            problems("[cache]\ntag_ttl = \"5 minutes\"\n"),
+            vec!["cache.tag_ttl = \"5 minutes\" is not a duration: use a number with a unit ms, s, m, h or d, such as \"30s\" or \"5m\""]
+        );
+        assert_eq!(
+            problems("[[upstream]]\nname = \"a.io\"\nurl = \"https://a.io\"\n[[upstream]]\nname = \"b.io\"\nurl = \"ftp:/x\"\n"),
+            vec!["upstream[1].url = \"ftp:/x\" is not a valid URL: use http:// or https:// followed by a host, such as \"https://registry-1.docker.io\""]
+        );
+        assert_eq!(
+            problems("[[upstream]]\nname = \"a.io\"\nurl = \"https://a.io\"\n[[upstream]]\nname = \"a.io\"\nurl = \"https://b.io\"\n"),
+            vec!["upstream[1].name = \"a.io\" is a duplicate: each upstream needs its own name"]
+        );
+        assert_eq!(
+            problems("[tls]\nmode = \"on\"\n"),
+            vec!["tls.mode = \"on\" is not allowed: use \"self-signed\", \"files\" or \"off\""]
+        );
+        assert_eq!(
+            problems(
+                "[tls]\nmode = \"files\"\ncert = \"missing.pem\"\nkey = \"/nonexistent/key.pem\"\n"
+            ),
+            vec![
+                "tls.cert = \"/etc/regmirror/missing.pem\": no such file",
+                "tls.key = \"/nonexistent/key.pem\": no such file"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let p = problems(
+            "[server]\nlisten = \"nope\"\nshutdown_timeout = \"x\"\n[log]\nformat = \"xml\"\n",
+        );
+        assert_eq!(p.len(), 3, "{p:?}");
+    }
+}

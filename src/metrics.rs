@@ -1,0 +1,166 @@
+//! Prometheus metrics: one registry, every family prefixed `regmirror_`, labels bounded (route
+//! templates, never repository names).
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub cache: IntCounterVec,
+    pub bytes_served: IntCounterVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_failures: IntCounterVec,
+    pub token_fetches: IntCounterVec,
+    pub fills_in_flight: IntGauge,
+    pub fill_waiters: IntGauge,
+    pub store_bytes: IntGauge,
+    pub store_objects: IntGauge,
+    pub tls_handshakes: IntCounter,
+    pub tls_handshake_failures: IntCounter,
+    pub auth_failures: IntCounter,
+    pub fill_duration: Histogram,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("static metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("static metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "regmirror_request_duration_seconds",
+                "Time to answer a request (until headers are sent).",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["method", "route"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(request_duration.clone()))
+            .expect("metric registered once");
+        let fill_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "regmirror_fill_duration_seconds",
+                "Time to fetch and verify one blob from an upstream.",
+            )
+            .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
+        )
+        .expect("static metric definition");
+        r.register(Box::new(fill_duration.clone()))
+            .expect("metric registered once");
+        Metrics {
+            requests: counter_vec(
+                &r,
+                "regmirror_requests_total",
+                "HTTP requests answered.",
+                &["method", "route", "status"],
+            ),
+            request_duration,
+            cache: counter_vec(
+                &r,
+                "regmirror_cache_requests_total",
+                "Mirrored content lookups by outcome (hit, miss, stale).",
+                &["kind", "upstream", "outcome"],
+            ),
+            bytes_served: counter_vec(
+                &r,
+                "regmirror_served_bytes_total",
+                "Blob bytes sent to clients, by source.",
+                &["source"],
+            ),
+            upstream_requests: counter_vec(
+                &r,
+                "regmirror_upstream_requests_total",
+                "Requests sent to upstream registries.",
+                &["upstream", "kind", "status"],
+            ),
+            upstream_failures: counter_vec(
+                &r,
+                "regmirror_upstream_failures_total",
+                "Upstream failures by cause.",
+                &["upstream", "cause"],
+            ),
+            token_fetches: counter_vec(
+                &r,
+                "regmirror_upstream_token_fetches_total",
+                "Bearer tokens fetched from upstream token services.",
+                &["upstream"],
+            ),
+            fills_in_flight: gauge(
+                &r,
+                "regmirror_fills_in_flight",
+                "Blob fills from upstream in progress.",
+            ),
+            fill_waiters: gauge(
+                &r,
+                "regmirror_fill_waiters",
+                "Client responses streaming from a fill in progress.",
+            ),
+            store_bytes: gauge(
+                &r,
+                "regmirror_store_bytes",
+                "Bytes of blob content in the store.",
+            ),
+            store_objects: gauge(&r, "regmirror_store_objects", "Blobs in the store."),
+            tls_handshakes: counter(
+                &r,
+                "regmirror_tls_handshakes_total",
+                "TLS handshakes completed.",
+            ),
+            tls_handshake_failures: counter(
+                &r,
+                "regmirror_tls_handshake_failures_total",
+                "TLS handshakes that failed.",
+            ),
+            auth_failures: counter(
+                &r,
+                "regmirror_auth_failures_total",
+                "Failed authentication attempts.",
+            ),
+            fill_duration,
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

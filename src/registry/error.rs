@@ -1,0 +1,176 @@
+//! The one table that maps every registry failure to its OCI error code, HTTP status and JSON body.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+/// Error codes of the OCI Distribution Spec (plus the Docker extensions clients know).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    BlobUnknown,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    SizeInvalid,
+    Unauthorized,
+    Denied,
+    Unsupported,
+    TooManyRequests,
+    RangeInvalid,
+    PaginationInvalid,
+    ManifestTooLarge,
+    Unavailable,
+    Internal,
+}
+
+impl Code {
+    /// The code string, default HTTP status and message, in one place.
+    fn entry(self) -> (&'static str, StatusCode, &'static str) {
+        use StatusCode as S;
+        match self {
+            Code::BlobUnknown => ("BLOB_UNKNOWN", S::NOT_FOUND, "blob unknown to registry"),
+            Code::BlobUploadInvalid => {
+                ("BLOB_UPLOAD_INVALID", S::BAD_REQUEST, "blob upload invalid")
+            }
+            Code::BlobUploadUnknown => (
+                "BLOB_UPLOAD_UNKNOWN",
+                S::NOT_FOUND,
+                "blob upload unknown to registry",
+            ),
+            Code::DigestInvalid => (
+                "DIGEST_INVALID",
+                S::BAD_REQUEST,
+                "provided digest did not match uploaded content",
+            ),
+            Code::ManifestBlobUnknown => (
+                "MANIFEST_BLOB_UNKNOWN",
+                S::BAD_REQUEST,
+                "manifest references a manifest or blob unknown to registry",
+            ),
+            Code::ManifestInvalid => ("MANIFEST_INVALID", S::BAD_REQUEST, "manifest invalid"),
+            Code::ManifestUnknown => (
+                "MANIFEST_UNKNOWN",
+                S::NOT_FOUND,
+                "manifest unknown to registry",
+            ),
+            Code::NameInvalid => ("NAME_INVALID", S::BAD_REQUEST, "invalid repository name"),
+            Code::NameUnknown => (
+                "NAME_UNKNOWN",
+                S::NOT_FOUND,
+                "repository name not known to registry",
+            ),
+            Code::SizeInvalid => (
+                "SIZE_INVALID",
+                S::BAD_REQUEST,
+                "provided length did not match content length",
+            ),
+            Code::Unauthorized => ("UNAUTHORIZED", S::UNAUTHORIZED, "authentication required"),
+            Code::Denied => (
+                "DENIED",
+                S::FORBIDDEN,
+                "requested access to the resource is denied",
+            ),
+            Code::Unsupported => (
+                "UNSUPPORTED",
+                S::METHOD_NOT_ALLOWED,
+                "the operation is unsupported",
+            ),
+            Code::TooManyRequests => ("TOOMANYREQUESTS", S::TOO_MANY_REQUESTS, "too many requests"),
+            Code::RangeInvalid => (
+                "BLOB_UPLOAD_INVALID",
+                S::RANGE_NOT_SATISFIABLE,
+                "requested range not satisfiable",
+            ),
+            Code::PaginationInvalid => (
+                "PAGINATION_NUMBER_INVALID",
+                S::BAD_REQUEST,
+                "invalid number of results requested",
+            ),
+            Code::ManifestTooLarge => (
+                "MANIFEST_INVALID",
+                S::PAYLOAD_TOO_LARGE,
+                "manifest exceeds the size limit",
+            ),
+            Code::Unavailable => (
+                "UNAVAILABLE",
+                S::SERVICE_UNAVAILABLE,
+                "upstream registry unavailable",
+            ),
+            Code::Internal => ("UNKNOWN", S::INTERNAL_SERVER_ERROR, "internal error"),
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        self.entry().1
+    }
+}
+
+/// A failure on the way to answering a registry request, rendered as OCI error JSON.
+#[derive(Debug)]
+pub struct RegistryError {
+    pub code: Code,
+    pub detail: String,
+    /// Extra response headers (`Retry-After`, `WWW-Authenticate`, `Range`).
+    pub headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl RegistryError {
+    pub fn new(code: Code, detail: impl Into<String>) -> Self {
+        RegistryError {
+            code,
+            detail: detail.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: header::HeaderName, value: &str) -> Self {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            self.headers.push((name, v));
+        }
+        self
+    }
+
+    pub fn internal(err: impl std::fmt::Display) -> Self {
+        Self::new(Code::Internal, err.to_string())
+    }
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.entry().0, self.detail)
+    }
+}
+
+impl std::error::Error for RegistryError {}
+
+impl From<std::io::Error> for RegistryError {
+    fn from(err: std::io::Error) -> Self {
+        Self::internal(format!("storage: {err}"))
+    }
+}
+
+/// The error that reached the client, kept as a response extension so the request log can name it.
+#[derive(Clone, Debug)]
+pub struct LoggedError(pub String);
+
+impl IntoResponse for RegistryError {
+    fn into_response(self) -> Response {
+        let (code, status, message) = self.code.entry();
+        let body = serde_json::json!({
+            "errors": [{ "code": code, "message": message, "detail": self.detail }]
+        });
+        let mut resp = (status, axum::Json(body)).into_response();
+        for (name, value) in self.headers {
+            resp.headers_mut().insert(name, value);
+        }
+        resp.extensions_mut()
+            .insert(LoggedError(format!("{code}: {}", self.detail)));
+        resp
+    }
+}
+
+pub type Result<T, E = RegistryError> = std::result::Result<T, E>;

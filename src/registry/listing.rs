@@ -1,0 +1,123 @@
+//! Listings: `tags/list`, `_catalog` (both with `n`/`last` pagination and `Link`) and referrers.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::error::{Code, RegistryError, Result};
+use super::manifests::OCI_INDEX;
+use super::names::{Digest, RepoName};
+use super::{Ctx, Target};
+
+/// Default and largest page sizes.
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
+
+/// One page of a sorted list: entries after `last`, at most `n`, and whether more follow.
+fn paginate(ctx: &Ctx, mut all: Vec<String>) -> Result<(Vec<String>, Option<(usize, String)>)> {
+    all.sort();
+    let n = match ctx.query.get("n") {
+        Some(n) => n.parse::<usize>().map_err(|_| {
+            RegistryError::new(Code::PaginationInvalid, format!("n={n:?} is not a number"))
+        })?,
+        None => DEFAULT_PAGE,
+    }
+    .min(MAX_PAGE);
+    let start = match ctx.query.get("last") {
+        Some(last) => all.partition_point(|x| x.as_str() <= last.as_str()),
+        None => 0,
+    };
+    let rest = &all[start.min(all.len())..];
+    let page: Vec<String> = rest.iter().take(n).cloned().collect();
+    let next = (n > 0 && rest.len() > n).then(|| (n, page.last().cloned().unwrap_or_default()));
+    Ok((page, next))
+}
+
+fn with_link(mut resp: Response, path: &str, next: Option<(usize, String)>) -> Response {
+    if let Some((n, last)) = next {
+        let last: String = reqwest::Url::parse("http://x/")
+            .map(|mut u| {
+                u.query_pairs_mut().append_pair("last", &last);
+                u.query().unwrap_or_default().to_string()
+            })
+            .unwrap_or_default();
+        if let Ok(v) = HeaderValue::from_str(&format!("<{path}?n={n}&{last}>; rel=\"next\"")) {
+            resp.headers_mut().insert(header::LINK, v);
+        }
+    }
+    resp
+}
+
+pub async fn tags(ctx: Ctx, target: Target) -> Result<Response> {
+    if let Target::Mirror { .. } = target {
+        return crate::cache::manifests::tags(ctx, &target).await;
+    }
+    let repo = target.local();
+    let store = &ctx.state.store;
+    let all = store.list_tags(repo).await?;
+    if all.is_empty() && !store.repository_exists(repo).await? {
+        return Err(RegistryError::new(
+            Code::NameUnknown,
+            format!("repository {repo} is not known"),
+        ));
+    }
+    tags_page(&ctx, repo, all)
+}
+
+pub fn tags_page(ctx: &Ctx, repo: &RepoName, all: Vec<String>) -> Result<Response> {
+    let (page, next) = paginate(ctx, all)?;
+    let resp = (
+        StatusCode::OK,
+        axum::Json(json!({ "name": repo.as_str(), "tags": page })),
+    )
+        .into_response();
+    Ok(with_link(resp, &format!("/v2/{repo}/tags/list"), next))
+}
+
+pub async fn catalog(ctx: Ctx) -> Result<Response> {
+    let all: Vec<String> = ctx
+        .state
+        .store
+        .list_repositories()
+        .await?
+        .into_iter()
+        .filter(|r| RepoName::parse(r).is_ok_and(|r| ctx.state.access.may_pull(&ctx, &r)))
+        .collect();
+    let (page, next) = paginate(&ctx, all)?;
+    let resp = (StatusCode::OK, axum::Json(json!({ "repositories": page }))).into_response();
+    Ok(with_link(resp, "/v2/_catalog", next))
+}
+
+pub async fn referrers(ctx: Ctx, target: Target, digest: &str) -> Result<Response> {
+    let subject: Digest = digest.parse()?;
+    let filter = ctx.query.get("artifactType").cloned();
+    let mut manifests = Vec::new();
+    for (d, meta) in ctx.state.store.referrers(target.local(), &subject).await? {
+        if filter
+            .as_ref()
+            .is_some_and(|f| meta.artifact_type.as_ref() != Some(f))
+        {
+            continue;
+        }
+        let mut desc =
+            json!({ "mediaType": meta.media_type, "digest": d.to_string(), "size": meta.size });
+        if let Some(t) = &meta.artifact_type {
+            desc["artifactType"] = json!(t);
+        }
+        if let Some(a) = &meta.annotations {
+            desc["annotations"] = json!(a);
+        }
+        manifests.push(desc);
+    }
+    let body = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
+    let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
+    if filter.is_some() {
+        resp.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    Ok(resp)
+}

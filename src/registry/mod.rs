@@ -1,0 +1,370 @@
+//! The Registry v2 / OCI Distribution API: path parsing (names of any depth), the choice between
+//! the local store and an upstream, and the handlers.
+
+pub mod blobs;
+pub mod error;
+pub mod listing;
+pub mod manifests;
+pub mod names;
+pub mod response;
+pub mod uploads;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::app::AppState;
+use crate::upstream::Upstream;
+use error::{Code, RegistryError, Result};
+use names::RepoName;
+
+/// One parsed `/v2/...` path.
+#[derive(Debug, PartialEq)]
+pub enum Route<'a> {
+    Base,
+    Catalog,
+    Tags(&'a str),
+    Manifest(&'a str, &'a str),
+    Blob(&'a str, &'a str),
+    UploadStart(&'a str),
+    Upload(&'a str, &'a str),
+    Referrers(&'a str, &'a str),
+}
+
+impl<'a> Route<'a> {
+    /// Parse from the end of the path, so a name may have any depth and even contain `blobs`.
+    pub fn parse(path: &'a str) -> Option<Route<'a>> {
+        let rest = path.strip_prefix("/v2")?;
+        if rest.is_empty() || rest == "/" {
+            return Some(Route::Base);
+        }
+        let rest = rest.strip_prefix('/')?;
+        if rest == "_catalog" {
+            return Some(Route::Catalog);
+        }
+        if let Some(name) = rest.strip_suffix("/tags/list") {
+            return Some(Route::Tags(name));
+        }
+        if let Some(name) = rest
+            .strip_suffix("/blobs/uploads/")
+            .or_else(|| rest.strip_suffix("/blobs/uploads"))
+        {
+            return Some(Route::UploadStart(name));
+        }
+        let (head, last) = rest.rsplit_once('/')?;
+        let (name, kind) = head.rsplit_once('/')?;
+        match kind {
+            "manifests" => Some(Route::Manifest(name, last)),
+            "blobs" => Some(Route::Blob(name, last)),
+            "referrers" => Some(Route::Referrers(name, last)),
+            "uploads" => name
+                .strip_suffix("/blobs")
+                .map(|name| Route::Upload(name, last)),
+            _ => None,
+        }
+    }
+
+    /// The route template: a bounded label for metrics and logs.
+    pub fn template(&self) -> &'static str {
+        match self {
+            Route::Base => "/v2/",
+            Route::Catalog => "/v2/_catalog",
+            Route::Tags(_) => "/v2/{name}/tags/list",
+            Route::Manifest(..) => "/v2/{name}/manifests/{reference}",
+            Route::Blob(..) => "/v2/{name}/blobs/{digest}",
+            Route::UploadStart(_) => "/v2/{name}/blobs/uploads/",
+            Route::Upload(..) => "/v2/{name}/blobs/uploads/{id}",
+            Route::Referrers(..) => "/v2/{name}/referrers/{digest}",
+        }
+    }
+
+    pub fn name(&self) -> Option<&'a str> {
+        match *self {
+            Route::Tags(n)
+            | Route::Manifest(n, _)
+            | Route::Blob(n, _)
+            | Route::UploadStart(n)
+            | Route::Upload(n, _)
+            | Route::Referrers(n, _) => Some(n),
+            Route::Base | Route::Catalog => None,
+        }
+    }
+}
+
+/// Where a repository's content comes from.
+#[derive(Clone)]
+pub enum Target {
+    /// The private namespace: pushes accepted, never upstream.
+    Local(RepoName),
+    /// Mirrored from `upstream` as `remote`; stored locally as `<upstream name>/<remote>`.
+    Mirror {
+        upstream: Arc<Upstream>,
+        remote: RepoName,
+        local: RepoName,
+    },
+}
+
+impl Target {
+    /// The repository in the local store.
+    pub fn local(&self) -> &RepoName {
+        match self {
+            Target::Local(n) => n,
+            Target::Mirror { local, .. } => local,
+        }
+    }
+
+    pub fn upstream_name(&self) -> Option<&str> {
+        match self {
+            Target::Local(_) => None,
+            Target::Mirror { upstream, .. } => Some(upstream.name()),
+        }
+    }
+
+    /// Mirrored repositories are read-only.
+    pub fn require_local(&self) -> Result<&RepoName> {
+        match self {
+            Target::Local(n) => Ok(n),
+            Target::Mirror { local, .. } => Err(RegistryError::new(
+                Code::Unsupported,
+                format!("{local} is mirrored from an upstream and is read-only; push to a private namespace instead"),
+            )),
+        }
+    }
+}
+
+/// Decide which upstream (if any) serves `name`, in the documented order.
+pub fn resolve_target(state: &AppState, name: &str, ns: Option<&str>) -> Result<Target> {
+    let name = RepoName::parse(name)?;
+    let mirror = |upstream: &Arc<Upstream>, remote: RepoName| -> Result<Target> {
+        let remote = if upstream.name() == "docker.io" && !remote.as_str().contains('/') {
+            remote.prefixed("library")?
+        } else {
+            remote
+        };
+        let local = remote.prefixed(upstream.name())?;
+        Ok(Target::Mirror {
+            upstream: upstream.clone(),
+            remote,
+            local,
+        })
+    };
+    if let Some(ns) = ns {
+        let upstream = state.upstreams.get(ns).ok_or_else(|| {
+            RegistryError::new(
+                Code::NameUnknown,
+                format!("no upstream is configured for registry {ns:?}"),
+            )
+        })?;
+        // containerd may also send the prefixed form; do not prefix twice.
+        let remote = if name.first_component() == ns {
+            name.strip_first().unwrap_or(name)
+        } else {
+            name
+        };
+        return mirror(upstream, remote);
+    }
+    if let Some(upstream) = state.upstreams.get(name.first_component()) {
+        if let Some(remote) = name.strip_first() {
+            return mirror(upstream, remote);
+        }
+    }
+    if state
+        .config
+        .private_namespaces
+        .iter()
+        .any(|ns| name.is_under(ns))
+    {
+        return Ok(Target::Local(name));
+    }
+    match state.upstreams.get("docker.io") {
+        Some(upstream) => mirror(upstream, name),
+        None => Ok(Target::Local(name)),
+    }
+}
+
+fn query_params(req: &Request) -> HashMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| url_pairs(q).collect())
+        .unwrap_or_default()
+}
+
+fn url_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
+    reqwest::Url::parse(&format!("http://x/?{q}"))
+        .map(|u| {
+            u.query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+}
+
+/// Everything a handler needs to know about the request, parsed once.
+pub struct Ctx {
+    pub state: AppState,
+    pub method: Method,
+    pub headers: axum::http::HeaderMap,
+    pub query: HashMap<String, String>,
+    /// Behind a mutex only so `&Ctx` is `Send` (a body is not `Sync`); taken once.
+    body: std::sync::Mutex<Body>,
+}
+
+impl Ctx {
+    pub fn take_body(&self) -> Body {
+        std::mem::take(&mut *self.body.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn is_head(&self) -> bool {
+        self.method == Method::HEAD
+    }
+}
+
+/// What the request log records about a registry request (set as a response extension).
+#[derive(Clone, Debug, Default)]
+pub struct RequestInfo {
+    pub route: &'static str,
+    pub repository: Option<String>,
+    pub reference: Option<String>,
+    pub upstream: Option<String>,
+    pub cache: Option<&'static str>,
+}
+
+/// The single entry point for `/v2/...`.
+pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let Some(route) = Route::parse(&path) else {
+        let mut resp =
+            RegistryError::new(Code::NameInvalid, format!("no such API endpoint: {path}"))
+                .into_response();
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        resp.extensions_mut().insert(RequestInfo {
+            route: "other",
+            ..Default::default()
+        });
+        return resp;
+    };
+    let query = query_params(&req);
+    let method = req.method().clone();
+    let (parts, body) = req.into_parts();
+    let mut info = RequestInfo {
+        route: route.template(),
+        repository: route.name().map(str::to_string),
+        ..Default::default()
+    };
+    let ctx = Ctx {
+        state,
+        method,
+        headers: parts.headers,
+        query,
+        body: std::sync::Mutex::new(body),
+    };
+    let result = dispatch(ctx, &route, &mut info).await;
+    let mut resp = result.unwrap_or_else(IntoResponse::into_response);
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        header::HeaderValue::from_static("registry/2.0"),
+    );
+    resp.extensions_mut().insert(info);
+    resp
+}
+
+async fn dispatch(ctx: Ctx, route: &Route<'_>, info: &mut RequestInfo) -> Result<Response> {
+    let unsupported = || {
+        Err(RegistryError::new(
+            Code::Unsupported,
+            "method not allowed on this endpoint",
+        ))
+    };
+    let target = match route.name() {
+        Some(name) => {
+            let t = resolve_target(&ctx.state, name, ctx.query.get("ns").map(String::as_str))?;
+            info.upstream = t.upstream_name().map(str::to_string);
+            info.repository = Some(t.local().to_string());
+            Some(t)
+        }
+        None => None,
+    };
+    let m = ctx.method.clone();
+    match (route, target) {
+        (Route::Base, _) => match m {
+            Method::GET | Method::HEAD => {
+                Ok((StatusCode::OK, axum::Json(serde_json::json!({}))).into_response())
+            }
+            _ => unsupported(),
+        },
+        (Route::Catalog, _) if m == Method::GET => listing::catalog(ctx).await,
+        (Route::Tags(_), Some(t)) if m == Method::GET => listing::tags(ctx, t).await,
+        (Route::Manifest(_, reference), Some(t)) => {
+            info.reference = Some(reference.to_string());
+            match m {
+                Method::GET | Method::HEAD => manifests::get(ctx, t, reference, info).await,
+                Method::PUT => manifests::put(ctx, t, reference).await,
+                Method::DELETE => manifests::delete(ctx, t, reference).await,
+                _ => unsupported(),
+            }
+        }
+        (Route::Blob(_, digest), Some(t)) => {
+            info.reference = Some(digest.to_string());
+            match m {
+                Method::GET | Method::HEAD => blobs::get(ctx, t, digest, info).await,
+                Method::DELETE => blobs::delete(ctx, t, digest).await,
+                _ => unsupported(),
+            }
+        }
+        (Route::UploadStart(_), Some(t)) if m == Method::POST => uploads::start(ctx, t).await,
+        (Route::Upload(_, id), Some(t)) => match m {
+            Method::GET => uploads::status(ctx, t, id).await,
+            Method::PATCH => uploads::patch(ctx, t, id).await,
+            Method::PUT => uploads::finish(ctx, t, id).await,
+            Method::DELETE => uploads::cancel(ctx, t, id).await,
+            _ => unsupported(),
+        },
+        (Route::Referrers(_, digest), Some(t)) if m == Method::GET => {
+            listing::referrers(ctx, t, digest).await
+        }
+        _ => unsupported(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Route;
+
+    #[test]
+    fn routes_parse_from_the_end() {
+        assert_eq!(Route::parse("/v2/"), Some(Route::Base));
+        assert_eq!(Route::parse("/v2"), Some(Route::Base));
+        assert_eq!(Route::parse("/v2/_catalog"), Some(Route::Catalog));
+        assert_eq!(
+            Route::parse("/v2/a/b/c/d/e/f/g/h/i/tags/list"),
+            Some(Route::Tags("a/b/c/d/e/f/g/h/i"))
+        );
+        assert_eq!(
+            Route::parse("/v2/library/nginx/manifests/1.27"),
+            Some(Route::Manifest("library/nginx", "1.27"))
+        );
+        assert_eq!(
+            Route::parse("/v2/x/blobs/sha256:ab"),
+            Some(Route::Blob("x", "sha256:ab"))
+        );
+        assert_eq!(
+            Route::parse("/v2/x/blobs/uploads/"),
+            Some(Route::UploadStart("x"))
+        );
+        assert_eq!(
+            Route::parse("/v2/x/blobs/blobs/uploads/abc"),
+            Some(Route::Upload("x/blobs", "abc"))
+        );
+        assert_eq!(
+            Route::parse("/v2/x/referrers/sha256:ab"),
+            Some(Route::Referrers("x", "sha256:ab"))
+        );
+        assert_eq!(Route::parse("/v2/x/uploads/abc"), None);
+        assert_eq!(Route::parse("/v3/x"), None);
+    }
+}

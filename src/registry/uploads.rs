@@ -1,0 +1,285 @@
+//! Blob uploads: monolithic POST, chunked sessions (PATCH with `Content-Range` checks), finishing
+//! PUT with digest verification, status, cancel, and cross-repository mounts. Session data lives
+//! in the store, so a session survives a restart; the running hash is only an in-memory shortcut.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use super::error::{Code, RegistryError, Result};
+use super::names::{Digest, Hasher, RepoName};
+use super::response::located;
+use super::{Ctx, Target};
+use crate::storage::{upload_data, CommitError, Store};
+
+/// Per-session state kept in memory: a lock so two PATCHes never interleave, and the hash of
+/// the bytes received so far (lost on restart, then recomputed from the data file).
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>>>,
+}
+
+impl Sessions {
+    fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>> {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(id.to_string()).or_default().clone()
+    }
+
+    fn forget(&self, id: &str) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+}
+
+fn session_location(repo: &RepoName, id: &str) -> String {
+    format!("/v2/{repo}/blobs/uploads/{id}")
+}
+
+/// 202/204 with the session's `Location`, `Range` and id.
+fn session_response(status: StatusCode, repo: &RepoName, id: &str, size: u64) -> Response {
+    let mut resp = located(status, &session_location(repo, id), None);
+    let h = resp.headers_mut();
+    let end = size.saturating_sub(1);
+    if let Ok(v) = HeaderValue::from_str(&format!("0-{end}")) {
+        h.insert(header::RANGE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(id) {
+        h.insert("docker-upload-uuid", v);
+    }
+    resp
+}
+
+fn created(repo: &RepoName, d: &Digest) -> Response {
+    located(
+        StatusCode::CREATED,
+        &format!("/v2/{repo}/blobs/{d}"),
+        Some(d),
+    )
+}
+
+fn commit_error(e: CommitError) -> RegistryError {
+    match e {
+        CommitError::DigestMismatch { .. } => {
+            RegistryError::new(Code::DigestInvalid, e.to_string())
+        }
+        CommitError::SizeMismatch { .. } => RegistryError::new(Code::SizeInvalid, e.to_string()),
+        CommitError::Io(io) => io.into(),
+    }
+}
+
+fn query_digest(ctx: &Ctx) -> Result<Option<Digest>> {
+    ctx.query.get("digest").map(|d| d.parse()).transpose()
+}
+
+pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
+    let repo = target.require_local()?.clone();
+    let store = &ctx.state.store;
+    if let Some(mount) = ctx.query.get("mount") {
+        let d: Digest = mount.parse()?;
+        if let Some(from) = ctx.query.get("from") {
+            if let Ok(from) = RepoName::parse(from) {
+                let readable = ctx.state.access.may_pull(&ctx, &from);
+                if readable
+                    && store.is_blob_linked(&from, &d).await?
+                    && store.blob_size(&d).await?.is_some()
+                {
+                    store.link_blob(&repo, &d).await?;
+                    return Ok(created(&repo, &d));
+                }
+            }
+        }
+        // Not mountable: fall through to an ordinary upload session, as the spec asks.
+    } else if let Some(d) = query_digest(&ctx)? {
+        let expected = content_length(&ctx);
+        let mut writer = store.begin_blob(d.algorithm()).await?;
+        let mut body = ctx.take_body().into_data_stream();
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => writer.write(&c).await?,
+                Err(e) => {
+                    writer.abort().await;
+                    return Err(RegistryError::new(
+                        Code::BlobUploadInvalid,
+                        format!("reading request body: {e}"),
+                    ));
+                }
+            }
+        }
+        writer.commit(&d, expected).await.map_err(commit_error)?;
+        store.link_blob(&repo, &d).await?;
+        return Ok(created(&repo, &d));
+    }
+    let id = store.create_upload(&repo).await?;
+    Ok(session_response(StatusCode::ACCEPTED, &repo, &id, 0))
+}
+
+fn content_length(ctx: &Ctx) -> Option<u64> {
+    ctx.headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The session's id, checked to belong to `repo`.
+async fn session(store: &Store, repo: &RepoName, id: &str) -> Result<()> {
+    match store.upload_info(id).await? {
+        Some(info) if info.repository == repo.as_str() => Ok(()),
+        _ => Err(RegistryError::new(
+            Code::BlobUploadUnknown,
+            format!("upload {id} is not known in {repo}"),
+        )),
+    }
+}
+
+/// Append the request body to the session, after checking `Content-Range` against its size.
+async fn append(
+    ctx: &mut Ctx,
+    repo: &RepoName,
+    id: &str,
+    state: &mut Option<(u64, Hasher)>,
+    algorithm: Option<super::names::Algorithm>,
+) -> Result<u64> {
+    let store = ctx.state.store.clone();
+    let size = store.upload_size(id).await?;
+    if let Some(range) = ctx.headers.get(header::CONTENT_RANGE) {
+        let parsed = range
+            .to_str()
+            .ok()
+            .map(|r| {
+                r.trim()
+                    .trim_start_matches("bytes")
+                    .trim_start_matches([' ', '='])
+            })
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| {
+                Some((
+                    a.trim().parse::<u64>().ok()?,
+                    b.split('/').next()?.trim().parse::<u64>().ok()?,
+                ))
+            });
+        let in_order = matches!(parsed, Some((start, end)) if start == size && end >= start);
+        let length_ok = match (parsed, content_length(ctx)) {
+            (Some((start, end)), Some(len)) => end - start + 1 == len,
+            _ => true,
+        };
+        if !in_order || !length_ok {
+            let err = RegistryError::new(
+                Code::RangeInvalid,
+                format!("chunk range {range:?} does not continue the upload at byte {size}"),
+            );
+            let end = size.saturating_sub(1);
+            return Err(err
+                .with_header(header::RANGE, &format!("0-{end}"))
+                .with_header(header::LOCATION, &session_location(repo, id)));
+        }
+    }
+    // Keep the running hash only while it covers exactly the bytes on disk.
+    if state.as_ref().is_none_or(|(hashed, _)| *hashed != size) {
+        *state = if size == 0 {
+            Some((
+                0,
+                Hasher::new(algorithm.unwrap_or(super::names::Algorithm::Sha256)),
+            ))
+        } else {
+            None
+        };
+    }
+    let mut file = store.driver().open_append(&upload_data(id)).await?;
+    let mut body = ctx.take_body().into_data_stream();
+    let mut added = 0u64;
+    let mut failure = None;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => {
+                file.write_all(&c).await?;
+                if let Some((hashed, h)) = state.as_mut() {
+                    h.update(&c);
+                    *hashed += c.len() as u64;
+                }
+                added += c.len() as u64;
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    file.flush().await?;
+    file.shutdown().await?;
+    if let Some(e) = failure {
+        // What arrived is kept: the client can ask for the status and resume from there.
+        return Err(RegistryError::new(
+            Code::BlobUploadInvalid,
+            format!("reading request body: {e}"),
+        ));
+    }
+    Ok(size + added)
+}
+
+pub async fn patch(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> {
+    let repo = target.require_local()?.clone();
+    session(&ctx.state.store, &repo, id).await?;
+    let slot = ctx.state.sessions.slot(id);
+    let mut state = slot.lock().await;
+    let size = append(&mut ctx, &repo, id, &mut state, None).await?;
+    Ok(session_response(StatusCode::ACCEPTED, &repo, id, size))
+}
+
+pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> {
+    let repo = target.require_local()?.clone();
+    let store = ctx.state.store.clone();
+    session(&store, &repo, id).await?;
+    let d = query_digest(&ctx)?.ok_or_else(|| {
+        RegistryError::new(
+            Code::DigestInvalid,
+            "the digest query parameter is required to finish an upload",
+        )
+    })?;
+    let slot = ctx.state.sessions.slot(id);
+    let mut state = slot.lock().await;
+    let size = append(&mut ctx, &repo, id, &mut state, Some(d.algorithm())).await?;
+    let hasher = match state.take() {
+        Some((hashed, h)) if hashed == size && h_algorithm(&h) == d.algorithm() => Some(h),
+        _ => None,
+    };
+    let outcome = store.commit_staged(&upload_data(id), &d, hasher).await;
+    // Success or digest mismatch, the session is over and nothing of it is kept.
+    store.delete_upload(id).await?;
+    ctx.state.sessions.forget(id);
+    outcome.map_err(commit_error)?;
+    store.link_blob(&repo, &d).await?;
+    Ok(created(&repo, &d))
+}
+
+fn h_algorithm(h: &Hasher) -> super::names::Algorithm {
+    match h {
+        Hasher::Sha256(_) => super::names::Algorithm::Sha256,
+        Hasher::Sha512(_) => super::names::Algorithm::Sha512,
+    }
+}
+
+pub async fn status(ctx: Ctx, target: Target, id: &str) -> Result<Response> {
+    let repo = target.require_local()?;
+    session(&ctx.state.store, repo, id).await?;
+    let size = ctx.state.store.upload_size(id).await?;
+    Ok(session_response(StatusCode::NO_CONTENT, repo, id, size))
+}
+
+pub async fn cancel(ctx: Ctx, target: Target, id: &str) -> Result<Response> {
+    let repo = target.require_local()?;
+    session(&ctx.state.store, repo, id).await?;
+    let slot = ctx.state.sessions.slot(id);
+    let _guard = slot.lock().await;
+    ctx.state.store.delete_upload(id).await?;
+    ctx.state.sessions.forget(id);
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Ok(resp)
+}

@@ -1,0 +1,146 @@
+//! The filesystem driver: every path is relative to the storage root. Atomicity comes from
+//! write-to-temp + fsync + rename + fsync of the parent directory, so a `kill -9` at any instant
+//! leaves either the old file or the complete new one.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use super::{Driver, Reader, Writer};
+
+/// Where staged writes live; on the same filesystem as everything else so renames are atomic.
+const TMP_DIR: &str = "tmp";
+
+pub struct FsDriver {
+    root: PathBuf,
+}
+
+impl FsDriver {
+    pub fn new(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join(TMP_DIR))?;
+        Ok(FsDriver { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn full(&self, path: &str) -> PathBuf {
+        self.root.join(path)
+    }
+}
+
+/// A temp-file name nobody else uses.
+pub fn unique_name() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+async fn sync_dir(dir: &Path) -> io::Result<()> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+        .await
+        .map_err(io::Error::other)?
+}
+
+fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[async_trait]
+impl Driver for FsDriver {
+    async fn get(&self, path: &str) -> io::Result<Option<Vec<u8>>> {
+        not_found_is_none(tokio::fs::read(self.full(path)).await)
+    }
+
+    async fn put(&self, path: &str, content: &[u8]) -> io::Result<()> {
+        let tmp = format!("{TMP_DIR}/{}", unique_name());
+        let mut f = tokio::fs::File::create(self.full(&tmp)).await?;
+        f.write_all(content).await?;
+        f.sync_all().await?;
+        drop(f);
+        self.commit(&tmp, path).await
+    }
+
+    async fn delete(&self, path: &str) -> io::Result<()> {
+        let full = self.full(path);
+        let result = match tokio::fs::symlink_metadata(&full).await {
+            Ok(m) if m.is_dir() => tokio::fs::remove_dir_all(&full).await,
+            Ok(_) => tokio::fs::remove_file(&full).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    async fn list(&self, path: &str) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let Some(mut dir) = not_found_is_none(tokio::fs::read_dir(self.full(path)).await)? else {
+            return Ok(out);
+        };
+        while let Some(entry) = dir.next_entry().await? {
+            if let Ok(name) = entry.file_name().into_string() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn size(&self, path: &str) -> io::Result<Option<u64>> {
+        Ok(
+            not_found_is_none(tokio::fs::metadata(self.full(path)).await)?
+                .filter(|m| m.is_file())
+                .map(|m| m.len()),
+        )
+    }
+
+    async fn open_read(&self, path: &str, offset: u64) -> io::Result<Option<Reader>> {
+        let Some(mut f) = not_found_is_none(tokio::fs::File::open(self.full(path)).await)? else {
+            return Ok(None);
+        };
+        if offset > 0 {
+            f.seek(io::SeekFrom::Start(offset)).await?;
+        }
+        // tokio reads through a buffer of at most 2 MiB per blocking call; ask for large ones.
+        f.set_max_buf_size(1 << 20);
+        Ok(Some(Box::new(f)))
+    }
+
+    async fn open_append(&self, path: &str) -> io::Result<Writer> {
+        let full = self.full(path);
+        if let Some(parent) = full.parent() {
+            tokio::fs::create_dir_all(parent).await?;
+        }
+        let f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(full)
+            .await?;
+        Ok(Box::new(f))
+    }
+
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        let (from, to) = (self.full(from), self.full(to));
+        tokio::fs::File::open(&from).await?.sync_all().await?;
+        let parent = to
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.root.clone());
+        tokio::fs::create_dir_all(&parent).await?;
+        tokio::fs::rename(&from, &to).await?;
+        sync_dir(&parent).await
+    }
+
+    fn staging_path(&self) -> String {
+        format!("{TMP_DIR}/{}", unique_name())
+    }
+}

@@ -1,0 +1,592 @@
+//! The content-addressed store. `Driver` is the small trait a backend implements (the filesystem
+//! today, an object store later); `Store` owns the on-disk layout and the typed operations the API
+//! layer uses, so a new backend never touches the API.
+//!
+//! Layout under the storage root:
+//! ```text
+//! blobs/<alg>/<hex[..2]>/<hex>/data                         content, stored once
+//! repositories/<name>/_layers/<alg>/<hex>/link              blob may be served from <name>
+//! repositories/<name>/_manifests/revisions/<alg>/<hex>/link  manifest meta (media type, size, subject)
+//! repositories/<name>/_manifests/tags/<tag>/current          {digest, fetched_at}
+//! repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>  referrer descriptor
+//! uploads/<id>/data, uploads/<id>/info                       resumable upload sessions
+//! tmp/                                                        staged writes, renamed into place
+//! ```
+//! Repository components never start with `_`, so the `_` directories cannot collide with names.
+
+pub mod fs;
+
+use std::io;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::registry::names::{Algorithm, Digest, Hasher, RepoName};
+
+pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// What a storage backend provides. Paths are `/`-separated and relative to the backend's root.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// A small file's content, or `None` when it does not exist.
+    async fn get(&self, path: &str) -> io::Result<Option<Vec<u8>>>;
+    /// Replace a small file atomically and durably.
+    async fn put(&self, path: &str, content: &[u8]) -> io::Result<()>;
+    /// Remove a file or a whole tree; a missing path is not an error.
+    async fn delete(&self, path: &str) -> io::Result<()>;
+    /// Names of the children of a directory, sorted; empty when it does not exist.
+    async fn list(&self, path: &str) -> io::Result<Vec<String>>;
+    /// Size of a file, `None` when it does not exist.
+    async fn size(&self, path: &str) -> io::Result<Option<u64>>;
+    /// A reader positioned at `offset`, `None` when the file does not exist.
+    async fn open_read(&self, path: &str, offset: u64) -> io::Result<Option<Reader>>;
+    /// A writer appending to a (possibly new) file.
+    async fn open_append(&self, path: &str) -> io::Result<Writer>;
+    /// Make a staged file durable and move it to `to`, atomically.
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()>;
+    /// A fresh path for staging a write.
+    fn staging_path(&self) -> String;
+}
+
+/// How a manifest is recorded in a repository.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestMeta {
+    pub media_type: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// A tag: the digest it points to and when that answer was learned (upstream fetch or push).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TagRecord {
+    pub digest: String,
+    /// Unix seconds.
+    pub fetched_at: u64,
+}
+
+impl TagRecord {
+    pub fn now(digest: &Digest) -> Self {
+        TagRecord {
+            digest: digest.to_string(),
+            fetched_at: unix_now(),
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An upload session's record, kept on disk so it survives a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UploadInfo {
+    pub repository: String,
+    pub started_at: u64,
+}
+
+/// Why a staged blob was not committed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("content digest {actual} does not match {expected}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("content is {actual} bytes, expected {expected}")]
+    SizeMismatch { expected: u64, actual: u64 },
+    #[error("storage: {0}")]
+    Io(#[from] io::Error),
+}
+
+#[derive(Clone)]
+pub struct Store {
+    driver: std::sync::Arc<dyn Driver>,
+}
+
+fn blob_path(d: &Digest) -> String {
+    let hex = d.hex();
+    format!(
+        "blobs/{}/{}/{}/data",
+        d.algorithm().as_str(),
+        &hex[..2],
+        hex
+    )
+}
+
+fn repo_path(repo: &RepoName) -> String {
+    format!("repositories/{repo}")
+}
+
+fn layer_link(repo: &RepoName, d: &Digest) -> String {
+    format!(
+        "{}/_layers/{}/{}/link",
+        repo_path(repo),
+        d.algorithm().as_str(),
+        d.hex()
+    )
+}
+
+fn revision_link(repo: &RepoName, d: &Digest) -> String {
+    format!(
+        "{}/_manifests/revisions/{}/{}/link",
+        repo_path(repo),
+        d.algorithm().as_str(),
+        d.hex()
+    )
+}
+
+fn tags_dir(repo: &RepoName) -> String {
+    format!("{}/_manifests/tags", repo_path(repo))
+}
+
+fn tag_path(repo: &RepoName, tag: &str) -> String {
+    format!("{}/{tag}/current", tags_dir(repo))
+}
+
+fn referrers_dir(repo: &RepoName, subject: &Digest) -> String {
+    format!(
+        "{}/_referrers/{}/{}",
+        repo_path(repo),
+        subject.algorithm().as_str(),
+        subject.hex()
+    )
+}
+
+fn upload_dir(id: &str) -> String {
+    format!("uploads/{id}")
+}
+
+pub fn upload_data(id: &str) -> String {
+    format!("uploads/{id}/data")
+}
+
+/// Upload ids are ours (hex); anything else cannot name a session and must not reach a path.
+pub fn valid_upload_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+impl Store {
+    pub fn new(driver: impl Driver) -> Self {
+        Store {
+            driver: std::sync::Arc::new(driver),
+        }
+    }
+
+    pub fn driver(&self) -> &dyn Driver {
+        &*self.driver
+    }
+
+    // ---- blobs ----
+
+    pub async fn blob_size(&self, d: &Digest) -> io::Result<Option<u64>> {
+        self.driver.size(&blob_path(d)).await
+    }
+
+    pub async fn open_blob(&self, d: &Digest, offset: u64) -> io::Result<Option<Reader>> {
+        self.driver.open_read(&blob_path(d), offset).await
+    }
+
+    pub async fn read_blob(&self, d: &Digest) -> io::Result<Option<Vec<u8>>> {
+        self.driver.get(&blob_path(d)).await
+    }
+
+    pub async fn delete_blob(&self, d: &Digest) -> io::Result<()> {
+        self.driver.delete(&blob_path(d)).await
+    }
+
+    /// Start a staged blob write; nothing is visible until `BlobWriter::commit` verifies it.
+    pub async fn begin_blob(&self, algorithm: Algorithm) -> io::Result<BlobWriter> {
+        let path = self.driver.staging_path();
+        let file = self.driver.open_append(&path).await?;
+        Ok(BlobWriter {
+            store: self.clone(),
+            path,
+            file,
+            hasher: Hasher::new(algorithm),
+            written: 0,
+        })
+    }
+
+    /// Verify a staged file (an upload session's data) against `expected` and move it into place.
+    /// The staged file is consumed either way: a mismatch keeps nothing.
+    pub async fn commit_staged(
+        &self,
+        staged: &str,
+        expected: &Digest,
+        hasher: Option<Hasher>,
+    ) -> Result<u64, CommitError> {
+        let outcome = async {
+            let (actual, size) = match hasher {
+                Some(h) => {
+                    let size = self.driver.size(staged).await?.unwrap_or(0);
+                    (h.finish(), size)
+                }
+                None => self.hash_file(staged, expected.algorithm()).await?,
+            };
+            if &actual != expected {
+                return Err(CommitError::DigestMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+            self.publish(staged, expected).await?;
+            Ok(size)
+        }
+        .await;
+        if outcome.is_err() {
+            let _ = self.driver.delete(staged).await;
+        }
+        outcome
+    }
+
+    async fn hash_file(&self, path: &str, algorithm: Algorithm) -> io::Result<(Digest, u64)> {
+        use tokio::io::AsyncReadExt;
+        let mut h = Hasher::new(algorithm);
+        let mut size = 0u64;
+        if let Some(mut r) = self.driver.open_read(path, 0).await? {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = r.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                size += n as u64;
+            }
+        }
+        Ok((h.finish(), size))
+    }
+
+    /// Move verified content into the blob tree (or drop it when the blob is already there).
+    async fn publish(&self, staged: &str, d: &Digest) -> io::Result<()> {
+        if self.blob_size(d).await?.is_some() {
+            return self.driver.delete(staged).await;
+        }
+        self.driver.commit(staged, &blob_path(d)).await
+    }
+
+    /// Store small content (a manifest) under its digest.
+    pub async fn put_blob_bytes(&self, d: &Digest, bytes: &[u8]) -> io::Result<()> {
+        if self.blob_size(d).await?.is_none() {
+            self.driver.put(&blob_path(d), bytes).await?;
+        }
+        Ok(())
+    }
+
+    // ---- repository links ----
+
+    pub async fn link_blob(&self, repo: &RepoName, d: &Digest) -> io::Result<()> {
+        let path = layer_link(repo, d);
+        if self.driver.size(&path).await?.is_none() {
+            self.driver.put(&path, d.to_string().as_bytes()).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn is_blob_linked(&self, repo: &RepoName, d: &Digest) -> io::Result<bool> {
+        Ok(self.driver.size(&layer_link(repo, d)).await?.is_some())
+    }
+
+    pub async fn unlink_blob(&self, repo: &RepoName, d: &Digest) -> io::Result<()> {
+        self.driver
+            .delete(&format!(
+                "{}/_layers/{}/{}",
+                repo_path(repo),
+                d.algorithm().as_str(),
+                d.hex()
+            ))
+            .await
+    }
+
+    // ---- manifests ----
+
+    /// Record a manifest: content first, then the repository's link, then the referrer entry, so a
+    /// crash never leaves a link to missing content.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+        meta: &ManifestMeta,
+        bytes: &[u8],
+    ) -> io::Result<()> {
+        self.put_blob_bytes(d, bytes).await?;
+        let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        self.driver.put(&revision_link(repo, d), &json).await?;
+        if let Some(subject) = meta
+            .subject
+            .as_deref()
+            .and_then(|s| s.parse::<Digest>().ok())
+        {
+            let entry = format!(
+                "{}/{}-{}",
+                referrers_dir(repo, &subject),
+                d.algorithm().as_str(),
+                d.hex()
+            );
+            self.driver.put(&entry, d.to_string().as_bytes()).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn manifest_meta(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> io::Result<Option<ManifestMeta>> {
+        Ok(self
+            .driver
+            .get(&revision_link(repo, d))
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// Remove a manifest from a repository, with every tag that points to it and its referrer
+    /// entry. The content stays (other repositories may share it; gc removes orphans).
+    pub async fn delete_manifest(&self, repo: &RepoName, d: &Digest) -> io::Result<bool> {
+        let Some(meta) = self.manifest_meta(repo, d).await? else {
+            return Ok(false);
+        };
+        let digest = d.to_string();
+        for tag in self.list_tags(repo).await? {
+            if self
+                .tag(repo, &tag)
+                .await?
+                .is_some_and(|t| t.digest == digest)
+            {
+                self.delete_tag(repo, &tag).await?;
+            }
+        }
+        if let Some(subject) = meta
+            .subject
+            .as_deref()
+            .and_then(|s| s.parse::<Digest>().ok())
+        {
+            let entry = format!(
+                "{}/{}-{}",
+                referrers_dir(repo, &subject),
+                d.algorithm().as_str(),
+                d.hex()
+            );
+            self.driver.delete(&entry).await?;
+        }
+        self.driver
+            .delete(&format!(
+                "{}/_manifests/revisions/{}/{}",
+                repo_path(repo),
+                d.algorithm().as_str(),
+                d.hex()
+            ))
+            .await?;
+        Ok(true)
+    }
+
+    /// Manifests in `repo` whose `subject` is `subject`, with their meta.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> io::Result<Vec<(Digest, ManifestMeta)>> {
+        let mut out = Vec::new();
+        for entry in self.driver.list(&referrers_dir(repo, subject)).await? {
+            let Some(d) = entry.replacen('-', ":", 1).parse::<Digest>().ok() else {
+                continue;
+            };
+            if let Some(meta) = self.manifest_meta(repo, &d).await? {
+                out.push((d, meta));
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- tags ----
+
+    pub async fn tag(&self, repo: &RepoName, tag: &str) -> io::Result<Option<TagRecord>> {
+        Ok(self
+            .driver
+            .get(&tag_path(repo, tag))
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    pub async fn set_tag(&self, repo: &RepoName, tag: &str, record: &TagRecord) -> io::Result<()> {
+        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+        self.driver.put(&tag_path(repo, tag), &json).await
+    }
+
+    pub async fn delete_tag(&self, repo: &RepoName, tag: &str) -> io::Result<bool> {
+        let existed = self.driver.size(&tag_path(repo, tag)).await?.is_some();
+        self.driver
+            .delete(&format!("{}/{tag}", tags_dir(repo)))
+            .await?;
+        Ok(existed)
+    }
+
+    /// Tags of a repository in lexical order.
+    pub async fn list_tags(&self, repo: &RepoName) -> io::Result<Vec<String>> {
+        let mut tags = Vec::new();
+        for t in self.driver.list(&tags_dir(repo)).await? {
+            if self.driver.size(&tag_path(repo, &t)).await?.is_some() {
+                tags.push(t);
+            }
+        }
+        Ok(tags)
+    }
+
+    pub async fn repository_exists(&self, repo: &RepoName) -> io::Result<bool> {
+        Ok(!self.driver.list(&repo_path(repo)).await?.is_empty())
+    }
+
+    /// Every repository that holds at least one manifest, in lexical order.
+    pub async fn list_repositories(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut pending = vec![String::new()];
+        while let Some(prefix) = pending.pop() {
+            let dir = if prefix.is_empty() {
+                "repositories".to_string()
+            } else {
+                format!("repositories/{prefix}")
+            };
+            for child in self.driver.list(&dir).await? {
+                if child == "_manifests" {
+                    if !self
+                        .driver
+                        .list(&format!("{dir}/_manifests/revisions"))
+                        .await?
+                        .is_empty()
+                    {
+                        out.push(prefix.clone());
+                    }
+                } else if !child.starts_with('_') {
+                    pending.push(if prefix.is_empty() {
+                        child
+                    } else {
+                        format!("{prefix}/{child}")
+                    });
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    // ---- upload sessions ----
+
+    pub async fn create_upload(&self, repo: &RepoName) -> io::Result<String> {
+        let id = fs::unique_name();
+        let info = UploadInfo {
+            repository: repo.to_string(),
+            started_at: unix_now(),
+        };
+        let json = serde_json::to_vec(&info).map_err(io::Error::other)?;
+        self.driver
+            .put(&format!("{}/info", upload_dir(&id)), &json)
+            .await?;
+        self.driver
+            .open_append(&upload_data(&id))
+            .await?
+            .shutdown()
+            .await?;
+        Ok(id)
+    }
+
+    pub async fn upload_info(&self, id: &str) -> io::Result<Option<UploadInfo>> {
+        if !valid_upload_id(id) {
+            return Ok(None);
+        }
+        Ok(self
+            .driver
+            .get(&format!("{}/info", upload_dir(id)))
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    pub async fn upload_size(&self, id: &str) -> io::Result<u64> {
+        Ok(self.driver.size(&upload_data(id)).await?.unwrap_or(0))
+    }
+
+    pub async fn delete_upload(&self, id: &str) -> io::Result<()> {
+        self.driver.delete(&upload_dir(id)).await
+    }
+}
+
+/// A blob being written: hashed as it streams into a staging file.
+pub struct BlobWriter {
+    store: Store,
+    path: String,
+    file: Writer,
+    hasher: Hasher,
+    written: u64,
+}
+
+impl BlobWriter {
+    pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
+        self.file.write_all(chunk).await?;
+        self.hasher.update(chunk);
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// The staging path, for readers that follow a fill as it grows.
+    pub fn staging_path(&self) -> &str {
+        &self.path
+    }
+
+    /// Flush buffered bytes so readers of the staging file see everything written so far.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        self.file.flush().await
+    }
+
+    /// Verify digest (and size, when known) and move the blob into place; on any failure the
+    /// staged bytes are deleted.
+    pub async fn commit(
+        mut self,
+        expected: &Digest,
+        expected_size: Option<u64>,
+    ) -> Result<u64, CommitError> {
+        let flushed = self.file.shutdown().await;
+        let store = self.store.clone();
+        let path = self.path.clone();
+        let outcome = async {
+            flushed?;
+            let actual = self.hasher.finish();
+            if let Some(size) = expected_size.filter(|&s| s != self.written) {
+                return Err(CommitError::SizeMismatch {
+                    expected: size,
+                    actual: self.written,
+                });
+            }
+            if &actual != expected {
+                return Err(CommitError::DigestMismatch {
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
+            store.publish(&path, expected).await?;
+            Ok(self.written)
+        }
+        .await;
+        if outcome.is_err() {
+            let _ = store.driver.delete(&path).await;
+        }
+        outcome
+    }
+
+    /// Give up: the staged bytes are deleted.
+    pub async fn abort(self) {
+        drop(self.file);
+        let _ = self.store.driver.delete(&self.path).await;
+    }
+}

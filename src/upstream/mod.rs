@@ -1,0 +1,396 @@
+//! Upstream registries: one HTTP client each, Docker Hub's bearer-token flow with a token cache
+//! per scope, redirects that never carry our credentials to another host, and failures sorted by
+//! cause.
+
+pub mod auth;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, RANGE, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+
+use crate::config::{Config, UpstreamConfig};
+use crate::metrics::Metrics;
+use crate::registry::names::{Digest, RepoName};
+use auth::{Challenge, TokenCache};
+
+/// Why an upstream could not answer; `cause()` is the metrics label.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("upstream {upstream} timed out")]
+    Timeout { upstream: String },
+    #[error("upstream {upstream} unreachable: {detail}")]
+    Unreachable { upstream: String, detail: String },
+    #[error("upstream {upstream} answered {status}")]
+    Status { upstream: String, status: u16 },
+    #[error("upstream {upstream} is rate limiting (429)")]
+    TooManyRequests {
+        upstream: String,
+        retry_after: Option<String>,
+    },
+    #[error("upstream {upstream} sent content that does not match {digest}")]
+    DigestMismatch { upstream: String, digest: String },
+    #[error("upstream {upstream} connection broke: {detail}")]
+    Reset { upstream: String, detail: String },
+}
+
+impl UpstreamError {
+    pub fn cause(&self) -> &'static str {
+        match self {
+            UpstreamError::Timeout { .. } => "timeout",
+            UpstreamError::Unreachable { .. } => "unreachable",
+            UpstreamError::Status { status, .. } if *status >= 500 => "5xx",
+            UpstreamError::Status { .. } => "4xx",
+            UpstreamError::TooManyRequests { .. } => "429",
+            UpstreamError::DigestMismatch { .. } => "digest_mismatch",
+            UpstreamError::Reset { .. } => "reset",
+        }
+    }
+
+    /// A failure of the upstream itself (not an answer about the content): stale content may be
+    /// served instead.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            UpstreamError::Status { status, .. } => *status >= 500,
+            UpstreamError::DigestMismatch { .. } => false,
+            _ => true,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, UpstreamError::Status { status: 404, .. })
+    }
+}
+
+/// What a request to an upstream is about (a metrics label).
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    Manifest,
+    Blob,
+    Tags,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Manifest => "manifest",
+            Kind::Blob => "blob",
+            Kind::Tags => "tags",
+        }
+    }
+}
+
+pub struct Upstream {
+    name: String,
+    base: reqwest::Url,
+    client: reqwest::Client,
+    credentials: Option<(String, String)>,
+    tokens: TokenCache,
+    metrics: Metrics,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig, timeout: Duration, metrics: Metrics) -> reqwest::Result<Self> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(timeout)
+            .read_timeout(timeout)
+            // reqwest drops Authorization when a redirect leaves the host (Docker Hub → CDN).
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()?;
+        let credentials = cfg.username.clone().zip(cfg.password.clone());
+        Ok(Upstream {
+            name: cfg.name.clone(),
+            base: cfg.url.clone(),
+            client,
+            credentials,
+            tokens: TokenCache::new(),
+            metrics,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn url(&self, path: &str) -> reqwest::Url {
+        let mut url = self.base.clone();
+        let base_path = url.path().trim_end_matches('/').to_string();
+        url.set_path(&format!("{base_path}{path}"));
+        url
+    }
+
+    fn err_from(&self, e: reqwest::Error) -> UpstreamError {
+        let upstream = self.name.clone();
+        if e.is_timeout() {
+            UpstreamError::Timeout { upstream }
+        } else if e.is_connect() {
+            UpstreamError::Unreachable {
+                upstream,
+                detail: error_chain(&e),
+            }
+        } else {
+            UpstreamError::Reset {
+                upstream,
+                detail: error_chain(&e),
+            }
+        }
+    }
+
+    /// Record an upstream failure (labelled by cause) and pass it on.
+    pub fn failed(&self, e: UpstreamError) -> UpstreamError {
+        self.metrics
+            .upstream_failures
+            .with_label_values(&[&self.name, e.cause()])
+            .inc();
+        e
+    }
+
+    /// Send a request for `repo`, answering a bearer or basic challenge once.
+    async fn send(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        path: &str,
+        headers: HeaderMap,
+        kind: Kind,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let scope = format!("repository:{repo}:pull");
+        let url = self.url(path);
+        let mut authorization = self.tokens.get(&scope).await;
+        for attempt in 0..2 {
+            let mut req = self
+                .client
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(a) = &authorization {
+                req = req.header(AUTHORIZATION, a.clone());
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| self.failed(self.err_from(e)))?;
+            let status = resp.status();
+            self.metrics
+                .upstream_requests
+                .with_label_values(&[&self.name, kind.label(), status.as_str()])
+                .inc();
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                let challenge = resp
+                    .headers()
+                    .get(WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(Challenge::parse);
+                authorization = match challenge {
+                    Some(Challenge::Bearer {
+                        realm,
+                        service,
+                        scope: challenged,
+                    }) => {
+                        let scope = challenged.unwrap_or_else(|| scope.clone());
+                        Some(self.fetch_token(&realm, service.as_deref(), &scope).await?)
+                    }
+                    Some(Challenge::Basic) => self.basic(),
+                    None => None,
+                };
+                if authorization.is_some() {
+                    continue;
+                }
+            }
+            return self.check(resp);
+        }
+        Err(self.failed(UpstreamError::Status {
+            upstream: self.name.clone(),
+            status: 401,
+        }))
+    }
+
+    fn basic(&self) -> Option<HeaderValue> {
+        use base64::Engine;
+        let (user, pass) = self.credentials.as_ref()?;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let upstream = self.name.clone();
+        let err = if status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            UpstreamError::TooManyRequests {
+                upstream,
+                retry_after,
+            }
+        } else {
+            UpstreamError::Status {
+                upstream,
+                status: status.as_u16(),
+            }
+        };
+        Err(if err.is_not_found() {
+            err
+        } else {
+            self.failed(err)
+        })
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<HeaderValue, UpstreamError> {
+        self.metrics
+            .token_fetches
+            .with_label_values(&[&self.name])
+            .inc();
+        let mut url = reqwest::Url::parse(realm).map_err(|_| UpstreamError::Unreachable {
+            upstream: self.name.clone(),
+            detail: "token realm is not a URL".into(),
+        })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let mut req = self.client.get(url);
+        if let Some(basic) = self.basic() {
+            req = req.header(AUTHORIZATION, basic);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.failed(self.err_from(e)))?;
+        let resp = self.check(resp)?;
+        let token: auth::TokenResponse = resp.json().await.map_err(|e| {
+            self.failed(UpstreamError::Reset {
+                upstream: self.name.clone(),
+                detail: format!("token response: {}", error_chain(&e)),
+            })
+        })?;
+        let value = self.tokens.insert(scope, token).await;
+        value.ok_or_else(|| {
+            self.failed(UpstreamError::Status {
+                upstream: self.name.clone(),
+                status: 401,
+            })
+        })
+    }
+
+    pub async fn manifest(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        reference: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static(crate::registry::manifests::ACCEPT_ALL),
+        );
+        self.send(
+            method,
+            repo,
+            &format!("/v2/{repo}/manifests/{reference}"),
+            headers,
+            Kind::Manifest,
+        )
+        .await
+    }
+
+    /// GET (from `offset`) or HEAD a blob. Redirects to a CDN are followed.
+    pub async fn blob(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        if offset > 0 {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+                headers.insert(RANGE, v);
+            }
+        }
+        self.send(
+            method,
+            repo,
+            &format!("/v2/{repo}/blobs/{digest}"),
+            headers,
+            Kind::Blob,
+        )
+        .await
+    }
+
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        query: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let q = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        self.send(
+            Method::GET,
+            repo,
+            &format!("/v2/{repo}/tags/list{q}"),
+            HeaderMap::new(),
+            Kind::Tags,
+        )
+        .await
+    }
+
+    /// Wrap a body-stream error.
+    pub fn stream_error(&self, e: reqwest::Error) -> UpstreamError {
+        self.err_from(e)
+    }
+}
+
+/// The whole chain of causes, so "error sending request" says why.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// All configured upstreams, by name.
+pub struct Upstreams {
+    by_name: HashMap<String, Arc<Upstream>>,
+}
+
+impl Upstreams {
+    pub fn new(config: &Config, metrics: &Metrics) -> reqwest::Result<Self> {
+        let mut by_name = HashMap::new();
+        for u in &config.upstreams {
+            by_name.insert(
+                u.name.clone(),
+                Arc::new(Upstream::new(u, config.upstream_timeout, metrics.clone())?),
+            );
+        }
+        Ok(Upstreams { by_name })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.by_name.get(name)
+    }
+}
