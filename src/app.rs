@@ -70,9 +70,40 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/ca.crt", get(ca_certificate))
         .fallback(registry::handle)
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
+}
+
+/// The metrics listener's router: `/metrics` only.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(state): State<AppState>| async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    state.metrics.render(),
+                )
+            }),
+        )
+        .with_state(state)
+}
+
+/// The CA certificate (public part only), in self-signed mode, so clients can bootstrap trust.
+async fn ca_certificate(State(state): State<AppState>) -> Response {
+    let crate::config::TlsConfig::SelfSigned { dir, .. } = &state.config.tls else {
+        return (
+            StatusCode::NOT_FOUND,
+            "no CA: regmirror is not in self-signed TLS mode\n",
+        )
+            .into_response();
+    };
+    match tokio::fs::read(dir.join(crate::tls::CA_CERT)).await {
+        Ok(pem) => ([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response(),
+        Err(_) => (StatusCode::NOT_FOUND, "CA certificate not found\n").into_response(),
+    }
 }
 
 /// Ready when the store accepts a write.
@@ -94,6 +125,7 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
     let path_route = match req.uri().path() {
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
+        "/ca.crt" => "/ca.crt",
         _ => "other",
     };
     let resp = next.run(req).await;

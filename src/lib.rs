@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod upstream;

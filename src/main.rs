@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use regmirror::app::AppState;
-use regmirror::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
+use regmirror::config::{Config, LogFormat, TlsConfig, DEFAULT_CONFIG_PATH};
 
 /// A pull-through caching mirror for container registries, with a private namespace.
 #[derive(Parser)]
@@ -26,6 +26,43 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Create the CA and server certificate (self-signed mode) now, or re-issue the server
+    /// certificate when the names changed.
+    GenCerts {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print how docker, containerd, podman and skopeo come to trust and use this mirror.
+    ClientSetup {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The address clients use, HOST:PORT (default: this machine's hostname and the port).
+        #[arg(long)]
+        host: Option<String>,
+    },
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// The address clients most likely use: the first configured TLS host, else the hostname.
+fn default_client_host(config: &Config) -> String {
+    let port = config.listen.port();
+    let host = match &config.tls {
+        TlsConfig::SelfSigned { hosts, .. } if !hosts.is_empty() => hosts[0].clone(),
+        _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+    };
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 fn main() -> ExitCode {
@@ -41,13 +78,52 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve { config } => {
-            let config = match Config::load(&config) {
+        Command::GenCerts { config } => {
+            let config = match load(&config) {
                 Ok(c) => c,
+                Err(code) => return code,
+            };
+            let TlsConfig::SelfSigned { dir, hosts } = &config.tls else {
+                eprintln!("gen-certs needs [tls] mode = \"self-signed\" in the configuration");
+                return ExitCode::FAILURE;
+            };
+            match regmirror::tls::ensure_self_signed(dir, hosts) {
+                Ok(issued) => {
+                    println!(
+                        "CA: {}{}",
+                        dir.join(regmirror::tls::CA_CERT).display(),
+                        if issued.new_ca { " (new)" } else { " (kept)" }
+                    );
+                    println!(
+                        "server certificate: {} for {}",
+                        if issued.new_leaf { "issued" } else { "kept" },
+                        issued.names.join(", ")
+                    );
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("{e}");
-                    return ExitCode::FAILURE;
+                    ExitCode::FAILURE
                 }
+            }
+        }
+        Command::ClientSetup { config, host } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let host = host.unwrap_or_else(|| default_client_host(&config));
+            match &config.tls {
+                TlsConfig::SelfSigned { dir, .. } => print!("{}", regmirror::tls::client_setup(&host, &dir.join(regmirror::tls::CA_CERT))),
+                TlsConfig::Files { cert, .. } => print!("{}", regmirror::tls::client_setup(&host, cert)),
+                TlsConfig::Off => println!("TLS is off: clients must be told {host} is an insecure registry (or put a TLS-terminating proxy in front)."),
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Serve { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
             };
             init_tracing(config.log_format);
             let runtime = match tokio::runtime::Runtime::new() {
@@ -82,15 +158,61 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
-    let listen = config.listen;
+    use regmirror::server::{run, shutdown_signal, Listener};
     let drain = config.shutdown_timeout;
-    let state = AppState::new(config)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(address = %local, "regmirror listening (plain HTTP)");
-    regmirror::server::run(listener, state, regmirror::server::shutdown_signal(), drain)
+    let state = AppState::new(config.clone())?;
+    let app = regmirror::app::router(state.clone());
+    let bind = |addr: std::net::SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+
+    let tls = match regmirror::tls::CertSource::from_config(&config.tls) {
+        Some(source) => {
+            let first_start = matches!(&config.tls, TlsConfig::SelfSigned { dir, .. } if !dir.join(regmirror::tls::CA_CERT).exists());
+            let server = std::sync::Arc::new(
+                regmirror::tls::TlsServer::new(source).map_err(|e| e.to_string())?,
+            );
+            server.spawn_reloader();
+            if first_start {
+                if let TlsConfig::SelfSigned { dir, .. } = &config.tls {
+                    tracing::info!(
+                        "first start: clients trust the new CA once. {}",
+                        regmirror::tls::client_setup(
+                            &default_client_host(&config),
+                            &dir.join(regmirror::tls::CA_CERT)
+                        )
+                    );
+                }
+            }
+            Some(server)
+        }
+        None => None,
+    };
+    let mut listeners = vec![Listener {
+        tcp: bind(config.listen).await?,
+        tls: tls.clone(),
+        app: app.clone(),
+    }];
+    tracing::info!(address = %config.listen, tls = tls.is_some(), "regmirror listening");
+    if let Some(addr) = config.http_listen {
+        listeners.push(Listener {
+            tcp: bind(addr).await?,
+            tls: None,
+            app: app.clone(),
+        });
+        tracing::info!(address = %addr, "plain HTTP listener");
+    }
+    if let Some(addr) = config.metrics_listen {
+        listeners.push(Listener {
+            tcp: bind(addr).await?,
+            tls: None,
+            app: regmirror::app::metrics_router(state.clone()),
+        });
+        tracing::info!(address = %addr, "metrics on /metrics");
+    }
+    run(listeners, state.metrics.clone(), shutdown_signal(), drain)
         .await
         .map_err(|e| e.to_string())
 }

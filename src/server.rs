@@ -1,44 +1,133 @@
-//! Listeners and graceful shutdown: SIGTERM / SIGINT stop accepting, in-flight requests get
+//! Listeners and graceful shutdown. Each listener runs an accept loop (TLS or plain); every
+//! connection is watched so that SIGTERM / SIGINT stop accepting and in-flight requests get
 //! `server.shutdown_timeout` to finish.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
-use crate::app::{router, AppState};
+use crate::metrics::Metrics;
+use crate::tls::TlsServer;
 
-/// Serve the registry on `listener` until `shutdown` resolves, then drain for at most `drain`.
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub tls: Option<Arc<TlsServer>>,
+    pub app: Router,
+}
+
+/// Serve every listener until `shutdown` resolves, then drain for at most `drain`.
 pub async fn run(
-    listener: TcpListener,
-    state: AppState,
+    listeners: Vec<Listener>,
+    metrics: Metrics,
     shutdown: impl Future<Output = ()> + Send + 'static,
     drain: Duration,
 ) -> std::io::Result<()> {
-    let app = router(state);
+    let graceful = Arc::new(GracefulShutdown::new());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let mut stop_rx = stop_rx;
-    let serving = tokio::spawn(async move { server.await });
-    let _ = stop_rx.wait_for(|s| *s).await;
+    let mut loops = tokio::task::JoinSet::new();
+    for l in listeners {
+        loops.spawn(accept_loop(
+            l,
+            graceful.clone(),
+            stop_rx.clone(),
+            metrics.clone(),
+        ));
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    while loops.join_next().await.is_some() {}
     tracing::info!(
+        in_flight = graceful.count(),
         deadline_s = drain.as_secs(),
         "shutting down: no new connections; draining requests in flight"
     );
-    match tokio::time::timeout(drain, serving).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) => Err(std::io::Error::other(join)),
-        Err(_) => {
-            tracing::warn!("drain deadline reached; closing the remaining connections");
-            Ok(())
-        }
+    // Every accept loop has ended, so this is the last handle.
+    let Ok(graceful) = Arc::try_unwrap(graceful) else {
+        return Ok(());
+    };
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = tokio::time::sleep(drain) => tracing::warn!("drain deadline reached; closing the remaining connections"),
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    l: Listener,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    metrics: Metrics,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            a = l.tcp.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let app = l.app.clone();
+        let tls = l.tls.clone();
+        let metrics = metrics.clone();
+        let conn_watcher = graceful.watcher();
+        tokio::spawn(async move {
+            match tls {
+                Some(tls) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => {
+                            metrics.tls_handshakes.inc();
+                            serve_connection(s, peer, app, conn_watcher).await
+                        }
+                        Ok(Err(e)) => {
+                            metrics.tls_handshake_failures.inc();
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            metrics.tls_handshake_failures.inc();
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                        }
+                    }
+                }
+                None => serve_connection(stream, peer, app, conn_watcher).await,
+            }
+        });
+    }
+}
+
+async fn serve_connection<IO>(io: IO, peer: SocketAddr, app: Router, watcher: Watcher)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 
@@ -47,7 +136,6 @@ pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    #[cfg(unix)]
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -56,8 +144,6 @@ pub async fn shutdown_signal() {
             Err(_) => std::future::pending::<()>().await,
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},

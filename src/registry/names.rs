@@ -72,17 +72,18 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let invalid = || RegistryError::new(Code::DigestInvalid, format!("invalid digest {s:?}"));
         let (alg, hex) = s.split_once(':').ok_or_else(invalid)?;
-        let algorithm =
-            match alg {
-                "sha256" => Algorithm::Sha256,
-                "sha512" => Algorithm::Sha512,
-                _ => return Err(RegistryError::new(
+        let algorithm = match alg {
+            "sha256" => Algorithm::Sha256,
+            "sha512" => Algorithm::Sha512,
+            _ => {
+                return Err(RegistryError::new(
                     Code::DigestInvalid,
                     format!(
                         "unsupported digest algorithm {alg:?} (sha256 and sha512 are supported)"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         let valid_hex = hex.len() == algorithm.hex_len()
             && hex
                 .bytes()
