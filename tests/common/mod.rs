@@ -1,0 +1,386 @@
+//! Shared test helpers: regmirror in-process on 127.0.0.1:0, the real binary as a child process,
+//! and small builders for blobs, manifests and OCI image layouts.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use regmirror::app::{router, AppState};
+use regmirror::config::Config;
+use regmirror::server::{run, Listener};
+use serde_json::json;
+use sha2::Digest as _;
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// regmirror running inside the test process.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Start with `storage.root` in a fresh temp dir plus the given TOML.
+    pub async fn start(toml: &str) -> TestServer {
+        Self::start_in(tempfile::tempdir().unwrap(), toml).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, toml: &str) -> TestServer {
+        let config = Config::parse(toml, dir.path()).unwrap_or_else(|e| panic!("config: {e:?}"));
+        let state = AppState::new(config).unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let listeners = vec![Listener {
+            tcp,
+            tls: None,
+            app: router(state.clone()),
+        }];
+        let metrics = state.metrics.clone();
+        let task = tokio::spawn(async move {
+            let _ = run(
+                listeners,
+                metrics,
+                async {
+                    let _ = stopped.await;
+                },
+                std::time::Duration::from_secs(1),
+            )
+            .await;
+        });
+        TestServer {
+            addr,
+            state,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Stop serving; the store stays in `dir`.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    pub fn metrics(&self) -> String {
+        self.state.metrics.render()
+    }
+}
+
+/// The value of one metric series (exact label set, in the order rendered), or 0.
+pub fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Push a blob monolithically; returns its digest.
+pub async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, bytes: &[u8]) -> String {
+    let d = sha256(bytes);
+    let r = c
+        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        201,
+        "push blob to {repo}: {}",
+        r.text().await.unwrap_or_default()
+    );
+    d
+}
+
+pub async fn put_manifest(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> reqwest::Response {
+    c.put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("content-type", media_type)
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap()
+}
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// An OCI image manifest over a config and layers that are already pushed.
+pub fn image_manifest(config: &[u8], layers: &[&[u8]]) -> Vec<u8> {
+    let layers: Vec<_> = layers.iter().map(|l| json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha256(l), "size": l.len()})).collect();
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(config), "size": config.len()},
+        "layers": layers,
+    }))
+    .unwrap()
+}
+
+/// Push a small image (config + one layer) and tag it; returns the manifest bytes.
+pub async fn push_image(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    seed: &str,
+) -> Vec<u8> {
+    let config =
+        format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":\"{seed}\"}}").into_bytes();
+    let layer = format!("layer of {seed}").into_bytes();
+    push_blob(c, base, repo, &config).await;
+    push_blob(c, base, repo, &layer).await;
+    let m = image_manifest(&config, &[&layer]);
+    let r = put_manifest(c, base, repo, tag, OCI_MANIFEST, &m).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    m
+}
+
+/// A gzip'd tar holding one file: a real layer for real clients.
+pub fn tar_gz_layer(name: &str, content: &[u8]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_cksum();
+    tar.append_data(&mut header, name, content).unwrap();
+    let tar = tar.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    gz.finish().unwrap()
+}
+
+/// Write an OCI image layout at `dir` with tag `tag`: a single-arch image, or (with several
+/// platforms) an index over one image per platform. Returns the top manifest's digest.
+pub fn write_oci_layout(dir: &Path, tag: &str, platforms: &[(&str, &str)], seed: &str) -> String {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |bytes: &[u8]| -> String {
+        let d = sha256(bytes);
+        std::fs::write(blobs.join(d.trim_start_matches("sha256:")), bytes).unwrap();
+        d
+    };
+    let mut descriptors = Vec::new();
+    for (os, arch) in platforms {
+        let layer = tar_gz_layer(
+            "hello.txt",
+            format!("hello from {seed} {os}/{arch}\n").as_bytes(),
+        );
+        let diff_id = {
+            let mut d = flate2::read::GzDecoder::new(&layer[..]);
+            let mut raw = Vec::new();
+            std::io::Read::read_to_end(&mut d, &mut raw).unwrap();
+            sha256(&raw)
+        };
+        let config = serde_json::to_vec(&json!({
+            "architecture": arch, "os": os,
+            "config": {"Cmd": ["/hello"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(&layer), "size": layer.len()}],
+        }))
+        .unwrap();
+        descriptors.push(json!({"mediaType": OCI_MANIFEST, "digest": put(&manifest), "size": manifest.len(), "platform": {"os": os, "architecture": arch}}));
+    }
+    let top = if descriptors.len() == 1 {
+        descriptors.remove(0)
+    } else {
+        let index = serde_json::to_vec(
+            &json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}),
+        )
+        .unwrap();
+        json!({"mediaType": OCI_INDEX, "digest": put(&index), "size": index.len()})
+    };
+    let mut top_ref = top.clone();
+    top_ref["annotations"] = json!({"org.opencontainers.image.ref.name": tag});
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [top_ref]})).unwrap(),
+    )
+    .unwrap();
+    top["digest"].as_str().unwrap().to_string()
+}
+
+/// True when a command exists; tests that need it fail loudly (never silently pass) without it,
+/// unless REGMIRROR_E2E=skip.
+pub fn require(cmd: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {cmd}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found && std::env::var("REGMIRROR_E2E").as_deref() != Ok("skip") {
+        panic!("{cmd} is not installed: run the README's test command (it installs it), or set REGMIRROR_E2E=skip to skip tests with real clients");
+    }
+    found
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Poll `url` until it answers (bounded); for servers started as processes.
+pub async fn wait_until_up(url: &str) {
+    let c = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    for _ in 0..200 {
+        if c.get(url).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+/// Debian's docker-registry (distribution 2.8) on 127.0.0.1, optionally as a proxy.
+pub struct RefRegistry {
+    pub child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl RefRegistry {
+    pub async fn start(proxy_of: Option<&str>) -> RefRegistry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let proxy = proxy_of
+            .map(|u| format!("proxy:\n  remoteurl: {u}\n"))
+            .unwrap_or_default();
+        let cfg = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}",
+            dir.path().join("data").display()
+        );
+        let cfg_path = dir.path().join("config.yml");
+        std::fs::write(&cfg_path, cfg).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("docker-registry");
+        wait_until_up(&format!("http://127.0.0.1:{port}/v2/")).await;
+        RefRegistry { child, port, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RefRegistry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The regmirror binary as a child process (for restarts, signals and kill -9).
+pub struct Proc {
+    pub child: Child,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(config: &Path, log: &Path) -> Proc {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_regmirror"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Proc {
+            child,
+            config: config.to_path_buf(),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
