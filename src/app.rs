@@ -46,14 +46,9 @@ impl AppState {
         // reqwest and the TLS listener share one crypto provider; installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Metrics::new();
-        let driver = FsDriver::new(&config.storage_root).map_err(|e| {
-            format!(
-                "storage.root = {:?} cannot be used: {e}",
-                config.storage_root.display()
-            )
-        })?;
-        let upstreams = Upstreams::new(&config, &metrics)
-            .map_err(|e| format!("building upstream clients: {e}"))?;
+        let driver = FsDriver::new(&config.storage_root)
+            .map_err(|e| format!("storage.root = {:?} cannot be used: {e}", config.storage_root.display()))?;
+        let upstreams = Upstreams::new(&config, &metrics).map_err(|e| format!("building upstream clients: {e}"))?;
         Ok(AppState(Arc::new(Shared {
             config,
             store: Store::new(driver),
@@ -82,10 +77,7 @@ pub fn metrics_router(state: AppState) -> Router {
         .route(
             "/metrics",
             get(|State(state): State<AppState>| async move {
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    state.metrics.render(),
-                )
+                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
             }),
         )
         .with_state(state)
@@ -94,11 +86,7 @@ pub fn metrics_router(state: AppState) -> Router {
 /// The CA certificate (public part only), in self-signed mode, so clients can bootstrap trust.
 async fn ca_certificate(State(state): State<AppState>) -> Response {
     let crate::config::TlsConfig::SelfSigned { dir, .. } = &state.config.tls else {
-        return (
-            StatusCode::NOT_FOUND,
-            "no CA: regmirror is not in self-signed TLS mode\n",
-        )
-            .into_response();
+        return (StatusCode::NOT_FOUND, "no CA: regmirror is not in self-signed TLS mode\n").into_response();
     };
     match tokio::fs::read(dir.join(crate::tls::CA_CERT)).await {
         Ok(pem) => ([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response(),
@@ -110,11 +98,7 @@ async fn ca_certificate(State(state): State<AppState>) -> Response {
 async fn ready(State(state): State<AppState>) -> Response {
     match state.store.driver().put("tmp/.readyz", b"ok").await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("store not writable: {e}\n"),
-        )
-            .into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store not writable: {e}\n")).into_response(),
     }
 }
 
@@ -133,22 +117,11 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
         .extensions()
         .get::<RequestInfo>()
         .cloned()
-        .unwrap_or(RequestInfo {
-            route: path_route,
-            ..Default::default()
-        });
+        .unwrap_or(RequestInfo { route: path_route, ..Default::default() });
     let status = resp.status();
     let elapsed = started.elapsed();
-    state
-        .metrics
-        .requests
-        .with_label_values(&[method.as_str(), info.route, status.as_str()])
-        .inc();
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&[method.as_str(), info.route])
-        .observe(elapsed.as_secs_f64());
+    state.metrics.requests.with_label_values(&[method.as_str(), info.route, status.as_str()]).inc();
+    state.metrics.request_duration.with_label_values(&[method.as_str(), info.route]).observe(elapsed.as_secs_f64());
     let bytes = resp
         .headers()
         .get(header::CONTENT_LENGTH)

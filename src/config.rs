@@ -149,12 +149,7 @@ pub struct ConfigErrors {
 
 impl std::fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}: {} problem(s)",
-            self.path.display(),
-            self.problems.len()
-        )?;
+        write!(f, "{}: {} problem(s)", self.path.display(), self.problems.len())?;
         for p in &self.problems {
             write!(f, "\n  - {p}")?;
         }
@@ -166,50 +161,26 @@ impl std::error::Error for ConfigErrors {}
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let fail = |p: String| ConfigErrors {
-            path: path.to_path_buf(),
-            problems: vec![p],
-        };
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| fail(format!("cannot read the file: {e}")))?;
-        Config::parse(&text, path.parent().unwrap_or(Path::new(""))).map_err(|problems| {
-            ConfigErrors {
-                path: path.to_path_buf(),
-                problems,
-            }
-        })
+        let fail = |p: String| ConfigErrors { path: path.to_path_buf(), problems: vec![p] };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+        Config::parse(&text, path.parent().unwrap_or(Path::new("")))
+            .map_err(|problems| ConfigErrors { path: path.to_path_buf(), problems })
     }
 
     /// Parse and validate; relative paths resolve against `base` (the config file's folder).
     pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<String>> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| vec![describe_toml_error(&e)])?;
-        let mut v = Validator {
-            problems: Vec::new(),
-        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| vec![describe_toml_error(&e, text)])?;
+        let mut v = Validator { problems: Vec::new() };
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
-        let listen = v.addr(
-            "server.listen",
-            raw.server.listen.as_deref().unwrap_or("0.0.0.0:5000"),
-        );
-        let http_listen = raw
-            .server
-            .http_listen
-            .as_deref()
-            .map(|s| v.addr("server.http_listen", s));
-        let shutdown_timeout = v.duration(
-            "server.shutdown_timeout",
-            raw.server.shutdown_timeout.as_deref().unwrap_or("30s"),
-        );
-        let max_manifest_size = v.size(
-            "server.max_manifest_size",
-            raw.server.max_manifest_size.as_deref().unwrap_or("4MiB"),
-        );
+        let listen = v.addr("server.listen", raw.server.listen.as_deref().unwrap_or("0.0.0.0:5000"));
+        let http_listen = raw.server.http_listen.as_deref().map(|s| v.addr("server.http_listen", s));
+        let shutdown_timeout =
+            v.duration("server.shutdown_timeout", raw.server.shutdown_timeout.as_deref().unwrap_or("30s"));
+        let max_manifest_size =
+            v.size("server.max_manifest_size", raw.server.max_manifest_size.as_deref().unwrap_or("4MiB"));
 
-        let namespaces = raw
-            .private
-            .namespaces
-            .unwrap_or_else(|| vec!["private".to_string()]);
+        let namespaces = raw.private.namespaces.unwrap_or_else(|| vec!["private".to_string()]);
         for (i, ns) in namespaces.iter().enumerate() {
             if crate::registry::names::RepoName::parse(ns).is_err() {
                 v.problem(format!("private.namespaces[{i}] = {ns:?} is not a valid repository name prefix (lowercase letters, digits, '.', '_', '-', separated by '/')"));
@@ -220,21 +191,16 @@ impl Config {
         for (i, u) in raw.upstream.into_iter().enumerate() {
             let key = format!("upstream[{i}]");
             if upstreams.iter().any(|x: &UpstreamConfig| x.name == u.name) {
+                v.problem(format!("{key}.name = {:?} is a duplicate: each upstream needs its own name", u.name));
+            }
+            if u.name.is_empty() || u.name.contains('/') || u.name != u.name.to_ascii_lowercase() {
                 v.problem(format!(
-                    "{key}.name = {:?} is a duplicate: each upstream needs its own name",
+                    "{key}.name = {:?} must be a lowercase registry host name such as \"docker.io\"",
                     u.name
                 ));
             }
-            if u.name.is_empty() || u.name.contains('/') || u.name != u.name.to_ascii_lowercase() {
-                v.problem(format!("{key}.name = {:?} must be a lowercase registry host name such as \"docker.io\"", u.name));
-            }
             let url = match reqwest::Url::parse(&u.url) {
-                Ok(url)
-                    if (url.scheme() == "http" || url.scheme() == "https")
-                        && url.host().is_some() =>
-                {
-                    Some(url)
-                }
+                Ok(url) if (url.scheme() == "http" || url.scheme() == "https") && url.host().is_some() => Some(url),
                 _ => {
                     v.problem(format!("{key}.url = {:?} is not a valid URL: use http:// or https:// followed by a host, such as \"https://registry-1.docker.io\"", u.url));
                     None
@@ -242,71 +208,52 @@ impl Config {
             };
             let password = match (&u.password_file, &u.password_env) {
                 (Some(_), Some(_)) => {
-                    v.problem(format!(
-                        "{key}: set password_file or password_env, not both"
-                    ));
+                    v.problem(format!("{key}: set password_file or password_env, not both"));
                     None
                 }
                 (Some(file), None) => match std::fs::read_to_string(resolve(file.clone())) {
                     Ok(s) => Some(s.trim_end_matches(['\n', '\r']).to_string()),
                     Err(e) => {
-                        v.problem(format!(
-                            "{key}.password_file = {:?} cannot be read: {e}",
-                            file.display()
-                        ));
+                        v.problem(format!("{key}.password_file = {:?} cannot be read: {e}", file.display()));
                         None
                     }
                 },
-                (None, Some(var)) => {
-                    match std::env::var(var) {
-                        Ok(s) => Some(s),
-                        Err(_) => {
-                            v.problem(format!("{key}.password_env = {var:?}: that environment variable is not set"));
-                            None
-                        }
+                (None, Some(var)) => match std::env::var(var) {
+                    Ok(s) => Some(s),
+                    Err(_) => {
+                        v.problem(format!("{key}.password_env = {var:?}: that environment variable is not set"));
+                        None
                     }
-                }
+                },
                 (None, None) => None,
             };
             if password.is_some() && u.username.is_none() {
                 v.problem(format!("{key}: a password is set but username is missing"));
             }
             if let Some(url) = url {
-                upstreams.push(UpstreamConfig {
-                    name: u.name,
-                    url,
-                    username: u.username,
-                    password,
-                });
+                upstreams.push(UpstreamConfig { name: u.name, url, username: u.username, password });
             }
         }
         if upstreams.is_empty() && v.problems.is_empty() {
             upstreams.push(UpstreamConfig {
                 name: "docker.io".into(),
-                url: reqwest::Url::parse("https://registry-1.docker.io")
-                    .map_err(|e| vec![e.to_string()])?,
+                url: reqwest::Url::parse("https://registry-1.docker.io").map_err(|e| vec![e.to_string()])?,
                 username: None,
                 password: None,
             });
         }
 
-        let tag_ttl = v.duration(
-            "cache.tag_ttl",
-            raw.cache.tag_ttl.as_deref().unwrap_or("5m"),
-        );
-        let upstream_timeout = v.duration(
-            "cache.upstream_timeout",
-            raw.cache.upstream_timeout.as_deref().unwrap_or("30s"),
-        );
+        let tag_ttl = v.duration("cache.tag_ttl", raw.cache.tag_ttl.as_deref().unwrap_or("5m"));
+        let upstream_timeout =
+            v.duration("cache.upstream_timeout", raw.cache.upstream_timeout.as_deref().unwrap_or("30s"));
 
         let tls = match raw.tls {
             None => TlsConfig::Off,
             Some(t) => match t.mode.as_deref().unwrap_or("self-signed") {
                 "off" => TlsConfig::Off,
-                "self-signed" => TlsConfig::SelfSigned {
-                    dir: resolve(t.dir.unwrap_or_else(|| "certs".into())),
-                    hosts: t.hosts,
-                },
+                "self-signed" => {
+                    TlsConfig::SelfSigned { dir: resolve(t.dir.unwrap_or_else(|| "certs".into())), hosts: t.hosts }
+                }
                 "files" => match (t.cert, t.key) {
                     (Some(cert), Some(key)) => {
                         let (cert, key) = (resolve(cert), resolve(key));
@@ -318,15 +265,14 @@ impl Config {
                         TlsConfig::Files { cert, key }
                     }
                     _ => {
-                        v.problem(
-                            "tls.mode = \"files\" needs both tls.cert and tls.key (PEM files)"
-                                .into(),
-                        );
+                        v.problem("tls.mode = \"files\" needs both tls.cert and tls.key (PEM files)".into());
                         TlsConfig::Off
                     }
                 },
                 other => {
-                    v.problem(format!("tls.mode = {other:?} is not allowed: use \"self-signed\", \"files\" or \"off\""));
+                    v.problem(format!(
+                        "tls.mode = {other:?} is not allowed: use \"self-signed\", \"files\" or \"off\""
+                    ));
                     TlsConfig::Off
                 }
             },
@@ -337,9 +283,7 @@ impl Config {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                v.problem(format!(
-                    "log.format = {other:?} is not allowed: use \"text\" or \"json\""
-                ));
+                v.problem(format!("log.format = {other:?} is not allowed: use \"text\" or \"json\""));
                 LogFormat::Text
             }
         };
@@ -365,12 +309,17 @@ impl Config {
     }
 }
 
-/// toml's own message names the key and the line; keep only the first paragraph and say where.
-fn describe_toml_error(e: &toml::de::Error) -> String {
+/// toml's own message names the key; add where it is, as line and column.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     let msg = e.message().trim().to_string();
     let location = e
         .span()
-        .map(|s| format!(" (at byte {})", s.start))
+        .map(|s| {
+            let before = &text[..s.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" (line {line}, column {column})")
+        })
         .unwrap_or_default();
     format!("{msg}{location}")
 }
@@ -386,7 +335,9 @@ impl Validator {
 
     fn addr(&mut self, key: &str, value: &str) -> SocketAddr {
         value.parse().unwrap_or_else(|_| {
-            self.problem(format!("{key} = {value:?} is not an address: use IP:PORT, such as \"0.0.0.0:5000\" or \"[::]:5000\""));
+            self.problem(format!(
+                "{key} = {value:?} is not an address: use IP:PORT, such as \"0.0.0.0:5000\" or \"[::]:5000\""
+            ));
             SocketAddr::from(([0, 0, 0, 0], 0))
         })
     }
@@ -447,9 +398,7 @@ mod tests {
     use super::*;
 
     fn problems(toml: &str) -> Vec<String> {
-        Config::parse(toml, Path::new("/etc/regmirror"))
-            .err()
-            .unwrap_or_default()
+        Config::parse(toml, Path::new("/etc/regmirror")).err().unwrap_or_default()
     }
 
     #[test]
@@ -477,7 +426,7 @@ mod tests {
     fn exact_error_texts() {
         assert_eq!(
             problems("[server]\nlisten = \"0.0.0.0:5000\"\nlisten_port = 1\n"),
-            vec!["unknown field `listen_port`, expected one of `listen`, `http_listen`, `shutdown_timeout`, `max_manifest_size` (at byte 30)"]
+            vec!["unknown field `listen_port`, expected one of `listen`, `http_listen`, `shutdown_timeout`, `max_manifest_size` (line 3, column 1)"]
         );
         assert_eq!(
             problems("[server]\nmax_manifest_size = \"4 megs\"\n"),
@@ -500,9 +449,7 @@ mod tests {
             vec!["tls.mode = \"on\" is not allowed: use \"self-signed\", \"files\" or \"off\""]
         );
         assert_eq!(
-            problems(
-                "[tls]\nmode = \"files\"\ncert = \"missing.pem\"\nkey = \"/nonexistent/key.pem\"\n"
-            ),
+            problems("[tls]\nmode = \"files\"\ncert = \"missing.pem\"\nkey = \"/nonexistent/key.pem\"\n"),
             vec![
                 "tls.cert = \"/etc/regmirror/missing.pem\": no such file",
                 "tls.key = \"/nonexistent/key.pem\": no such file"
@@ -512,9 +459,7 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported() {
-        let p = problems(
-            "[server]\nlisten = \"nope\"\nshutdown_timeout = \"x\"\n[log]\nformat = \"xml\"\n",
-        );
+        let p = problems("[server]\nlisten = \"nope\"\nshutdown_timeout = \"x\"\n[log]\nformat = \"xml\"\n");
         assert_eq!(p.len(), 3, "{p:?}");
     }
 }

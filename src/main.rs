@@ -148,9 +148,7 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -163,26 +161,20 @@ async fn serve(config: Config) -> Result<(), String> {
     let state = AppState::new(config.clone())?;
     let app = regmirror::app::router(state.clone());
     let bind = |addr: std::net::SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+        tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))
     };
 
     let tls = match regmirror::tls::CertSource::from_config(&config.tls) {
         Some(source) => {
-            let first_start = matches!(&config.tls, TlsConfig::SelfSigned { dir, .. } if !dir.join(regmirror::tls::CA_CERT).exists());
-            let server = std::sync::Arc::new(
-                regmirror::tls::TlsServer::new(source).map_err(|e| e.to_string())?,
-            );
+            let first_start =
+                matches!(&config.tls, TlsConfig::SelfSigned { dir, .. } if !dir.join(regmirror::tls::CA_CERT).exists());
+            let server = std::sync::Arc::new(regmirror::tls::TlsServer::new(source).map_err(|e| e.to_string())?);
             server.spawn_reloader();
             if first_start {
                 if let TlsConfig::SelfSigned { dir, .. } = &config.tls {
                     tracing::info!(
                         "first start: clients trust the new CA once. {}",
-                        regmirror::tls::client_setup(
-                            &default_client_host(&config),
-                            &dir.join(regmirror::tls::CA_CERT)
-                        )
+                        regmirror::tls::client_setup(&default_client_host(&config), &dir.join(regmirror::tls::CA_CERT))
                     );
                 }
             }
@@ -190,18 +182,10 @@ async fn serve(config: Config) -> Result<(), String> {
         }
         None => None,
     };
-    let mut listeners = vec![Listener {
-        tcp: bind(config.listen).await?,
-        tls: tls.clone(),
-        app: app.clone(),
-    }];
+    let mut listeners = vec![Listener { tcp: bind(config.listen).await?, tls: tls.clone(), app: app.clone() }];
     tracing::info!(address = %config.listen, tls = tls.is_some(), "regmirror listening");
     if let Some(addr) = config.http_listen {
-        listeners.push(Listener {
-            tcp: bind(addr).await?,
-            tls: None,
-            app: app.clone(),
-        });
+        listeners.push(Listener { tcp: bind(addr).await?, tls: None, app: app.clone() });
         tracing::info!(address = %addr, "plain HTTP listener");
     }
     if let Some(addr) = config.metrics_listen {
@@ -212,7 +196,5 @@ async fn serve(config: Config) -> Result<(), String> {
         });
         tracing::info!(address = %addr, "metrics on /metrics");
     }
-    run(listeners, state.metrics.clone(), shutdown_signal(), drain)
-        .await
-        .map_err(|e| e.to_string())
+    run(listeners, state.metrics.clone(), shutdown_signal(), drain).await.map_err(|e| e.to_string())
 }

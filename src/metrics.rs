@@ -2,8 +2,7 @@
 //! templates, never repository names).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 #[derive(Clone)]
@@ -28,22 +27,19 @@ pub struct Metrics {
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
+    r.register(Box::new(c.clone())).expect("metric registered once");
     c
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("static metric definition");
-    r.register(Box::new(g.clone()))
-        .expect("metric registered once");
+    r.register(Box::new(g.clone())).expect("metric registered once");
     g
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("static metric definition");
-    r.register(Box::new(c.clone()))
-        .expect("metric registered once");
+    r.register(Box::new(c.clone())).expect("metric registered once");
     c
 }
 
@@ -55,14 +51,11 @@ impl Metrics {
                 "regmirror_request_duration_seconds",
                 "Time to answer a request (until headers are sent).",
             )
-            .buckets(vec![
-                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ]),
+            .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             &["method", "route"],
         )
         .expect("static metric definition");
-        r.register(Box::new(request_duration.clone()))
-            .expect("metric registered once");
+        r.register(Box::new(request_duration.clone())).expect("metric registered once");
         let fill_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "regmirror_fill_duration_seconds",
@@ -71,8 +64,7 @@ impl Metrics {
             .buckets(vec![0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0]),
         )
         .expect("static metric definition");
-        r.register(Box::new(fill_duration.clone()))
-            .expect("metric registered once");
+        r.register(Box::new(fill_duration.clone())).expect("metric registered once");
         Metrics {
             requests: counter_vec(
                 &r,
@@ -111,37 +103,17 @@ impl Metrics {
                 "Bearer tokens fetched from upstream token services.",
                 &["upstream"],
             ),
-            fills_in_flight: gauge(
-                &r,
-                "regmirror_fills_in_flight",
-                "Blob fills from upstream in progress.",
-            ),
-            fill_waiters: gauge(
-                &r,
-                "regmirror_fill_waiters",
-                "Client responses streaming from a fill in progress.",
-            ),
-            store_bytes: gauge(
-                &r,
-                "regmirror_store_bytes",
-                "Bytes of blob content in the store.",
-            ),
+            fills_in_flight: gauge(&r, "regmirror_fills_in_flight", "Blob fills from upstream in progress."),
+            fill_waiters: gauge(&r, "regmirror_fill_waiters", "Client responses streaming from a fill in progress."),
+            store_bytes: gauge(&r, "regmirror_store_bytes", "Bytes of blob content in the store."),
             store_objects: gauge(&r, "regmirror_store_objects", "Blobs in the store."),
-            tls_handshakes: counter(
-                &r,
-                "regmirror_tls_handshakes_total",
-                "TLS handshakes completed.",
-            ),
+            tls_handshakes: counter(&r, "regmirror_tls_handshakes_total", "TLS handshakes completed."),
             tls_handshake_failures: counter(
                 &r,
                 "regmirror_tls_handshake_failures_total",
                 "TLS handshakes that failed.",
             ),
-            auth_failures: counter(
-                &r,
-                "regmirror_auth_failures_total",
-                "Failed authentication attempts.",
-            ),
+            auth_failures: counter(&r, "regmirror_auth_failures_total", "Failed authentication attempts."),
             fill_duration,
             registry: r,
         }
@@ -149,10 +121,7 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buf)
-            .is_err()
-        {
+        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()

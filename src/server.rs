@@ -39,12 +39,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut loops = tokio::task::JoinSet::new();
     for l in listeners {
-        loops.spawn(accept_loop(
-            l,
-            graceful.clone(),
-            stop_rx.clone(),
-            metrics.clone(),
-        ));
+        loops.spawn(accept_loop(l, graceful.clone(), stop_rx.clone(), metrics.clone()));
     }
     shutdown.await;
     let _ = stop_tx.send(true);
@@ -92,23 +87,20 @@ async fn accept_loop(
         let conn_watcher = graceful.watcher();
         tokio::spawn(async move {
             match tls {
-                Some(tls) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(s)) => {
-                            metrics.tls_handshakes.inc();
-                            serve_connection(s, peer, app, conn_watcher).await
-                        }
-                        Ok(Err(e)) => {
-                            metrics.tls_handshake_failures.inc();
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        }
-                        Err(_) => {
-                            metrics.tls_handshake_failures.inc();
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                        }
+                Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        metrics.tls_handshakes.inc();
+                        serve_connection(s, peer, app, conn_watcher).await
                     }
-                }
+                    Ok(Err(e)) => {
+                        metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        metrics.tls_handshake_failures.inc();
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                    }
+                },
                 None => serve_connection(stream, peer, app, conn_watcher).await,
             }
         });
@@ -119,11 +111,10 @@ async fn serve_connection<IO>(io: IO, peer: SocketAddr, app: Router, watcher: Wa
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service =
-        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().oneshot(req.map(axum::body::Body::new))
-        });
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        app.clone().oneshot(req.map(axum::body::Body::new))
+    });
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {

@@ -10,8 +10,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -41,10 +41,7 @@ pub enum TlsError {
 }
 
 fn file_err(path: &Path, what: impl std::fmt::Display) -> TlsError {
-    TlsError::File {
-        path: path.to_path_buf(),
-        what: what.to_string(),
-    }
+    TlsError::File { path: path.to_path_buf(), what: what.to_string() }
 }
 
 /// The SAN list of the server certificate: configured hosts, the hostname, loopback and every
@@ -79,10 +76,7 @@ struct ServerInfo {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn ca_params() -> CertificateParams {
@@ -92,11 +86,7 @@ fn ca_params() -> CertificateParams {
     dn.push(DnType::OrganizationName, "regmirror");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     p.not_before = time_offset(-1);
     p.not_after = time_offset(CA_VALIDITY_DAYS);
     p
@@ -116,17 +106,13 @@ fn write_private(path: &Path, pem: &str) -> Result<(), TlsError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| file_err(&tmp, e))?;
-    f.write_all(pem.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| file_err(&tmp, e))?;
+    f.write_all(pem.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| file_err(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| file_err(path, e))
 }
 
 fn write_public(path: &Path, pem: &str) -> Result<(), TlsError> {
     let tmp = path.with_extension("tmp");
-    fs::write(&tmp, pem)
-        .and_then(|_| fs::rename(&tmp, path))
-        .map_err(|e| file_err(path, e))
+    fs::write(&tmp, pem).and_then(|_| fs::rename(&tmp, path)).map_err(|e| file_err(path, e))
 }
 
 /// What `ensure_self_signed` did, for the log.
@@ -146,14 +132,11 @@ pub fn ensure_self_signed(dir: &Path, hosts: &[String]) -> Result<Issued, TlsErr
     let mut new_ca = false;
     let ca_key = if ca_key_path.exists() && ca_cert_path.exists() {
         let pem = fs::read_to_string(&ca_key_path).map_err(|e| file_err(&ca_key_path, e))?;
-        KeyPair::from_pem(&pem)
-            .map_err(|e| file_err(&ca_key_path, format!("not a usable CA key: {e}")))?
+        KeyPair::from_pem(&pem).map_err(|e| file_err(&ca_key_path, format!("not a usable CA key: {e}")))?
     } else {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
-        let cert = ca_params()
-            .self_signed(&key)
-            .map_err(|e| TlsError::Generate(e.to_string()))?;
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| TlsError::Generate(e.to_string()))?;
+        let cert = ca_params().self_signed(&key).map_err(|e| TlsError::Generate(e.to_string()))?;
         write_private(&ca_key_path, &key.serialize_pem())?;
         write_public(&ca_cert_path, &cert.pem())?;
         new_ca = true;
@@ -161,21 +144,13 @@ pub fn ensure_self_signed(dir: &Path, hosts: &[String]) -> Result<Issued, TlsErr
     };
     let names = server_names(hosts);
     let info_path = dir.join(SERVER_INFO);
-    let current: Option<ServerInfo> = fs::read(&info_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let current: Option<ServerInfo> = fs::read(&info_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let leaf_ok = !new_ca
         && dir.join(SERVER_CERT).exists()
         && dir.join(SERVER_KEY).exists()
-        && current.as_ref().is_some_and(|c| {
-            c.names == names && c.not_after > unix_now() + RENEW_BEFORE_DAYS * 86400
-        });
+        && current.as_ref().is_some_and(|c| c.names == names && c.not_after > unix_now() + RENEW_BEFORE_DAYS * 86400);
     if leaf_ok {
-        return Ok(Issued {
-            new_ca,
-            new_leaf: false,
-            names,
-        });
+        return Ok(Issued { new_ca, new_leaf: false, names });
     }
     // The issuer is rebuilt from the same parameters and key, so the leaf chains to the CA
     // clients already trust.
@@ -184,11 +159,7 @@ pub fn ensure_self_signed(dir: &Path, hosts: &[String]) -> Result<Issued, TlsErr
     let mut dn = DistinguishedName::new();
     dn.push(
         DnType::CommonName,
-        names
-            .iter()
-            .find(|n| n.parse::<std::net::IpAddr>().is_err())
-            .cloned()
-            .unwrap_or_else(|| "regmirror".into()),
+        names.iter().find(|n| n.parse::<std::net::IpAddr>().is_err()).cloned().unwrap_or_else(|| "regmirror".into()),
     );
     params.distinguished_name = dn;
     params.subject_alt_names = names
@@ -202,28 +173,16 @@ pub fn ensure_self_signed(dir: &Path, hosts: &[String]) -> Result<Issued, TlsErr
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.not_before = time_offset(-1);
     params.not_after = time_offset(LEAF_VALIDITY_DAYS);
-    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| TlsError::Generate(e.to_string()))?;
-    let leaf = params
-        .signed_by(&leaf_key, &issuer)
-        .map_err(|e| TlsError::Generate(e.to_string()))?;
+    let leaf_key =
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| TlsError::Generate(e.to_string()))?;
+    let leaf = params.signed_by(&leaf_key, &issuer).map_err(|e| TlsError::Generate(e.to_string()))?;
     let ca_pem = fs::read_to_string(&ca_cert_path).map_err(|e| file_err(&ca_cert_path, e))?;
     write_private(&dir.join(SERVER_KEY), &leaf_key.serialize_pem())?;
     // The chain carries the CA too, as clients that were given only the CA expect.
     write_public(&dir.join(SERVER_CERT), &format!("{}{}", leaf.pem(), ca_pem))?;
-    let info = ServerInfo {
-        names: names.clone(),
-        not_after: unix_now() + LEAF_VALIDITY_DAYS as u64 * 86400,
-    };
-    write_public(
-        &info_path,
-        &serde_json::to_string_pretty(&info).unwrap_or_default(),
-    )?;
-    Ok(Issued {
-        new_ca,
-        new_leaf: true,
-        names,
-    })
+    let info = ServerInfo { names: names.clone(), not_after: unix_now() + LEAF_VALIDITY_DAYS as u64 * 86400 };
+    write_public(&info_path, &serde_json::to_string_pretty(&info).unwrap_or_default())?;
+    Ok(Issued { new_ca, new_leaf: true, names })
 }
 
 /// Load a PEM chain and key (PKCS#8, PKCS#1 RSA or SEC1 EC).
@@ -238,12 +197,8 @@ pub fn load_pem(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> 
     let key_der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| file_err(key, format!("no PKCS#8, RSA or EC private key found: {e}")))?;
     let provider = rustls::crypto::ring::default_provider();
-    let ck = CertifiedKey::from_der(chain, key_der, &provider).map_err(|e| {
-        file_err(
-            key,
-            format!("does not match the certificate {}: {e}", cert.display()),
-        )
-    })?;
+    let ck = CertifiedKey::from_der(chain, key_der, &provider)
+        .map_err(|e| file_err(key, format!("does not match the certificate {}: {e}", cert.display())))?;
     Ok(Arc::new(ck))
 }
 
@@ -260,11 +215,9 @@ impl CertSource {
     pub fn from_config(tls: &TlsConfig) -> Option<CertSource> {
         match tls {
             TlsConfig::Off => None,
-            TlsConfig::Files { cert, key } => Some(CertSource {
-                cert: cert.clone(),
-                key: key.clone(),
-                self_signed: None,
-            }),
+            TlsConfig::Files { cert, key } => {
+                Some(CertSource { cert: cert.clone(), key: key.clone(), self_signed: None })
+            }
             TlsConfig::SelfSigned { dir, hosts } => Some(CertSource {
                 cert: dir.join(SERVER_CERT),
                 key: dir.join(SERVER_KEY),
@@ -300,12 +253,7 @@ pub struct ReloadableCert {
 
 impl ResolvesServerCert for ReloadableCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
+        Some(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
     }
 }
 
@@ -324,9 +272,7 @@ pub struct TlsServer {
 
 impl TlsServer {
     pub fn new(source: CertSource) -> Result<TlsServer, TlsError> {
-        let cert = Arc::new(ReloadableCert {
-            current: RwLock::new(source.load()?),
-        });
+        let cert = Arc::new(ReloadableCert { current: RwLock::new(source.load()?) });
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -334,11 +280,7 @@ impl TlsServer {
             .with_no_client_auth()
             .with_cert_resolver(cert.clone());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(TlsServer {
-            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-            cert,
-            source,
-        })
+        Ok(TlsServer { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), cert, source })
     }
 
     pub fn reload(&self) {
@@ -357,14 +299,13 @@ impl TlsServer {
     pub fn spawn_reloader(self: &Arc<Self>) {
         let server = self.clone();
         tokio::spawn(async move {
-            let mut hup =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot listen for SIGHUP");
-                        None
-                    }
-                };
+            let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP");
+                    None
+                }
+            };
             let mut seen = server.source.mtimes();
             let mut tick = tokio::time::interval(Duration::from_secs(2));
             loop {
@@ -467,12 +408,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cert = dir.path().join("c.pem");
         fs::write(&cert, "nothing here").unwrap();
-        let err = load_pem(&cert, &dir.path().join("k.pem"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("c.pem") && err.contains("no CERTIFICATE"),
-            "{err}"
-        );
+        let err = load_pem(&cert, &dir.path().join("k.pem")).unwrap_err().to_string();
+        assert!(err.contains("c.pem") && err.contains("no CERTIFICATE"), "{err}");
     }
 }

@@ -28,10 +28,7 @@ async fn base_endpoint_announces_the_api_version() {
     let s = TestServer::start(CONFIG).await;
     let r = client().get(s.url("/v2/")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        r.headers()["docker-distribution-api-version"],
-        "registry/2.0"
-    );
+    assert_eq!(r.headers()["docker-distribution-api-version"], "registry/2.0");
 }
 
 #[tokio::test]
@@ -42,79 +39,41 @@ async fn blobs_monolithic_get_head_range_delete() {
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     let d = push_blob(&c, &base, "private/blobs", &data).await;
 
-    let r = c
-        .get(s.url(&format!("/v2/private/blobs/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/blobs/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..]);
 
-    let r = c
-        .head(s.url(&format!("/v2/private/blobs/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(s.url(&format!("/v2/private/blobs/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-length"], "100000");
 
-    let r = c
-        .get(s.url(&format!("/v2/private/blobs/blobs/{d}")))
-        .header("range", "bytes=10-19")
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/blobs/blobs/{d}"))).header("range", "bytes=10-19").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[10..20]);
 
-    let r = c
-        .get(s.url(&format!("/v2/private/blobs/blobs/{d}")))
-        .header("range", "bytes=99990-")
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/blobs/blobs/{d}"))).header("range", "bytes=99990-").send().await.unwrap();
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data[99990..]);
 
-    let r = c
-        .get(s.url(&format!("/v2/private/blobs/blobs/{d}")))
-        .header("range", "bytes=100000-")
-        .send()
-        .await
-        .unwrap();
+    let r =
+        c.get(s.url(&format!("/v2/private/blobs/blobs/{d}"))).header("range", "bytes=100000-").send().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(r.headers()["content-range"], "bytes */100000");
 
     // The blob is content-addressed but served only from repositories that hold it.
-    let r = c
-        .get(s.url(&format!("/v2/private/other/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/other/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
 
-    let r = c
-        .get(s.url("/v2/private/blobs/blobs/sha256:1234"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/private/blobs/blobs/sha256:1234")).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
 
-    let r = c
-        .delete(s.url(&format!("/v2/private/blobs/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(s.url(&format!("/v2/private/blobs/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    let r = c
-        .get(s.url(&format!("/v2/private/blobs/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/blobs/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -123,29 +82,16 @@ async fn monolithic_upload_with_wrong_digest_keeps_nothing() {
     let s = TestServer::start(CONFIG).await;
     let c = client();
     let wrong = sha256(b"something else");
-    let r = c
-        .post(s.url(&format!("/v2/private/x/blobs/uploads/?digest={wrong}")))
-        .body("payload")
-        .send()
-        .await
-        .unwrap();
+    let r =
+        c.post(s.url(&format!("/v2/private/x/blobs/uploads/?digest={wrong}"))).body("payload").send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
-    let r = c
-        .head(s.url(&format!("/v2/private/x/blobs/{}", sha256(b"payload"))))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(s.url(&format!("/v2/private/x/blobs/{}", sha256(b"payload")))).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(
         std::fs::read_dir(s.dir.path().join("data/tmp"))
             .unwrap()
-            .filter(|e| !e
-                .as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with('.'))
+            .filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
             .count(),
         0
     );
@@ -155,22 +101,11 @@ async fn monolithic_upload_with_wrong_digest_keeps_nothing() {
 async fn sha512_blobs() {
     let s = TestServer::start(CONFIG).await;
     let c = client();
-    let d = format!(
-        "sha512:{}",
-        hex::encode(<sha2::Sha512 as sha2::Digest>::digest(b"five-twelve"))
-    );
-    let r = c
-        .post(s.url(&format!("/v2/private/x/blobs/uploads/?digest={d}")))
-        .body("five-twelve")
-        .send()
-        .await
-        .unwrap();
+    let d = format!("sha512:{}", hex::encode(<sha2::Sha512 as sha2::Digest>::digest(b"five-twelve")));
+    let r =
+        c.post(s.url(&format!("/v2/private/x/blobs/uploads/?digest={d}"))).body("five-twelve").send().await.unwrap();
     assert_eq!(r.status(), 201);
-    let r = c
-        .get(s.url(&format!("/v2/private/x/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/x/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "five-twelve");
 }
 
@@ -182,11 +117,7 @@ fn location(r: &reqwest::Response) -> String {
 async fn chunked_upload_checks_ranges_and_digest() {
     let s = TestServer::start(CONFIG).await;
     let c = client();
-    let r = c
-        .post(s.url("/v2/private/chunks/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url("/v2/private/chunks/blobs/uploads/")).send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(r.headers()["range"], "0-0");
     assert!(r.headers().contains_key("docker-upload-uuid"));
@@ -206,13 +137,7 @@ async fn chunked_upload_checks_ranges_and_digest() {
     let loc = location(&r);
 
     // Out of order: the next chunk must start at byte 5.
-    let r = c
-        .patch(s.url(&loc))
-        .header("content-range", "10-14")
-        .body("world")
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(s.url(&loc)).header("content-range", "10-14").body("world").send().await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
 
@@ -226,61 +151,28 @@ async fn chunked_upload_checks_ranges_and_digest() {
     assert_eq!(r.headers()["range"], "0-10");
 
     let wrong = sha256(b"not it");
-    let r = c
-        .put(s.url(&format!("{loc}?digest={wrong}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(s.url(&format!("{loc}?digest={wrong}"))).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     // The session is over and nothing was kept.
     let r = c.get(s.url(&loc)).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
-    let r = c
-        .head(s.url(&format!(
-            "/v2/private/chunks/blobs/{}",
-            sha256(b"hello world")
-        )))
-        .send()
-        .await
-        .unwrap();
+    let r = c.head(s.url(&format!("/v2/private/chunks/blobs/{}", sha256(b"hello world")))).send().await.unwrap();
     assert_eq!(r.status(), 404);
 
     // Again, finishing with a last chunk in the PUT.
-    let r = c
-        .post(s.url("/v2/private/chunks/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url("/v2/private/chunks/blobs/uploads/")).send().await.unwrap();
     let loc = location(&r);
-    let r = c
-        .patch(s.url(&loc))
-        .header("content-range", "0-5")
-        .body("hello ")
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(s.url(&loc)).header("content-range", "0-5").body("hello ").send().await.unwrap();
     let loc = location(&r);
     let d = sha256(b"hello world");
-    let r = c
-        .put(s.url(&format!("{loc}?digest={d}")))
-        .header("content-range", "6-10")
-        .body("world")
-        .send()
-        .await
-        .unwrap();
+    let r =
+        c.put(s.url(&format!("{loc}?digest={d}"))).header("content-range", "6-10").body("world").send().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(location(&r), format!("/v2/private/chunks/blobs/{d}"));
     assert_eq!(r.headers()["docker-content-digest"], d.as_str());
-    let body = c
-        .get(s.url(&format!("/v2/private/chunks/blobs/{d}")))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = c.get(s.url(&format!("/v2/private/chunks/blobs/{d}"))).send().await.unwrap().text().await.unwrap();
     assert_eq!(body, "hello world");
 }
 
@@ -288,19 +180,9 @@ async fn chunked_upload_checks_ranges_and_digest() {
 async fn upload_session_survives_a_restart() {
     let s = TestServer::start(CONFIG).await;
     let c = client();
-    let r = c
-        .post(s.url("/v2/private/resume/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url("/v2/private/resume/blobs/uploads/")).send().await.unwrap();
     let loc = location(&r);
-    let r = c
-        .patch(s.url(&loc))
-        .header("content-range", "0-5")
-        .body("first ")
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(s.url(&loc)).header("content-range", "0-5").body("first ").send().await.unwrap();
     assert_eq!(r.status(), 202);
     let dir = s.stop().await;
 
@@ -308,20 +190,10 @@ async fn upload_session_survives_a_restart() {
     let r = c.get(s.url(&loc)).send().await.unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(r.headers()["range"], "0-5");
-    let r = c
-        .patch(s.url(&loc))
-        .header("content-range", "6-11")
-        .body("second")
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(s.url(&loc)).header("content-range", "6-11").body("second").send().await.unwrap();
     assert_eq!(r.status(), 202);
     let d = sha256(b"first second");
-    let r = c
-        .put(s.url(&format!("{loc}?digest={d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.put(s.url(&format!("{loc}?digest={d}"))).send().await.unwrap();
     assert_eq!(r.status(), 201);
 }
 
@@ -329,11 +201,7 @@ async fn upload_session_survives_a_restart() {
 async fn cancel_and_unknown_sessions() {
     let s = TestServer::start(CONFIG).await;
     let c = client();
-    let r = c
-        .post(s.url("/v2/private/x/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url("/v2/private/x/blobs/uploads/")).send().await.unwrap();
     let loc = location(&r);
     let r = c.delete(s.url(&loc)).send().await.unwrap();
     assert_eq!(r.status(), 204);
@@ -341,23 +209,11 @@ async fn cancel_and_unknown_sessions() {
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     // A session belongs to its repository, and ids are never paths.
-    let r = c
-        .post(s.url("/v2/private/x/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url("/v2/private/x/blobs/uploads/")).send().await.unwrap();
     let id = location(&r).rsplit('/').next().unwrap().to_string();
-    let r = c
-        .get(s.url(&format!("/v2/private/y/blobs/uploads/{id}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/y/blobs/uploads/{id}"))).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    let r = c
-        .get(s.url("/v2/private/x/blobs/uploads/..%2f..%2fetc"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/private/x/blobs/uploads/..%2f..%2fetc")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }
 
@@ -366,30 +222,15 @@ async fn cross_repository_mount() {
     let s = TestServer::start(CONFIG).await;
     let c = client();
     let d = push_blob(&c, &s.url(""), "private/src", b"shared layer").await;
-    let r = c
-        .post(s.url(&format!(
-            "/v2/private/dst/blobs/uploads/?mount={d}&from=private/src"
-        )))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url(&format!("/v2/private/dst/blobs/uploads/?mount={d}&from=private/src"))).send().await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(location(&r), format!("/v2/private/dst/blobs/{d}"));
-    let r = c
-        .get(s.url(&format!("/v2/private/dst/blobs/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/dst/blobs/{d}"))).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "shared layer");
     // Not in the source: an ordinary upload session instead.
     let other = sha256(b"absent");
-    let r = c
-        .post(s.url(&format!(
-            "/v2/private/dst/blobs/uploads/?mount={other}&from=private/src"
-        )))
-        .send()
-        .await
-        .unwrap();
+    let r =
+        c.post(s.url(&format!("/v2/private/dst/blobs/uploads/?mount={other}&from=private/src"))).send().await.unwrap();
     assert_eq!(r.status(), 202);
     assert!(location(&r).contains("/blobs/uploads/"));
 }
@@ -414,80 +255,29 @@ async fn manifests_by_tag_and_digest() {
         assert_eq!(r.headers()["docker-content-digest"], d.as_str());
         assert_eq!(r.headers()["etag"], format!("\"{d}\"").as_str());
         assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
-        let r = c
-            .head(s.url(&format!("/v2/private/app/manifests/{reference}")))
-            .send()
-            .await
-            .unwrap();
+        let r = c.head(s.url(&format!("/v2/private/app/manifests/{reference}"))).send().await.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-length"], m.len().to_string().as_str());
         assert_eq!(r.headers()["docker-content-digest"], d.as_str());
     }
 
-    let r = c
-        .get(s.url("/v2/private/app/manifests/nope"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/private/app/manifests/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
 
     // Deleting a tag leaves the manifest reachable by digest.
-    let r = c
-        .delete(s.url("/v2/private/app/manifests/v1"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(s.url("/v2/private/app/manifests/v1")).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    assert_eq!(
-        c.get(s.url("/v2/private/app/manifests/v1"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        c.get(s.url(&format!("/v2/private/app/manifests/{d}")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(c.get(s.url("/v2/private/app/manifests/v1")).send().await.unwrap().status(), 404);
+    assert_eq!(c.get(s.url(&format!("/v2/private/app/manifests/{d}"))).send().await.unwrap().status(), 200);
 
     // Deleting by digest removes it, and every tag that pointed to it.
     put_manifest(&c, &base, "private/app", "v2", OCI_MANIFEST, &m).await;
-    let r = c
-        .delete(s.url(&format!("/v2/private/app/manifests/{d}")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.delete(s.url(&format!("/v2/private/app/manifests/{d}"))).send().await.unwrap();
     assert_eq!(r.status(), 202);
-    assert_eq!(
-        c.get(s.url(&format!("/v2/private/app/manifests/{d}")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        c.get(s.url("/v2/private/app/manifests/v2"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
-    assert_eq!(
-        c.delete(s.url(&format!("/v2/private/app/manifests/{d}")))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(c.get(s.url(&format!("/v2/private/app/manifests/{d}"))).send().await.unwrap().status(), 404);
+    assert_eq!(c.get(s.url("/v2/private/app/manifests/v2")).send().await.unwrap().status(), 404);
+    assert_eq!(c.delete(s.url(&format!("/v2/private/app/manifests/{d}"))).send().await.unwrap().status(), 404);
 }
 
 #[tokio::test]
@@ -525,11 +315,7 @@ async fn manifest_push_errors() {
     let r = put_manifest(&c, &base, "library/nginx", "x", OCI_MANIFEST, &m).await;
     assert_eq!(r.status(), 405);
     assert_eq!(error_code(r).await, "UNSUPPORTED");
-    let r = c
-        .post(s.url("/v2/library/nginx/blobs/uploads/"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.post(s.url("/v2/library/nginx/blobs/uploads/")).send().await.unwrap();
     assert_eq!(r.status(), 405);
 }
 
@@ -555,30 +341,9 @@ async fn indexes_and_docker_manifest_lists() {
     let r = put_manifest(&c, &base, "private/multi", "latest", OCI_INDEX, &index).await;
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
-    assert_eq!(
-        put_manifest(
-            &c,
-            &base,
-            "private/multi",
-            &sha256(&arm),
-            OCI_MANIFEST,
-            &arm
-        )
-        .await
-        .status(),
-        201
-    );
-    assert_eq!(
-        put_manifest(&c, &base, "private/multi", "latest", OCI_INDEX, &index)
-            .await
-            .status(),
-        201
-    );
-    let r = c
-        .get(s.url("/v2/private/multi/manifests/latest"))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(put_manifest(&c, &base, "private/multi", &sha256(&arm), OCI_MANIFEST, &arm).await.status(), 201);
+    assert_eq!(put_manifest(&c, &base, "private/multi", "latest", OCI_INDEX, &index).await.status(), 201);
+    let r = c.get(s.url("/v2/private/multi/manifests/latest")).send().await.unwrap();
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
     assert_eq!(r.bytes().await.unwrap().as_ref(), &index[..]);
 
@@ -614,15 +379,8 @@ async fn indexes_and_docker_manifest_lists() {
     )
     .await;
     assert_eq!(r.status(), 201);
-    let r = c
-        .get(s.url("/v2/private/multi/manifests/dlist"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.headers()["content-type"],
-        "application/vnd.docker.distribution.manifest.list.v2+json"
-    );
+    let r = c.get(s.url("/v2/private/multi/manifests/dlist")).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "application/vnd.docker.distribution.manifest.list.v2+json");
     assert_eq!(r.headers()["docker-content-digest"], sha256(&list).as_str());
 }
 
@@ -652,20 +410,15 @@ async fn artifacts_subjects_and_referrers() {
         assert_eq!(r.status(), 201);
         assert_eq!(r.headers()["oci-subject"], sha256(&subject).as_str());
     }
-    let r = c
-        .get(s.url(&format!("/v2/private/art/referrers/{}", sha256(&subject))))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/art/referrers/{}", sha256(&subject)))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], OCI_INDEX);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 2);
     let r = c
-        .get(s.url(&format!(
-            "/v2/private/art/referrers/{}?artifactType=application/vnd.example.sbom",
-            sha256(&subject)
-        )))
+        .get(
+            s.url(&format!("/v2/private/art/referrers/{}?artifactType=application/vnd.example.sbom", sha256(&subject))),
+        )
         .send()
         .await
         .unwrap();
@@ -675,24 +428,14 @@ async fn artifacts_subjects_and_referrers() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["digest"], sha256(&sbom).as_str());
     assert_eq!(list[0]["artifactType"], "application/vnd.example.sbom");
-    assert_eq!(
-        list[0]["annotations"]["kind"],
-        "application/vnd.example.sbom"
-    );
+    assert_eq!(list[0]["annotations"]["kind"], "application/vnd.example.sbom");
     // No referrers: an empty index, not a 404.
-    let r = c
-        .get(s.url(&format!("/v2/private/art/referrers/{}", sha256(b"nothing"))))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/private/art/referrers/{}", sha256(b"nothing")))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["manifests"].as_array().unwrap().len(), 0);
     // Deleting a referrer removes it from the list.
-    c.delete(s.url(&format!("/v2/private/art/manifests/{}", sha256(&sig))))
-        .send()
-        .await
-        .unwrap();
+    c.delete(s.url(&format!("/v2/private/art/manifests/{}", sha256(&sig)))).send().await.unwrap();
     let v: Value = c
         .get(s.url(&format!("/v2/private/art/referrers/{}", sha256(&subject))))
         .send()
@@ -713,93 +456,36 @@ async fn tags_and_catalog_paginate_in_lexical_order() {
     for t in ["b", "a", "c"] {
         put_manifest(&c, &base, "private/tags", t, OCI_MANIFEST, &m).await;
     }
-    let r = c
-        .get(s.url("/v2/private/tags/tags/list"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/private/tags/tags/list")).send().await.unwrap();
     let v: Value = r.json().await.unwrap();
-    assert_eq!(
-        v,
-        json!({"name": "private/tags", "tags": ["a", "b", "c", "d"]})
-    );
+    assert_eq!(v, json!({"name": "private/tags", "tags": ["a", "b", "c", "d"]}));
 
-    let r = c
-        .get(s.url("/v2/private/tags/tags/list?n=2"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.headers()["link"],
-        "</v2/private/tags/tags/list?n=2&last=b>; rel=\"next\""
-    );
+    let r = c.get(s.url("/v2/private/tags/tags/list?n=2")).send().await.unwrap();
+    assert_eq!(r.headers()["link"], "</v2/private/tags/tags/list?n=2&last=b>; rel=\"next\"");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["tags"], json!(["a", "b"]));
-    let r = c
-        .get(s.url("/v2/private/tags/tags/list?n=2&last=b"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/private/tags/tags/list?n=2&last=b")).send().await.unwrap();
     assert!(r.headers().get("link").is_none());
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["tags"], json!(["c", "d"]));
-    let v: Value = c
-        .get(s.url("/v2/private/tags/tags/list?last=d"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = c.get(s.url("/v2/private/tags/tags/list?last=d")).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"], json!([]));
-    let v: Value = c
-        .get(s.url("/v2/private/tags/tags/list?n=0"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = c.get(s.url("/v2/private/tags/tags/list?n=0")).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["tags"], json!([]));
-    let r = c
-        .get(s.url("/v2/private/tags/tags/list?n=x"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/private/tags/tags/list?n=x")).send().await.unwrap();
     assert_eq!(r.status(), 400);
 
-    let r = c
-        .get(s.url("/v2/private/nothing/tags/list"))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url("/v2/private/nothing/tags/list")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
 
     for repo in ["private/c1", "private/a1", "private/b1"] {
         push_image(&c, &base, repo, "x", repo).await;
     }
-    let v: Value = c
-        .get(s.url("/v2/_catalog"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        v["repositories"],
-        json!(["private/a1", "private/b1", "private/c1", "private/tags"])
-    );
-    let r = c
-        .get(s.url("/v2/_catalog?n=2&last=private/a1"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.headers()["link"],
-        "</v2/_catalog?n=2&last=private%2Fc1>; rel=\"next\""
-    );
+    let v: Value = c.get(s.url("/v2/_catalog")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["repositories"], json!(["private/a1", "private/b1", "private/c1", "private/tags"]));
+    let r = c.get(s.url("/v2/_catalog?n=2&last=private/a1")).send().await.unwrap();
+    assert_eq!(r.headers()["link"], "</v2/_catalog?n=2&last=private%2Fc1>; rel=\"next\"");
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["repositories"], json!(["private/b1", "private/c1"]));
 }
@@ -811,31 +497,13 @@ async fn names_of_any_depth_and_invalid_names() {
     let base = s.url("");
     let deep = "private/a/b/c/d/e/f/g/h";
     let m = push_image(&c, &base, deep, "latest", "deep").await;
-    let r = c
-        .get(s.url(&format!("/v2/{deep}/manifests/latest")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/{deep}/manifests/latest"))).send().await.unwrap();
     assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
-    let v: Value = c
-        .get(s.url(&format!("/v2/{deep}/tags/list")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = c.get(s.url(&format!("/v2/{deep}/tags/list"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(v["name"], deep);
     // A repository may even contain the words the API uses.
     push_image(&c, &base, "private/blobs/manifests", "x", "words").await;
-    assert_eq!(
-        c.get(s.url("/v2/private/blobs/manifests/manifests/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(c.get(s.url("/v2/private/blobs/manifests/manifests/x")).send().await.unwrap().status(), 200);
 
     for bad in [
         "/v2/private/UPPER/manifests/x",
@@ -844,14 +512,7 @@ async fn names_of_any_depth_and_invalid_names() {
         "/v2/private/a__/blobs/uploads/",
     ] {
         let r = c
-            .request(
-                if bad.ends_with("uploads/") {
-                    reqwest::Method::POST
-                } else {
-                    reqwest::Method::GET
-                },
-                s.url(bad),
-            )
+            .request(if bad.ends_with("uploads/") { reqwest::Method::POST } else { reqwest::Method::GET }, s.url(bad))
             .send()
             .await
             .unwrap();
@@ -859,22 +520,14 @@ async fn names_of_any_depth_and_invalid_names() {
         assert_eq!(error_code(r).await, "NAME_INVALID", "{bad}");
     }
     let long = format!("private/{}", "a".repeat(250));
-    let r = c
-        .get(s.url(&format!("/v2/{long}/tags/list")))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(s.url(&format!("/v2/{long}/tags/list"))).send().await.unwrap();
     assert_eq!(r.status(), 400);
 }
 
 #[tokio::test]
 async fn unknown_ns_is_a_404_never_a_400() {
     let s = TestServer::start(CONFIG).await;
-    let r = client()
-        .get(s.url("/v2/library/x/manifests/latest?ns=quay.io"))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(s.url("/v2/library/x/manifests/latest?ns=quay.io")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     assert_eq!(error_code(r).await, "NAME_UNKNOWN");
 }
@@ -882,22 +535,6 @@ async fn unknown_ns_is_a_404_never_a_400() {
 #[tokio::test]
 async fn healthz_and_readyz() {
     let s = TestServer::start(CONFIG).await;
-    assert_eq!(
-        client()
-            .get(s.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client()
-            .get(s.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(client().get(s.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(client().get(s.url("/readyz")).send().await.unwrap().status(), 200);
 }

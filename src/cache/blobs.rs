@@ -14,21 +14,9 @@ use crate::registry::names::Digest;
 use crate::registry::response::{blob_response, parse_range};
 use crate::registry::{Ctx, RequestInfo, Target};
 
-pub async fn get(
-    ctx: &Ctx,
-    target: &Target,
-    d: &Digest,
-    info: &mut RequestInfo,
-) -> Result<Response> {
-    let Target::Mirror {
-        upstream,
-        remote,
-        local,
-    } = target
-    else {
-        return Err(RegistryError::internal(
-            "cache::blobs::get on a local repository",
-        ));
+pub async fn get(ctx: &Ctx, target: &Target, d: &Digest, info: &mut RequestInfo) -> Result<Response> {
+    let Target::Mirror { upstream, remote, local } = target else {
+        return Err(RegistryError::internal("cache::blobs::get on a local repository"));
     };
     let state = &ctx.state;
     let mut outcome = |o: &'static str| {
@@ -54,21 +42,13 @@ pub async fn get(
     }
     if ctx.is_head() {
         // HEAD on an uncached blob asks the upstream with HEAD, not a fill.
-        let resp = upstream
-            .blob(Method::HEAD, remote, d, 0)
-            .await
-            .map_err(|e| to_registry_error(&e, Code::BlobUnknown))?;
+        let resp =
+            upstream.blob(Method::HEAD, remote, d, 0).await.map_err(|e| to_registry_error(&e, Code::BlobUnknown))?;
         let size = resp.content_length().unwrap_or(0);
         outcome("miss");
         return Ok(blob_response(StatusCode::OK, d, size, None, Body::empty()));
     }
-    let mut rx = state.fills.join_or_start(
-        state,
-        upstream.clone(),
-        remote.clone(),
-        local.clone(),
-        d.clone(),
-    );
+    let mut rx = state.fills.join_or_start(state, upstream.clone(), remote.clone(), local.clone(), d.clone());
     let total = match wait_for_size(&mut rx).await {
         Ok(t) => t,
         Err(e) => {
@@ -78,14 +58,10 @@ pub async fn get(
     };
     outcome("miss");
     // A repository that joined another's fill links the blob once the fill has succeeded.
-    let (store, local, digest, mut done) =
-        (state.store.clone(), local.clone(), d.clone(), rx.clone());
+    let (store, local, digest, mut done) = (state.store.clone(), local.clone(), d.clone(), rx.clone());
     tokio::spawn(async move {
         loop {
-            let finished = matches!(
-                done.borrow_and_update().phase,
-                super::fill::Phase::Done { .. }
-            );
+            let finished = matches!(done.borrow_and_update().phase, super::fill::Phase::Done { .. });
             if finished {
                 let _ = store.link_blob(&local, &digest).await;
                 return;
@@ -99,11 +75,7 @@ pub async fn get(
         }
     });
     let range = parse_range(&ctx.headers, total)?;
-    let status = if range.is_some() {
-        StatusCode::PARTIAL_CONTENT
-    } else {
-        StatusCode::OK
-    };
+    let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
     let (start, end) = range.map_or((0, total), |r| (r.start, r.end + 1));
     let body = Body::from_stream(follow(state.clone(), d.clone(), rx, start, end));
     Ok(blob_response(status, d, total, range, body))

@@ -69,10 +69,7 @@ impl Fills {
         if let Some(rx) = running.get(&digest) {
             return rx.clone();
         }
-        let (tx, rx) = watch::channel(Progress {
-            phase: Phase::Connecting,
-            written: 0,
-        });
+        let (tx, rx) = watch::channel(Progress { phase: Phase::Connecting, written: 0 });
         running.insert(digest.clone(), rx.clone());
         drop(running);
         tokio::spawn(run(state.clone(), upstream, remote, local, digest, tx));
@@ -80,10 +77,7 @@ impl Fills {
     }
 
     fn finished(&self, digest: &Digest) {
-        self.running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(digest);
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
     }
 
     pub fn in_flight(&self) -> usize {
@@ -106,20 +100,16 @@ async fn run(
     let outcome = match outcome {
         Ok(total) => match state.store.link_blob(&local, &digest).await {
             Ok(()) => Ok(total),
-            Err(e) => Err(UpstreamError::Reset {
-                upstream: upstream.name().to_string(),
-                detail: format!("storage: {e}"),
-            }),
+            Err(e) => {
+                Err(UpstreamError::Reset { upstream: upstream.name().to_string(), detail: format!("storage: {e}") })
+            }
         },
         Err(e) => Err(e),
     };
     match &outcome {
         Ok(total) => {
             tracing::info!(upstream = upstream.name(), repository = %local, %digest, bytes = total, seconds = started.elapsed().as_secs_f64(), "fill finished");
-            state
-                .metrics
-                .fill_duration
-                .observe(started.elapsed().as_secs_f64());
+            state.metrics.fill_duration.observe(started.elapsed().as_secs_f64());
             tx.send_modify(|p| p.phase = Phase::Done { total: *total });
         }
         Err(e) => {
@@ -143,11 +133,7 @@ async fn fetch(
         upstream: upstream.name().to_string(),
         detail: format!("storage: {e}"),
     };
-    let mut writer = state
-        .store
-        .begin_blob(digest.algorithm())
-        .await
-        .map_err(storage_err)?;
+    let mut writer = state.store.begin_blob(digest.algorithm()).await.map_err(storage_err)?;
     let mut total: Option<u64> = None;
     let mut resumes = 0;
     loop {
@@ -168,10 +154,7 @@ async fn fetch(
             writer.abort().await;
             return Err(upstream.failed(UpstreamError::Reset {
                 upstream: upstream.name().to_string(),
-                detail: format!(
-                    "resume at byte {offset} answered {} instead of 206",
-                    resp.status()
-                ),
+                detail: format!("resume at byte {offset} answered {} instead of 206", resp.status()),
             }));
         }
         if total.is_none() {
@@ -184,12 +167,7 @@ async fn fetch(
             };
             total = Some(len);
             let staging = writer.staging_path().to_string();
-            tx.send_modify(|p| {
-                p.phase = Phase::Streaming {
-                    total: len,
-                    staging,
-                }
-            });
+            tx.send_modify(|p| p.phase = Phase::Streaming { total: len, staging });
         }
         let mut body = resp.bytes_stream();
         let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
@@ -199,9 +177,7 @@ async fn fetch(
             let next = match body.next().now_or_never() {
                 Some(n) => n,
                 None => {
-                    publish(&mut writer, &mut batch, tx)
-                        .await
-                        .map_err(storage_err)?;
+                    publish(&mut writer, &mut batch, tx).await.map_err(storage_err)?;
                     body.next().await
                 }
             };
@@ -209,9 +185,7 @@ async fn fetch(
                 Some(Ok(chunk)) => {
                     batch.extend_from_slice(&chunk);
                     if batch.len() >= WRITE_BATCH {
-                        publish(&mut writer, &mut batch, tx)
-                            .await
-                            .map_err(storage_err)?;
+                        publish(&mut writer, &mut batch, tx).await.map_err(storage_err)?;
                     }
                 }
                 Some(Err(e)) => {
@@ -221,18 +195,13 @@ async fn fetch(
                 None => break,
             }
         }
-        publish(&mut writer, &mut batch, tx)
-            .await
-            .map_err(storage_err)?;
+        publish(&mut writer, &mut batch, tx).await.map_err(storage_err)?;
         let expected = total.unwrap_or(0);
         if writer.written() >= expected {
             break;
         }
         let detail = broken.map_or_else(|| "body ended early".to_string(), |e| error_chain(&e));
-        let err = upstream.failed(UpstreamError::Reset {
-            upstream: upstream.name().to_string(),
-            detail,
-        });
+        let err = upstream.failed(UpstreamError::Reset { upstream: upstream.name().to_string(), detail });
         if resumes >= MAX_RESUMES {
             writer.abort().await;
             return Err(err);
@@ -307,15 +276,7 @@ pub fn follow(
         _waiting: WaiterGauge,
     }
     let waiting = WaiterGauge::new(&state);
-    let follower = Follower {
-        state,
-        digest,
-        rx,
-        pos: start,
-        end,
-        file: None,
-        _waiting: waiting,
-    };
+    let follower = Follower { state, digest, rx, pos: start, end, file: None, _waiting: waiting };
     futures_util::stream::unfold(follower, |mut f| async move {
         loop {
             if f.pos >= f.end {
@@ -323,14 +284,11 @@ pub fn follow(
             }
             let progress = f.rx.borrow_and_update().clone();
             let (available, staging) = match progress.phase {
-                Phase::Failed(e) => {
-                    return Some((
-                        Err(std::io::Error::other(e.to_string())),
-                        Follower { end: 0, ..f },
-                    ))
-                }
+                Phase::Failed(e) => return Some((Err(std::io::Error::other(e.to_string())), Follower { end: 0, ..f })),
                 Phase::Done { total } => (total, None),
-                Phase::Streaming { staging, .. } => (progress.written, Some(staging)),
+                // The last byte waits for verification, so a response never completes with
+                // content that turns out not to match its digest.
+                Phase::Streaming { staging, total } => (progress.written.min(total.saturating_sub(1)), Some(staging)),
                 Phase::Connecting => (0, None),
             };
             if f.pos < available {
@@ -349,11 +307,7 @@ pub fn follow(
                 return match read {
                     Ok(_) => {
                         f.pos += want as u64;
-                        f.state
-                            .metrics
-                            .bytes_served
-                            .with_label_values(&["fill"])
-                            .inc_by(want as u64);
+                        f.state.metrics.bytes_served.with_label_values(&["fill"]).inc_by(want as u64);
                         Some((Ok(Bytes::from(buf)), f))
                     }
                     Err(e) => Some((Err(e), Follower { end: 0, ..f })),
@@ -375,12 +329,7 @@ pub fn follow(
 
 /// Open the staging file at `pos`; once the fill has committed, the staging file is gone and the
 /// blob is read from the store instead.
-async fn open(
-    state: &AppState,
-    digest: &Digest,
-    staging: Option<&str>,
-    pos: u64,
-) -> std::io::Result<Reader> {
+async fn open(state: &AppState, digest: &Digest, staging: Option<&str>, pos: u64) -> std::io::Result<Reader> {
     if let Some(path) = staging {
         if let Some(r) = state.store.driver().open_read(path, pos).await? {
             return Ok(r);

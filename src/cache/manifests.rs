@@ -14,21 +14,9 @@ use crate::registry::{Ctx, RequestInfo, Target};
 use crate::storage::{unix_now, ManifestMeta, TagRecord};
 use crate::upstream::{Upstream, UpstreamError};
 
-pub async fn get(
-    ctx: &Ctx,
-    target: &Target,
-    reference: &Reference,
-    info: &mut RequestInfo,
-) -> Result<Response> {
-    let Target::Mirror {
-        upstream,
-        remote,
-        local,
-    } = target
-    else {
-        return Err(RegistryError::internal(
-            "cache::manifests::get on a local repository",
-        ));
+pub async fn get(ctx: &Ctx, target: &Target, reference: &Reference, info: &mut RequestInfo) -> Result<Response> {
+    let Target::Mirror { upstream, remote, local } = target else {
+        return Err(RegistryError::internal("cache::manifests::get on a local repository"));
     };
     let state = &ctx.state;
     let store = &state.store;
@@ -46,23 +34,14 @@ pub async fn get(
             let fetched = fetch(ctx, upstream, remote, &d.to_string(), Some(d))
                 .await
                 .map_err(|e| to_registry_error(&e, Code::ManifestUnknown))?;
-            store
-                .put_manifest(local, &fetched.digest, &fetched.meta, &fetched.bytes)
-                .await?;
+            store.put_manifest(local, &fetched.digest, &fetched.meta, &fetched.bytes).await?;
             outcome("miss");
-            Ok(manifest_response(
-                &fetched.digest,
-                &fetched.meta,
-                fetched.bytes,
-                head,
-            ))
+            Ok(manifest_response(&fetched.digest, &fetched.meta, fetched.bytes, head))
         }
         Reference::Tag(tag) => {
             let known = match store.tag(local, tag).await? {
                 Some(rec) => match rec.digest.parse::<Digest>() {
-                    Ok(d) => load(store, local, &d)
-                        .await?
-                        .map(|(meta, bytes)| (rec, d, meta, bytes)),
+                    Ok(d) => load(store, local, &d).await?.map(|(meta, bytes)| (rec, d, meta, bytes)),
                     Err(_) => None,
                 },
                 None => None,
@@ -86,18 +65,12 @@ pub async fn get(
                     Ok(manifest_response(&d, &meta, bytes, head))
                 }
                 (Ok(Some(f)), _) => {
-                    store
-                        .put_manifest(local, &f.digest, &f.meta, &f.bytes)
-                        .await?;
-                    store
-                        .set_tag(local, tag, &TagRecord::now(&f.digest))
-                        .await?;
+                    store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await?;
+                    store.set_tag(local, tag, &TagRecord::now(&f.digest)).await?;
                     outcome("miss");
                     Ok(manifest_response(&f.digest, &f.meta, f.bytes, head))
                 }
-                (Err(e), Some((_, d, meta, bytes)))
-                    if state.config.serve_stale && e.is_outage() =>
-                {
+                (Err(e), Some((_, d, meta, bytes))) if state.config.serve_stale && e.is_outage() => {
                     tracing::warn!(upstream = upstream.name(), repository = %local, tag, error = %e, "upstream failed; serving the last known digest");
                     outcome("stale");
                     Ok(manifest_response(&d, &meta, bytes, head))
@@ -106,9 +79,7 @@ pub async fn get(
                     outcome("error");
                     Err(to_registry_error(&e, Code::ManifestUnknown))
                 }
-                (Ok(None), None) => Err(RegistryError::internal(
-                    "revalidation without a cached manifest",
-                )),
+                (Ok(None), None) => Err(RegistryError::internal("revalidation without a cached manifest")),
             }
         }
     }
@@ -149,11 +120,7 @@ pub async fn fetch(
     expected: Option<&Digest>,
 ) -> Result<Fetched, UpstreamError> {
     let resp = upstream.manifest(Method::GET, remote, reference).await?;
-    let content_type = resp
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
     let advertised = resp
         .headers()
         .get("docker-content-digest")
@@ -161,24 +128,13 @@ pub async fn fetch(
         .and_then(|v| v.parse::<Digest>().ok());
     let limit = ctx.state.config.max_manifest_size;
     if resp.content_length().is_some_and(|l| l > limit) {
-        return Err(upstream.failed(UpstreamError::Status {
-            upstream: upstream.name().to_string(),
-            status: 413,
-        }));
+        return Err(upstream.failed(UpstreamError::Status { upstream: upstream.name().to_string(), status: 413 }));
     }
-    let bytes = resp
-        .bytes()
-        .await
-        .map_err(|e| upstream.failed(upstream.stream_error(e)))?
-        .to_vec();
-    let algorithm = expected
-        .or(advertised.as_ref())
-        .map_or(Algorithm::Sha256, Digest::algorithm);
+    let bytes = resp.bytes().await.map_err(|e| upstream.failed(upstream.stream_error(e)))?.to_vec();
+    let algorithm = expected.or(advertised.as_ref()).map_or(Algorithm::Sha256, Digest::algorithm);
     let digest = Digest::of(algorithm, &bytes);
     let mismatch = expected.is_some_and(|e| e != &digest)
-        || advertised
-            .as_ref()
-            .is_some_and(|a| a.algorithm() == algorithm && a != &digest);
+        || advertised.as_ref().is_some_and(|a| a.algorithm() == algorithm && a != &digest);
     if mismatch {
         return Err(upstream.failed(UpstreamError::DigestMismatch {
             upstream: upstream.name().to_string(),
@@ -196,24 +152,13 @@ pub async fn fetch(
             annotations: None,
         },
     };
-    Ok(Fetched {
-        digest,
-        meta,
-        bytes,
-    })
+    Ok(Fetched { digest, meta, bytes })
 }
 
 /// Tags of a mirrored repository: the upstream's list, or the cached tags when it is down.
 pub async fn tags(ctx: Ctx, target: &Target) -> Result<Response> {
-    let Target::Mirror {
-        upstream,
-        remote,
-        local,
-    } = target
-    else {
-        return Err(RegistryError::internal(
-            "cache::manifests::tags on a local repository",
-        ));
+    let Target::Mirror { upstream, remote, local } = target else {
+        return Err(RegistryError::internal("cache::manifests::tags on a local repository"));
     };
     let mut query: Vec<String> = Vec::new();
     for key in ["n", "last"] {
@@ -224,12 +169,12 @@ pub async fn tags(ctx: Ctx, target: &Target) -> Result<Response> {
     match upstream.tags(remote, &query.join("&")).await {
         Ok(resp) => {
             let link = resp.headers().get("link").cloned();
-            let body: serde_json::Value = resp.json().await.map_err(|e| {
-                RegistryError::new(Code::Unavailable, format!("upstream tags list: {e}"))
-            })?;
+            let body: serde_json::Value = resp
+                .json()
+                .await
+                .map_err(|e| RegistryError::new(Code::Unavailable, format!("upstream tags list: {e}")))?;
             let tags = body.get("tags").cloned().unwrap_or(serde_json::json!([]));
-            let mut out = axum::Json(serde_json::json!({ "name": local.as_str(), "tags": tags }))
-                .into_response();
+            let mut out = axum::Json(serde_json::json!({ "name": local.as_str(), "tags": tags })).into_response();
             if let Some(link) = link {
                 out.headers_mut().insert("link", link);
             }
@@ -244,10 +189,7 @@ fn urlencode(s: &str) -> String {
     reqwest::Url::parse("http://x/")
         .map(|mut u| {
             u.query_pairs_mut().append_pair("v", s);
-            u.query()
-                .unwrap_or_default()
-                .trim_start_matches("v=")
-                .to_string()
+            u.query().unwrap_or_default().trim_start_matches("v=").to_string()
         })
         .unwrap_or_default()
 }

@@ -15,11 +15,7 @@ use crate::upstream::UpstreamError;
 /// Count a cache lookup outcome (`hit`, `miss`, `stale`, `revalidated`, `error`).
 pub fn count(state: &AppState, target: &Target, kind: &str, outcome: &str) {
     if let Some(upstream) = target.upstream_name() {
-        state
-            .metrics
-            .cache
-            .with_label_values(&[kind, upstream, outcome])
-            .inc();
+        state.metrics.cache.with_label_values(&[kind, upstream, outcome]).inc();
     }
 }
 
@@ -28,9 +24,7 @@ pub fn to_registry_error(e: &UpstreamError, not_found: Code) -> RegistryError {
     match e {
         UpstreamError::Status { status: 404, .. } => RegistryError::new(not_found, e.to_string()),
         // Docker Hub answers 401 for a repository that does not exist.
-        UpstreamError::Status {
-            status: 401 | 403, ..
-        } => RegistryError::new(not_found, e.to_string()),
+        UpstreamError::Status { status: 401 | 403, .. } => RegistryError::new(not_found, e.to_string()),
         UpstreamError::TooManyRequests { retry_after, .. } => {
             let err = RegistryError::new(Code::TooManyRequests, e.to_string());
             match retry_after {

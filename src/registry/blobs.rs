@@ -20,11 +20,7 @@ pub async fn serve_stored(ctx: &Ctx, d: &Digest) -> Result<Option<Response>> {
         return Ok(None);
     };
     let range = parse_range(&ctx.headers, size)?;
-    let status = if range.is_some() {
-        StatusCode::PARTIAL_CONTENT
-    } else {
-        StatusCode::OK
-    };
+    let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
     if ctx.is_head() {
         return Ok(Some(blob_response(status, d, size, range, Body::empty())));
     }
@@ -37,12 +33,7 @@ pub async fn serve_stored(ctx: &Ctx, d: &Digest) -> Result<Option<Response>> {
     Ok(Some(blob_response(status, d, size, range, body)))
 }
 
-pub async fn get(
-    ctx: Ctx,
-    target: Target,
-    digest: &str,
-    info: &mut RequestInfo,
-) -> Result<Response> {
+pub async fn get(ctx: Ctx, target: Target, digest: &str, info: &mut RequestInfo) -> Result<Response> {
     let d: Digest = digest.parse()?;
     let repo = target.local();
     if ctx.state.store.is_blob_linked(repo, &d).await? {
@@ -67,9 +58,5 @@ pub async fn delete(ctx: Ctx, target: Target, digest: &str) -> Result<Response> 
         return Err(unknown(repo, &d));
     }
     ctx.state.store.unlink_blob(repo, &d).await?;
-    Ok(located(
-        StatusCode::ACCEPTED,
-        &format!("/v2/{repo}/blobs/{d}"),
-        None,
-    ))
+    Ok(located(StatusCode::ACCEPTED, &format!("/v2/{repo}/blobs/{d}"), None))
 }

@@ -33,73 +33,27 @@ impl Code {
         use StatusCode as S;
         match self {
             Code::BlobUnknown => ("BLOB_UNKNOWN", S::NOT_FOUND, "blob unknown to registry"),
-            Code::BlobUploadInvalid => {
-                ("BLOB_UPLOAD_INVALID", S::BAD_REQUEST, "blob upload invalid")
+            Code::BlobUploadInvalid => ("BLOB_UPLOAD_INVALID", S::BAD_REQUEST, "blob upload invalid"),
+            Code::BlobUploadUnknown => ("BLOB_UPLOAD_UNKNOWN", S::NOT_FOUND, "blob upload unknown to registry"),
+            Code::DigestInvalid => ("DIGEST_INVALID", S::BAD_REQUEST, "provided digest did not match uploaded content"),
+            Code::ManifestBlobUnknown => {
+                ("MANIFEST_BLOB_UNKNOWN", S::BAD_REQUEST, "manifest references a manifest or blob unknown to registry")
             }
-            Code::BlobUploadUnknown => (
-                "BLOB_UPLOAD_UNKNOWN",
-                S::NOT_FOUND,
-                "blob upload unknown to registry",
-            ),
-            Code::DigestInvalid => (
-                "DIGEST_INVALID",
-                S::BAD_REQUEST,
-                "provided digest did not match uploaded content",
-            ),
-            Code::ManifestBlobUnknown => (
-                "MANIFEST_BLOB_UNKNOWN",
-                S::BAD_REQUEST,
-                "manifest references a manifest or blob unknown to registry",
-            ),
             Code::ManifestInvalid => ("MANIFEST_INVALID", S::BAD_REQUEST, "manifest invalid"),
-            Code::ManifestUnknown => (
-                "MANIFEST_UNKNOWN",
-                S::NOT_FOUND,
-                "manifest unknown to registry",
-            ),
+            Code::ManifestUnknown => ("MANIFEST_UNKNOWN", S::NOT_FOUND, "manifest unknown to registry"),
             Code::NameInvalid => ("NAME_INVALID", S::BAD_REQUEST, "invalid repository name"),
-            Code::NameUnknown => (
-                "NAME_UNKNOWN",
-                S::NOT_FOUND,
-                "repository name not known to registry",
-            ),
-            Code::SizeInvalid => (
-                "SIZE_INVALID",
-                S::BAD_REQUEST,
-                "provided length did not match content length",
-            ),
+            Code::NameUnknown => ("NAME_UNKNOWN", S::NOT_FOUND, "repository name not known to registry"),
+            Code::SizeInvalid => ("SIZE_INVALID", S::BAD_REQUEST, "provided length did not match content length"),
             Code::Unauthorized => ("UNAUTHORIZED", S::UNAUTHORIZED, "authentication required"),
-            Code::Denied => (
-                "DENIED",
-                S::FORBIDDEN,
-                "requested access to the resource is denied",
-            ),
-            Code::Unsupported => (
-                "UNSUPPORTED",
-                S::METHOD_NOT_ALLOWED,
-                "the operation is unsupported",
-            ),
+            Code::Denied => ("DENIED", S::FORBIDDEN, "requested access to the resource is denied"),
+            Code::Unsupported => ("UNSUPPORTED", S::METHOD_NOT_ALLOWED, "the operation is unsupported"),
             Code::TooManyRequests => ("TOOMANYREQUESTS", S::TOO_MANY_REQUESTS, "too many requests"),
-            Code::RangeInvalid => (
-                "BLOB_UPLOAD_INVALID",
-                S::RANGE_NOT_SATISFIABLE,
-                "requested range not satisfiable",
-            ),
-            Code::PaginationInvalid => (
-                "PAGINATION_NUMBER_INVALID",
-                S::BAD_REQUEST,
-                "invalid number of results requested",
-            ),
-            Code::ManifestTooLarge => (
-                "MANIFEST_INVALID",
-                S::PAYLOAD_TOO_LARGE,
-                "manifest exceeds the size limit",
-            ),
-            Code::Unavailable => (
-                "UNAVAILABLE",
-                S::SERVICE_UNAVAILABLE,
-                "upstream registry unavailable",
-            ),
+            Code::RangeInvalid => ("BLOB_UPLOAD_INVALID", S::RANGE_NOT_SATISFIABLE, "requested range not satisfiable"),
+            Code::PaginationInvalid => {
+                ("PAGINATION_NUMBER_INVALID", S::BAD_REQUEST, "invalid number of results requested")
+            }
+            Code::ManifestTooLarge => ("MANIFEST_INVALID", S::PAYLOAD_TOO_LARGE, "manifest exceeds the size limit"),
+            Code::Unavailable => ("UNAVAILABLE", S::SERVICE_UNAVAILABLE, "upstream registry unavailable"),
             Code::Internal => ("UNKNOWN", S::INTERNAL_SERVER_ERROR, "internal error"),
         }
     }
@@ -120,11 +74,7 @@ pub struct RegistryError {
 
 impl RegistryError {
     pub fn new(code: Code, detail: impl Into<String>) -> Self {
-        RegistryError {
-            code,
-            detail: detail.into(),
-            headers: Vec::new(),
-        }
+        RegistryError { code, detail: detail.into(), headers: Vec::new() }
     }
 
     pub fn with_header(mut self, name: header::HeaderName, value: &str) -> Self {
@@ -167,8 +117,7 @@ impl IntoResponse for RegistryError {
         for (name, value) in self.headers {
             resp.headers_mut().insert(name, value);
         }
-        resp.extensions_mut()
-            .insert(LoggedError(format!("{code}: {}", self.detail)));
+        resp.extensions_mut().insert(LoggedError(format!("{code}: {}", self.detail)));
         resp
     }
 }

@@ -13,13 +13,16 @@ use super::{Ctx, Target};
 const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
 
+/// The `n` and `last` of the next page, when there is one.
+type Next = Option<(usize, String)>;
+
 /// One page of a sorted list: entries after `last`, at most `n`, and whether more follow.
-fn paginate(ctx: &Ctx, mut all: Vec<String>) -> Result<(Vec<String>, Option<(usize, String)>)> {
+fn paginate(ctx: &Ctx, mut all: Vec<String>) -> Result<(Vec<String>, Next)> {
     all.sort();
     let n = match ctx.query.get("n") {
-        Some(n) => n.parse::<usize>().map_err(|_| {
-            RegistryError::new(Code::PaginationInvalid, format!("n={n:?} is not a number"))
-        })?,
+        Some(n) => n
+            .parse::<usize>()
+            .map_err(|_| RegistryError::new(Code::PaginationInvalid, format!("n={n:?} is not a number")))?,
         None => DEFAULT_PAGE,
     }
     .min(MAX_PAGE);
@@ -33,7 +36,7 @@ fn paginate(ctx: &Ctx, mut all: Vec<String>) -> Result<(Vec<String>, Option<(usi
     Ok((page, next))
 }
 
-fn with_link(mut resp: Response, path: &str, next: Option<(usize, String)>) -> Response {
+fn with_link(mut resp: Response, path: &str, next: Next) -> Response {
     if let Some((n, last)) = next {
         let last: String = reqwest::Url::parse("http://x/")
             .map(|mut u| {
@@ -56,21 +59,14 @@ pub async fn tags(ctx: Ctx, target: Target) -> Result<Response> {
     let store = &ctx.state.store;
     let all = store.list_tags(repo).await?;
     if all.is_empty() && !store.repository_exists(repo).await? {
-        return Err(RegistryError::new(
-            Code::NameUnknown,
-            format!("repository {repo} is not known"),
-        ));
+        return Err(RegistryError::new(Code::NameUnknown, format!("repository {repo} is not known")));
     }
     tags_page(&ctx, repo, all)
 }
 
 pub fn tags_page(ctx: &Ctx, repo: &RepoName, all: Vec<String>) -> Result<Response> {
     let (page, next) = paginate(ctx, all)?;
-    let resp = (
-        StatusCode::OK,
-        axum::Json(json!({ "name": repo.as_str(), "tags": page })),
-    )
-        .into_response();
+    let resp = (StatusCode::OK, axum::Json(json!({ "name": repo.as_str(), "tags": page }))).into_response();
     Ok(with_link(resp, &format!("/v2/{repo}/tags/list"), next))
 }
 
@@ -93,14 +89,10 @@ pub async fn referrers(ctx: Ctx, target: Target, digest: &str) -> Result<Respons
     let filter = ctx.query.get("artifactType").cloned();
     let mut manifests = Vec::new();
     for (d, meta) in ctx.state.store.referrers(target.local(), &subject).await? {
-        if filter
-            .as_ref()
-            .is_some_and(|f| meta.artifact_type.as_ref() != Some(f))
-        {
+        if filter.as_ref().is_some_and(|f| meta.artifact_type.as_ref() != Some(f)) {
             continue;
         }
-        let mut desc =
-            json!({ "mediaType": meta.media_type, "digest": d.to_string(), "size": meta.size });
+        let mut desc = json!({ "mediaType": meta.media_type, "digest": d.to_string(), "size": meta.size });
         if let Some(t) = &meta.artifact_type {
             desc["artifactType"] = json!(t);
         }
@@ -111,13 +103,9 @@ pub async fn referrers(ctx: Ctx, target: Target, digest: &str) -> Result<Respons
     }
     let body = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
     let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));
     if filter.is_some() {
-        resp.headers_mut().insert(
-            "oci-filters-applied",
-            HeaderValue::from_static("artifactType"),
-        );
+        resp.headers_mut().insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
     }
     Ok(resp)
 }

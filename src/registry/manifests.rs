@@ -37,43 +37,32 @@ fn is_index(media_type: &str) -> bool {
 /// or upstream said; the body's own `mediaType` is used when the header is missing or generic.
 pub fn describe(bytes: &[u8], content_type: Option<&str>) -> Result<Described> {
     let invalid = |why: &str| RegistryError::new(Code::ManifestInvalid, why.to_string());
-    let json: Value = serde_json::from_slice(bytes)
-        .map_err(|e| invalid(&format!("manifest is not valid JSON: {e}")))?;
-    let obj = json
-        .as_object()
-        .ok_or_else(|| invalid("manifest must be a JSON object"))?;
+    let json: Value =
+        serde_json::from_slice(bytes).map_err(|e| invalid(&format!("manifest is not valid JSON: {e}")))?;
+    let obj = json.as_object().ok_or_else(|| invalid("manifest must be a JSON object"))?;
     let body_type = obj.get("mediaType").and_then(Value::as_str);
     let header_type = content_type
         .map(|c| c.split(';').next().unwrap_or_default().trim())
         .filter(|c| !c.is_empty() && *c != "application/json" && *c != "application/octet-stream");
     if let (Some(h), Some(b)) = (header_type, body_type) {
         if h != b {
-            return Err(invalid(&format!(
-                "Content-Type {h:?} does not match the manifest's mediaType {b:?}"
-            )));
+            return Err(invalid(&format!("Content-Type {h:?} does not match the manifest's mediaType {b:?}")));
         }
     }
-    let media_type = header_type
-        .or(body_type)
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            if obj.contains_key("manifests") {
-                OCI_INDEX.to_string()
-            } else {
-                OCI_MANIFEST.to_string()
-            }
-        });
+    let media_type = header_type.or(body_type).map(str::to_string).unwrap_or_else(|| {
+        if obj.contains_key("manifests") {
+            OCI_INDEX.to_string()
+        } else {
+            OCI_MANIFEST.to_string()
+        }
+    });
     let schema = obj.get("schemaVersion").and_then(Value::as_u64);
     if schema != Some(2) && !media_type.contains("manifest.v1") {
         return Err(invalid("schemaVersion must be 2"));
     }
     let descriptor_digest = |d: &Value, what: &str| -> Result<Digest> {
-        let s = d
-            .get("digest")
-            .and_then(Value::as_str)
-            .ok_or_else(|| invalid(&format!("{what} has no digest")))?;
-        s.parse::<Digest>()
-            .map_err(|_| invalid(&format!("{what} has an invalid digest {s:?}")))
+        let s = d.get("digest").and_then(Value::as_str).ok_or_else(|| invalid(&format!("{what} has no digest")))?;
+        s.parse::<Digest>().map_err(|_| invalid(&format!("{what} has an invalid digest {s:?}")))
     };
     let mut blobs = Vec::new();
     let mut children = Vec::new();
@@ -89,23 +78,13 @@ pub fn describe(bytes: &[u8], content_type: Option<&str>) -> Result<Described> {
         if let Some(config) = obj.get("config") {
             blobs.push(descriptor_digest(config, "config")?);
         }
-        for l in obj
-            .get("layers")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for l in obj.get("layers").and_then(Value::as_array).into_iter().flatten() {
             // Foreign (non-distributable) layers live elsewhere and need not be here.
             if l.get("urls").is_none() {
                 blobs.push(descriptor_digest(l, "layers[]")?);
             }
         }
-        for b in obj
-            .get("blobs")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for b in obj.get("blobs").and_then(Value::as_array).into_iter().flatten() {
             blobs.push(descriptor_digest(b, "blobs[]")?);
         }
     }
@@ -117,32 +96,18 @@ pub fn describe(bytes: &[u8], content_type: Option<&str>) -> Result<Described> {
     let artifact_type = obj
         .get("artifactType")
         .and_then(Value::as_str)
-        .or_else(|| {
-            obj.get("config")
-                .and_then(|c| c.get("mediaType"))
-                .and_then(Value::as_str)
-        })
+        .or_else(|| obj.get("config").and_then(|c| c.get("mediaType")).and_then(Value::as_str))
         .map(str::to_string);
     let annotations = obj.get("annotations").and_then(Value::as_object).cloned();
     Ok(Described {
-        meta: ManifestMeta {
-            media_type,
-            size: bytes.len() as u64,
-            artifact_type,
-            subject,
-            annotations,
-        },
+        meta: ManifestMeta { media_type, size: bytes.len() as u64, artifact_type, subject, annotations },
         blobs,
         children,
     })
 }
 
 /// The bytes and meta of a manifest in `repo`, or `None`.
-pub async fn load(
-    store: &Store,
-    repo: &RepoName,
-    d: &Digest,
-) -> Result<Option<(ManifestMeta, Vec<u8>)>> {
+pub async fn load(store: &Store, repo: &RepoName, d: &Digest) -> Result<Option<(ManifestMeta, Vec<u8>)>> {
     let Some(meta) = store.manifest_meta(repo, d).await? else {
         return Ok(None);
     };
@@ -153,18 +118,9 @@ pub async fn load(
 }
 
 /// A manifest response; HEAD carries the same headers without the body.
-pub fn manifest_response(
-    digest: &Digest,
-    meta: &ManifestMeta,
-    bytes: Vec<u8>,
-    head: bool,
-) -> Response {
+pub fn manifest_response(digest: &Digest, meta: &ManifestMeta, bytes: Vec<u8>, head: bool) -> Response {
     let len = bytes.len();
-    let mut resp = Response::new(if head {
-        Body::empty()
-    } else {
-        Body::from(bytes)
-    });
+    let mut resp = Response::new(if head { Body::empty() } else { Body::from(bytes) });
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&meta.media_type) {
         h.insert(header::CONTENT_TYPE, v);
@@ -178,18 +134,10 @@ pub fn manifest_response(
 }
 
 fn unknown(repo: &RepoName, reference: &str) -> RegistryError {
-    RegistryError::new(
-        Code::ManifestUnknown,
-        format!("manifest {repo}:{reference} is not known"),
-    )
+    RegistryError::new(Code::ManifestUnknown, format!("manifest {repo}:{reference} is not known"))
 }
 
-pub async fn get(
-    ctx: Ctx,
-    target: Target,
-    reference: &str,
-    info: &mut RequestInfo,
-) -> Result<Response> {
+pub async fn get(ctx: Ctx, target: Target, reference: &str, info: &mut RequestInfo) -> Result<Response> {
     let reference = Reference::parse(reference)?;
     if let Target::Mirror { .. } = target {
         return crate::cache::manifests::get(&ctx, &target, &reference, info).await;
@@ -198,18 +146,12 @@ pub async fn get(
     let digest = match &reference {
         Reference::Digest(d) => d.clone(),
         Reference::Tag(t) => {
-            let rec = ctx
-                .state
-                .store
-                .tag(repo, t)
-                .await?
-                .ok_or_else(|| unknown(repo, t))?;
+            let rec = ctx.state.store.tag(repo, t).await?.ok_or_else(|| unknown(repo, t))?;
             rec.digest.parse()?
         }
     };
-    let (meta, bytes) = load(&ctx.state.store, repo, &digest)
-        .await?
-        .ok_or_else(|| unknown(repo, &reference.to_string()))?;
+    let (meta, bytes) =
+        load(&ctx.state.store, repo, &digest).await?.ok_or_else(|| unknown(repo, &reference.to_string()))?;
     Ok(manifest_response(&digest, &meta, bytes, ctx.is_head()))
 }
 
@@ -217,16 +159,9 @@ pub async fn put(ctx: Ctx, target: Target, reference: &str) -> Result<Response> 
     let repo = target.require_local()?.clone();
     let reference = Reference::parse(reference)?;
     let limit = ctx.state.config.max_manifest_size;
-    let content_type = ctx
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let content_type = ctx.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
     let bytes = read_body_limited(ctx.take_body(), limit, || {
-        RegistryError::new(
-            Code::ManifestTooLarge,
-            format!("manifest is larger than the limit of {limit} bytes"),
-        )
+        RegistryError::new(Code::ManifestTooLarge, format!("manifest is larger than the limit of {limit} bytes"))
     })
     .await?;
     let described = describe(&bytes, content_type.as_deref())?;
@@ -234,10 +169,7 @@ pub async fn put(ctx: Ctx, target: Target, reference: &str) -> Result<Response> 
         Reference::Digest(d) => {
             let actual = Digest::of(d.algorithm(), &bytes);
             if &actual != d {
-                return Err(RegistryError::new(
-                    Code::DigestInvalid,
-                    format!("manifest digest is {actual}, not {d}"),
-                ));
+                return Err(RegistryError::new(Code::DigestInvalid, format!("manifest digest is {actual}, not {d}")));
             }
             actual
         }
@@ -246,32 +178,20 @@ pub async fn put(ctx: Ctx, target: Target, reference: &str) -> Result<Response> 
     let store = &ctx.state.store;
     for b in &described.blobs {
         if !store.is_blob_linked(&repo, b).await? {
-            return Err(RegistryError::new(
-                Code::ManifestBlobUnknown,
-                format!("blob {b} is not in {repo}"),
-            ));
+            return Err(RegistryError::new(Code::ManifestBlobUnknown, format!("blob {b} is not in {repo}")));
         }
     }
     for c in &described.children {
         if store.manifest_meta(&repo, c).await?.is_none() {
-            return Err(RegistryError::new(
-                Code::ManifestBlobUnknown,
-                format!("manifest {c} is not in {repo}"),
-            ));
+            return Err(RegistryError::new(Code::ManifestBlobUnknown, format!("manifest {c} is not in {repo}")));
         }
     }
-    store
-        .put_manifest(&repo, &digest, &described.meta, &bytes)
-        .await?;
+    store.put_manifest(&repo, &digest, &described.meta, &bytes).await?;
     if let Reference::Tag(t) = &reference {
         store.set_tag(&repo, t, &TagRecord::now(&digest)).await?;
     }
     tracing::debug!(repository = %repo, %digest, "manifest stored");
-    let mut resp = located(
-        StatusCode::CREATED,
-        &format!("/v2/{repo}/manifests/{digest}"),
-        Some(&digest),
-    );
+    let mut resp = located(StatusCode::CREATED, &format!("/v2/{repo}/manifests/{digest}"), Some(&digest));
     if let Some(subject) = &described.meta.subject {
         if let Ok(v) = HeaderValue::from_str(subject) {
             resp.headers_mut().insert("oci-subject", v);
@@ -290,9 +210,5 @@ pub async fn delete(ctx: Ctx, target: Target, reference: &str) -> Result<Respons
     if !found {
         return Err(unknown(repo, reference));
     }
-    Ok(located(
-        StatusCode::ACCEPTED,
-        &format!("/v2/{repo}/manifests/{reference}"),
-        None,
-    ))
+    Ok(located(StatusCode::ACCEPTED, &format!("/v2/{repo}/manifests/{reference}"), None))
 }

@@ -49,10 +49,7 @@ impl<'a> Route<'a> {
         if let Some(name) = rest.strip_suffix("/tags/list") {
             return Some(Route::Tags(name));
         }
-        if let Some(name) = rest
-            .strip_suffix("/blobs/uploads/")
-            .or_else(|| rest.strip_suffix("/blobs/uploads"))
-        {
+        if let Some(name) = rest.strip_suffix("/blobs/uploads/").or_else(|| rest.strip_suffix("/blobs/uploads")) {
             return Some(Route::UploadStart(name));
         }
         let (head, last) = rest.rsplit_once('/')?;
@@ -61,9 +58,7 @@ impl<'a> Route<'a> {
             "manifests" => Some(Route::Manifest(name, last)),
             "blobs" => Some(Route::Blob(name, last)),
             "referrers" => Some(Route::Referrers(name, last)),
-            "uploads" => name
-                .strip_suffix("/blobs")
-                .map(|name| Route::Upload(name, last)),
+            "uploads" => name.strip_suffix("/blobs").map(|name| Route::Upload(name, last)),
             _ => None,
         }
     }
@@ -101,11 +96,7 @@ pub enum Target {
     /// The private namespace: pushes accepted, never upstream.
     Local(RepoName),
     /// Mirrored from `upstream` as `remote`; stored locally as `<upstream name>/<remote>`.
-    Mirror {
-        upstream: Arc<Upstream>,
-        remote: RepoName,
-        local: RepoName,
-    },
+    Mirror { upstream: Arc<Upstream>, remote: RepoName, local: RepoName },
 }
 
 impl Target {
@@ -146,25 +137,14 @@ pub fn resolve_target(state: &AppState, name: &str, ns: Option<&str>) -> Result<
             remote
         };
         let local = remote.prefixed(upstream.name())?;
-        Ok(Target::Mirror {
-            upstream: upstream.clone(),
-            remote,
-            local,
-        })
+        Ok(Target::Mirror { upstream: upstream.clone(), remote, local })
     };
     if let Some(ns) = ns {
         let upstream = state.upstreams.get(ns).ok_or_else(|| {
-            RegistryError::new(
-                Code::NameUnknown,
-                format!("no upstream is configured for registry {ns:?}"),
-            )
+            RegistryError::new(Code::NameUnknown, format!("no upstream is configured for registry {ns:?}"))
         })?;
         // containerd may also send the prefixed form; do not prefix twice.
-        let remote = if name.first_component() == ns {
-            name.strip_first().unwrap_or(name)
-        } else {
-            name
-        };
+        let remote = if name.first_component() == ns { name.strip_first().unwrap_or(name) } else { name };
         return mirror(upstream, remote);
     }
     if let Some(upstream) = state.upstreams.get(name.first_component()) {
@@ -172,12 +152,7 @@ pub fn resolve_target(state: &AppState, name: &str, ns: Option<&str>) -> Result<
             return mirror(upstream, remote);
         }
     }
-    if state
-        .config
-        .private_namespaces
-        .iter()
-        .any(|ns| name.is_under(ns))
-    {
+    if state.config.private_namespaces.iter().any(|ns| name.is_under(ns)) {
         return Ok(Target::Local(name));
     }
     match state.upstreams.get("docker.io") {
@@ -187,19 +162,12 @@ pub fn resolve_target(state: &AppState, name: &str, ns: Option<&str>) -> Result<
 }
 
 fn query_params(req: &Request) -> HashMap<String, String> {
-    req.uri()
-        .query()
-        .map(|q| url_pairs(q).collect())
-        .unwrap_or_default()
+    req.uri().query().map(|q| url_pairs(q).collect()).unwrap_or_default()
 }
 
 fn url_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
     reqwest::Url::parse(&format!("http://x/?{q}"))
-        .map(|u| {
-            u.query_pairs()
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect::<Vec<_>>()
-        })
+        .map(|u| u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
 }
@@ -238,48 +206,26 @@ pub struct RequestInfo {
 pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let Some(route) = Route::parse(&path) else {
-        let mut resp =
-            RegistryError::new(Code::NameInvalid, format!("no such API endpoint: {path}"))
-                .into_response();
+        let mut resp = RegistryError::new(Code::NameInvalid, format!("no such API endpoint: {path}")).into_response();
         *resp.status_mut() = StatusCode::NOT_FOUND;
-        resp.extensions_mut().insert(RequestInfo {
-            route: "other",
-            ..Default::default()
-        });
+        resp.extensions_mut().insert(RequestInfo { route: "other", ..Default::default() });
         return resp;
     };
     let query = query_params(&req);
     let method = req.method().clone();
     let (parts, body) = req.into_parts();
-    let mut info = RequestInfo {
-        route: route.template(),
-        repository: route.name().map(str::to_string),
-        ..Default::default()
-    };
-    let ctx = Ctx {
-        state,
-        method,
-        headers: parts.headers,
-        query,
-        body: std::sync::Mutex::new(body),
-    };
+    let mut info =
+        RequestInfo { route: route.template(), repository: route.name().map(str::to_string), ..Default::default() };
+    let ctx = Ctx { state, method, headers: parts.headers, query, body: std::sync::Mutex::new(body) };
     let result = dispatch(ctx, &route, &mut info).await;
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
-    resp.headers_mut().insert(
-        "docker-distribution-api-version",
-        header::HeaderValue::from_static("registry/2.0"),
-    );
+    resp.headers_mut().insert("docker-distribution-api-version", header::HeaderValue::from_static("registry/2.0"));
     resp.extensions_mut().insert(info);
     resp
 }
 
 async fn dispatch(ctx: Ctx, route: &Route<'_>, info: &mut RequestInfo) -> Result<Response> {
-    let unsupported = || {
-        Err(RegistryError::new(
-            Code::Unsupported,
-            "method not allowed on this endpoint",
-        ))
-    };
+    let unsupported = || Err(RegistryError::new(Code::Unsupported, "method not allowed on this endpoint"));
     let target = match route.name() {
         Some(name) => {
             let t = resolve_target(&ctx.state, name, ctx.query.get("ns").map(String::as_str))?;
@@ -292,9 +238,7 @@ async fn dispatch(ctx: Ctx, route: &Route<'_>, info: &mut RequestInfo) -> Result
     let m = ctx.method.clone();
     match (route, target) {
         (Route::Base, _) => match m {
-            Method::GET | Method::HEAD => {
-                Ok((StatusCode::OK, axum::Json(serde_json::json!({}))).into_response())
-            }
+            Method::GET | Method::HEAD => Ok((StatusCode::OK, axum::Json(serde_json::json!({}))).into_response()),
             _ => unsupported(),
         },
         (Route::Catalog, _) if m == Method::GET => listing::catalog(ctx).await,
@@ -324,9 +268,7 @@ async fn dispatch(ctx: Ctx, route: &Route<'_>, info: &mut RequestInfo) -> Result
             Method::DELETE => uploads::cancel(ctx, t, id).await,
             _ => unsupported(),
         },
-        (Route::Referrers(_, digest), Some(t)) if m == Method::GET => {
-            listing::referrers(ctx, t, digest).await
-        }
+        (Route::Referrers(_, digest), Some(t)) if m == Method::GET => listing::referrers(ctx, t, digest).await,
         _ => unsupported(),
     }
 }
@@ -340,30 +282,12 @@ mod tests {
         assert_eq!(Route::parse("/v2/"), Some(Route::Base));
         assert_eq!(Route::parse("/v2"), Some(Route::Base));
         assert_eq!(Route::parse("/v2/_catalog"), Some(Route::Catalog));
-        assert_eq!(
-            Route::parse("/v2/a/b/c/d/e/f/g/h/i/tags/list"),
-            Some(Route::Tags("a/b/c/d/e/f/g/h/i"))
-        );
-        assert_eq!(
-            Route::parse("/v2/library/nginx/manifests/1.27"),
-            Some(Route::Manifest("library/nginx", "1.27"))
-        );
-        assert_eq!(
-            Route::parse("/v2/x/blobs/sha256:ab"),
-            Some(Route::Blob("x", "sha256:ab"))
-        );
-        assert_eq!(
-            Route::parse("/v2/x/blobs/uploads/"),
-            Some(Route::UploadStart("x"))
-        );
-        assert_eq!(
-            Route::parse("/v2/x/blobs/blobs/uploads/abc"),
-            Some(Route::Upload("x/blobs", "abc"))
-        );
-        assert_eq!(
-            Route::parse("/v2/x/referrers/sha256:ab"),
-            Some(Route::Referrers("x", "sha256:ab"))
-        );
+        assert_eq!(Route::parse("/v2/a/b/c/d/e/f/g/h/i/tags/list"), Some(Route::Tags("a/b/c/d/e/f/g/h/i")));
+        assert_eq!(Route::parse("/v2/library/nginx/manifests/1.27"), Some(Route::Manifest("library/nginx", "1.27")));
+        assert_eq!(Route::parse("/v2/x/blobs/sha256:ab"), Some(Route::Blob("x", "sha256:ab")));
+        assert_eq!(Route::parse("/v2/x/blobs/uploads/"), Some(Route::UploadStart("x")));
+        assert_eq!(Route::parse("/v2/x/blobs/blobs/uploads/abc"), Some(Route::Upload("x/blobs", "abc")));
+        assert_eq!(Route::parse("/v2/x/referrers/sha256:ab"), Some(Route::Referrers("x", "sha256:ab")));
         assert_eq!(Route::parse("/v2/x/uploads/abc"), None);
         assert_eq!(Route::parse("/v3/x"), None);
     }

@@ -78,23 +78,16 @@ impl FromStr for Digest {
             _ => {
                 return Err(RegistryError::new(
                     Code::DigestInvalid,
-                    format!(
-                        "unsupported digest algorithm {alg:?} (sha256 and sha512 are supported)"
-                    ),
+                    format!("unsupported digest algorithm {alg:?} (sha256 and sha512 are supported)"),
                 ))
             }
         };
-        let valid_hex = hex.len() == algorithm.hex_len()
-            && hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let valid_hex =
+            hex.len() == algorithm.hex_len() && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         if !valid_hex {
             return Err(invalid());
         }
-        Ok(Digest {
-            algorithm,
-            hex: hex.to_string(),
-        })
+        Ok(Digest { algorithm, hex: hex.to_string() })
     }
 }
 
@@ -122,14 +115,8 @@ impl Hasher {
 
     pub fn finish(self) -> Digest {
         match self {
-            Hasher::Sha256(h) => Digest {
-                algorithm: Algorithm::Sha256,
-                hex: hex::encode(h.finalize()),
-            },
-            Hasher::Sha512(h) => Digest {
-                algorithm: Algorithm::Sha512,
-                hex: hex::encode(h.finalize()),
-            },
+            Hasher::Sha256(h) => Digest { algorithm: Algorithm::Sha256, hex: hex::encode(h.finalize()) },
+            Hasher::Sha512(h) => Digest { algorithm: Algorithm::Sha512, hex: hex::encode(h.finalize()) },
         }
     }
 }
@@ -141,10 +128,7 @@ pub struct RepoName(String);
 impl RepoName {
     pub fn parse(s: &str) -> Result<Self, RegistryError> {
         if s.is_empty() || s.len() > MAX_NAME_LEN || !s.split('/').all(valid_component) {
-            return Err(RegistryError::new(
-                Code::NameInvalid,
-                format!("invalid repository name {s:?}"),
-            ));
+            return Err(RegistryError::new(Code::NameInvalid, format!("invalid repository name {s:?}")));
         }
         Ok(RepoName(s.to_string()))
     }
@@ -164,9 +148,7 @@ impl RepoName {
 
     /// The name without its first component, if it has more than one.
     pub fn strip_first(&self) -> Option<RepoName> {
-        self.0
-            .split_once('/')
-            .map(|(_, rest)| RepoName(rest.to_string()))
+        self.0.split_once('/').map(|(_, rest)| RepoName(rest.to_string()))
     }
 
     /// `prefix/self`; both halves are valid names, so the result is too (length aside).
@@ -218,8 +200,7 @@ pub fn valid_tag(t: &str) -> bool {
     !b.is_empty()
         && b.len() <= 128
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter()
-            .all(|&x| x.is_ascii_alphanumeric() || x == b'_' || x == b'.' || x == b'-')
+        && b.iter().all(|&x| x.is_ascii_alphanumeric() || x == b'_' || x == b'.' || x == b'-')
 }
 
 /// What follows `/manifests/`: a tag or a digest.
@@ -237,10 +218,7 @@ impl Reference {
         if valid_tag(s) {
             Ok(Reference::Tag(s.to_string()))
         } else {
-            Err(RegistryError::new(
-                Code::ManifestInvalid,
-                format!("invalid tag {s:?}"),
-            ))
+            Err(RegistryError::new(Code::ManifestInvalid, format!("invalid tag {s:?}")))
         }
     }
 }
@@ -260,20 +238,10 @@ mod tests {
 
     #[test]
     fn names_follow_the_grammar() {
-        for ok in [
-            "a",
-            "library/nginx",
-            "a/b/c/d/e/f/g/h/i",
-            "my-app",
-            "a__b",
-            "a.b_c--d",
-            "ghcr.io/x",
-        ] {
+        for ok in ["a", "library/nginx", "a/b/c/d/e/f/g/h/i", "my-app", "a__b", "a.b_c--d", "ghcr.io/x"] {
             assert!(RepoName::parse(ok).is_ok(), "{ok}");
         }
-        for bad in [
-            "", "A", "a//b", "/a", "a/", "a___b", "a..b", "-a", "a-", "a/_b", "a b",
-        ] {
+        for bad in ["", "A", "a//b", "/a", "a/", "a___b", "a..b", "-a", "a-", "a/_b", "a b"] {
             assert!(RepoName::parse(bad).is_err(), "{bad}");
         }
         assert!(RepoName::parse(&"a".repeat(256)).is_err());
@@ -284,21 +252,12 @@ mod tests {
         assert!(valid_tag("latest") && valid_tag("_x") && valid_tag("1.27-alpine"));
         assert!(!valid_tag(".x") && !valid_tag("-x") && !valid_tag(&"a".repeat(129)));
         let d = Digest::sha256_of(b"");
-        assert_eq!(
-            d.to_string(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(d.to_string(), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(d.to_string().parse::<Digest>().ok(), Some(d));
         assert!("sha256:abc".parse::<Digest>().is_err());
-        assert!("md5:d41d8cd98f00b204e9800998ecf8427e"
-            .parse::<Digest>()
-            .is_err());
-        assert!(format!("sha256:{}", "A".repeat(64))
-            .parse::<Digest>()
-            .is_err());
-        assert!(format!("sha512:{}", "a".repeat(128))
-            .parse::<Digest>()
-            .is_ok());
+        assert!("md5:d41d8cd98f00b204e9800998ecf8427e".parse::<Digest>().is_err());
+        assert!(format!("sha256:{}", "A".repeat(64)).parse::<Digest>().is_err());
+        assert!(format!("sha512:{}", "a".repeat(128)).parse::<Digest>().is_ok());
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub struct ByteRange {
 }
 
 impl ByteRange {
+    #[allow(clippy::len_without_is_empty)] // a range holds at least one byte
     pub fn len(&self) -> u64 {
         self.end - self.start + 1
     }
@@ -39,11 +40,7 @@ pub fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<ByteRange>> 
         )
         .with_header(header::CONTENT_RANGE, &format!("bytes */{size}"))
     };
-    let spec = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.trim().strip_prefix("bytes="))
-        .ok_or_else(unsatisfiable)?;
+    let spec = value.to_str().ok().and_then(|v| v.trim().strip_prefix("bytes=")).ok_or_else(unsatisfiable)?;
     let (a, b) = spec.split_once('-').ok_or_else(unsatisfiable)?;
     let range = match (a.trim(), b.trim()) {
         ("", suffix) => {
@@ -51,47 +48,29 @@ pub fn parse_range(headers: &HeaderMap, size: u64) -> Result<Option<ByteRange>> 
             if n == 0 || size == 0 {
                 return Err(unsatisfiable());
             }
-            ByteRange {
-                start: size.saturating_sub(n),
-                end: size - 1,
-            }
+            ByteRange { start: size.saturating_sub(n), end: size - 1 }
         }
         (start, end) => {
             let start: u64 = start.parse().map_err(|_| unsatisfiable())?;
-            let end: u64 = if end.is_empty() {
-                size.saturating_sub(1)
-            } else {
-                end.parse().map_err(|_| unsatisfiable())?
-            };
+            let end: u64 =
+                if end.is_empty() { size.saturating_sub(1) } else { end.parse().map_err(|_| unsatisfiable())? };
             if start >= size || end < start {
                 return Err(unsatisfiable());
             }
-            ByteRange {
-                start,
-                end: end.min(size - 1),
-            }
+            ByteRange { start, end: end.min(size - 1) }
         }
     };
     Ok(Some(range))
 }
 
 /// Headers every blob response carries.
-pub fn blob_response(
-    status: StatusCode,
-    digest: &Digest,
-    size: u64,
-    range: Option<ByteRange>,
-    body: Body,
-) -> Response {
+pub fn blob_response(status: StatusCode, digest: &Digest, size: u64, range: Option<ByteRange>, body: Body) -> Response {
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     let len = range.map_or(size, |r| r.len());
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     insert_digest(h, digest);
     if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
@@ -113,45 +92,31 @@ pub fn insert_digest(h: &mut HeaderMap, digest: &Digest) {
 
 /// Stream `len` bytes from `reader` in large chunks.
 pub fn reader_body(reader: Reader, len: u64, on_bytes: impl Fn(u64) + Send + 'static) -> Body {
-    let stream = futures_util::stream::unfold(
-        (reader, len, on_bytes),
-        |(mut reader, left, on_bytes)| async move {
-            if left == 0 {
-                return None;
+    let stream = futures_util::stream::unfold((reader, len, on_bytes), |(mut reader, left, on_bytes)| async move {
+        if left == 0 {
+            return None;
+        }
+        let want = left.min(CHUNK as u64) as usize;
+        let mut buf = vec![0u8; want];
+        match reader.read_exact(&mut buf).await {
+            Ok(_) => {
+                on_bytes(want as u64);
+                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), (reader, left - want as u64, on_bytes)))
             }
-            let want = left.min(CHUNK as u64) as usize;
-            let mut buf = vec![0u8; want];
-            match reader.read_exact(&mut buf).await {
-                Ok(_) => {
-                    on_bytes(want as u64);
-                    Some((
-                        Ok::<_, std::io::Error>(bytes::Bytes::from(buf)),
-                        (reader, left - want as u64, on_bytes),
-                    ))
-                }
-                // The file ended early: abort the response rather than complete it short.
-                Err(e) => Some((Err(e), (reader, 0, on_bytes))),
-            }
-        },
-    );
+            // The file ended early: abort the response rather than complete it short.
+            Err(e) => Some((Err(e), (reader, 0, on_bytes))),
+        }
+    });
     Body::from_stream(stream)
 }
 
 /// Read a whole request body, refusing more than `limit` bytes.
-pub async fn read_body_limited(
-    body: Body,
-    limit: u64,
-    too_large: impl FnOnce() -> RegistryError,
-) -> Result<Vec<u8>> {
+pub async fn read_body_limited(body: Body, limit: u64, too_large: impl FnOnce() -> RegistryError) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            RegistryError::new(
-                Code::BlobUploadInvalid,
-                format!("reading request body: {e}"),
-            )
-        })?;
+        let chunk =
+            chunk.map_err(|e| RegistryError::new(Code::BlobUploadInvalid, format!("reading request body: {e}")))?;
         if out.len() as u64 + chunk.len() as u64 > limit {
             return Err(too_large());
         }
@@ -187,22 +152,10 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(
-            range("bytes=0-9", 100).unwrap(),
-            Some(ByteRange { start: 0, end: 9 })
-        );
-        assert_eq!(
-            range("bytes=90-", 100).unwrap(),
-            Some(ByteRange { start: 90, end: 99 })
-        );
-        assert_eq!(
-            range("bytes=-10", 100).unwrap(),
-            Some(ByteRange { start: 90, end: 99 })
-        );
-        assert_eq!(
-            range("bytes=50-500", 100).unwrap(),
-            Some(ByteRange { start: 50, end: 99 })
-        );
+        assert_eq!(range("bytes=0-9", 100).unwrap(), Some(ByteRange { start: 0, end: 9 }));
+        assert_eq!(range("bytes=90-", 100).unwrap(), Some(ByteRange { start: 90, end: 99 }));
+        assert_eq!(range("bytes=-10", 100).unwrap(), Some(ByteRange { start: 90, end: 99 }));
+        assert_eq!(range("bytes=50-500", 100).unwrap(), Some(ByteRange { start: 50, end: 99 }));
         assert!(range("bytes=100-", 100).is_err());
         assert!(range("bytes=5-2", 100).is_err());
         assert!(range("items=0-1", 100).is_err());

@@ -21,20 +21,20 @@ use crate::storage::{upload_data, CommitError, Store};
 /// the bytes received so far (lost on restart, then recomputed from the data file).
 #[derive(Default)]
 pub struct Sessions {
-    inner: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>>>,
+    inner: Mutex<HashMap<String, Slot>>,
 }
 
+/// One session's lock, guarding the running hash: `(bytes hashed, hasher)`.
+type Slot = Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>;
+
 impl Sessions {
-    fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>> {
+    fn slot(&self, id: &str) -> Slot {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(id.to_string()).or_default().clone()
     }
 
     fn forget(&self, id: &str) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 }
 
@@ -57,18 +57,12 @@ fn session_response(status: StatusCode, repo: &RepoName, id: &str, size: u64) ->
 }
 
 fn created(repo: &RepoName, d: &Digest) -> Response {
-    located(
-        StatusCode::CREATED,
-        &format!("/v2/{repo}/blobs/{d}"),
-        Some(d),
-    )
+    located(StatusCode::CREATED, &format!("/v2/{repo}/blobs/{d}"), Some(d))
 }
 
 fn commit_error(e: CommitError) -> RegistryError {
     match e {
-        CommitError::DigestMismatch { .. } => {
-            RegistryError::new(Code::DigestInvalid, e.to_string())
-        }
+        CommitError::DigestMismatch { .. } => RegistryError::new(Code::DigestInvalid, e.to_string()),
         CommitError::SizeMismatch { .. } => RegistryError::new(Code::SizeInvalid, e.to_string()),
         CommitError::Io(io) => io.into(),
     }
@@ -86,10 +80,7 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
         if let Some(from) = ctx.query.get("from") {
             if let Ok(from) = RepoName::parse(from) {
                 let readable = ctx.state.access.may_pull(&ctx, &from);
-                if readable
-                    && store.is_blob_linked(&from, &d).await?
-                    && store.blob_size(&d).await?.is_some()
-                {
+                if readable && store.is_blob_linked(&from, &d).await? && store.blob_size(&d).await?.is_some() {
                     store.link_blob(&repo, &d).await?;
                     return Ok(created(&repo, &d));
                 }
@@ -105,10 +96,7 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
                 Ok(c) => writer.write(&c).await?,
                 Err(e) => {
                     writer.abort().await;
-                    return Err(RegistryError::new(
-                        Code::BlobUploadInvalid,
-                        format!("reading request body: {e}"),
-                    ));
+                    return Err(RegistryError::new(Code::BlobUploadInvalid, format!("reading request body: {e}")));
                 }
             }
         }
@@ -121,20 +109,14 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
 }
 
 fn content_length(ctx: &Ctx) -> Option<u64> {
-    ctx.headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    ctx.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
 /// The session's id, checked to belong to `repo`.
 async fn session(store: &Store, repo: &RepoName, id: &str) -> Result<()> {
     match store.upload_info(id).await? {
         Some(info) if info.repository == repo.as_str() => Ok(()),
-        _ => Err(RegistryError::new(
-            Code::BlobUploadUnknown,
-            format!("upload {id} is not known in {repo}"),
-        )),
+        _ => Err(RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"))),
     }
 }
 
@@ -152,18 +134,9 @@ async fn append(
         let parsed = range
             .to_str()
             .ok()
-            .map(|r| {
-                r.trim()
-                    .trim_start_matches("bytes")
-                    .trim_start_matches([' ', '='])
-            })
+            .map(|r| r.trim().trim_start_matches("bytes").trim_start_matches([' ', '=']))
             .and_then(|r| r.split_once('-'))
-            .and_then(|(a, b)| {
-                Some((
-                    a.trim().parse::<u64>().ok()?,
-                    b.split('/').next()?.trim().parse::<u64>().ok()?,
-                ))
-            });
+            .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.split('/').next()?.trim().parse::<u64>().ok()?)));
         let in_order = matches!(parsed, Some((start, end)) if start == size && end >= start);
         let length_ok = match (parsed, content_length(ctx)) {
             (Some((start, end)), Some(len)) => end - start + 1 == len,
@@ -182,14 +155,8 @@ async fn append(
     }
     // Keep the running hash only while it covers exactly the bytes on disk.
     if state.as_ref().is_none_or(|(hashed, _)| *hashed != size) {
-        *state = if size == 0 {
-            Some((
-                0,
-                Hasher::new(algorithm.unwrap_or(super::names::Algorithm::Sha256)),
-            ))
-        } else {
-            None
-        };
+        *state =
+            if size == 0 { Some((0, Hasher::new(algorithm.unwrap_or(super::names::Algorithm::Sha256)))) } else { None };
     }
     let mut file = store.driver().open_append(&upload_data(id)).await?;
     let mut body = ctx.take_body().into_data_stream();
@@ -215,10 +182,7 @@ async fn append(
     file.shutdown().await?;
     if let Some(e) = failure {
         // What arrived is kept: the client can ask for the status and resume from there.
-        return Err(RegistryError::new(
-            Code::BlobUploadInvalid,
-            format!("reading request body: {e}"),
-        ));
+        return Err(RegistryError::new(Code::BlobUploadInvalid, format!("reading request body: {e}")));
     }
     Ok(size + added)
 }
@@ -237,10 +201,7 @@ pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> 
     let store = ctx.state.store.clone();
     session(&store, &repo, id).await?;
     let d = query_digest(&ctx)?.ok_or_else(|| {
-        RegistryError::new(
-            Code::DigestInvalid,
-            "the digest query parameter is required to finish an upload",
-        )
+        RegistryError::new(Code::DigestInvalid, "the digest query parameter is required to finish an upload")
     })?;
     let slot = ctx.state.sessions.slot(id);
     let mut state = slot.lock().await;

@@ -40,9 +40,7 @@ pub fn unique_name() -> String {
 
 async fn sync_dir(dir: &Path) -> io::Result<()> {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
-        .await
-        .map_err(io::Error::other)?
+    tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await.map_err(io::Error::other)?
 }
 
 fn not_found_is_none<T>(r: io::Result<T>) -> io::Result<Option<T>> {
@@ -96,11 +94,7 @@ impl Driver for FsDriver {
     }
 
     async fn size(&self, path: &str) -> io::Result<Option<u64>> {
-        Ok(
-            not_found_is_none(tokio::fs::metadata(self.full(path)).await)?
-                .filter(|m| m.is_file())
-                .map(|m| m.len()),
-        )
+        Ok(not_found_is_none(tokio::fs::metadata(self.full(path)).await)?.filter(|m| m.is_file()).map(|m| m.len()))
     }
 
     async fn open_read(&self, path: &str, offset: u64) -> io::Result<Option<Reader>> {
@@ -120,21 +114,14 @@ impl Driver for FsDriver {
         if let Some(parent) = full.parent() {
             tokio::fs::create_dir_all(parent).await?;
         }
-        let f = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(full)
-            .await?;
+        let f = tokio::fs::OpenOptions::new().create(true).append(true).open(full).await?;
         Ok(Box::new(f))
     }
 
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
         let (from, to) = (self.full(from), self.full(to));
         tokio::fs::File::open(&from).await?.sync_all().await?;
-        let parent = to
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| self.root.clone());
+        let parent = to.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
         tokio::fs::create_dir_all(&parent).await?;
         tokio::fs::rename(&from, &to).await?;
         sync_dir(&parent).await

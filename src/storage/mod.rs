@@ -75,18 +75,12 @@ pub struct TagRecord {
 
 impl TagRecord {
     pub fn now(digest: &Digest) -> Self {
-        TagRecord {
-            digest: digest.to_string(),
-            fetched_at: unix_now(),
-        }
+        TagRecord { digest: digest.to_string(), fetched_at: unix_now() }
     }
 }
 
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// An upload session's record, kept on disk so it survives a restart.
@@ -114,12 +108,7 @@ pub struct Store {
 
 fn blob_path(d: &Digest) -> String {
     let hex = d.hex();
-    format!(
-        "blobs/{}/{}/{}/data",
-        d.algorithm().as_str(),
-        &hex[..2],
-        hex
-    )
+    format!("blobs/{}/{}/{}/data", d.algorithm().as_str(), &hex[..2], hex)
 }
 
 fn repo_path(repo: &RepoName) -> String {
@@ -127,21 +116,11 @@ fn repo_path(repo: &RepoName) -> String {
 }
 
 fn layer_link(repo: &RepoName, d: &Digest) -> String {
-    format!(
-        "{}/_layers/{}/{}/link",
-        repo_path(repo),
-        d.algorithm().as_str(),
-        d.hex()
-    )
+    format!("{}/_layers/{}/{}/link", repo_path(repo), d.algorithm().as_str(), d.hex())
 }
 
 fn revision_link(repo: &RepoName, d: &Digest) -> String {
-    format!(
-        "{}/_manifests/revisions/{}/{}/link",
-        repo_path(repo),
-        d.algorithm().as_str(),
-        d.hex()
-    )
+    format!("{}/_manifests/revisions/{}/{}/link", repo_path(repo), d.algorithm().as_str(), d.hex())
 }
 
 fn tags_dir(repo: &RepoName) -> String {
@@ -153,12 +132,7 @@ fn tag_path(repo: &RepoName, tag: &str) -> String {
 }
 
 fn referrers_dir(repo: &RepoName, subject: &Digest) -> String {
-    format!(
-        "{}/_referrers/{}/{}",
-        repo_path(repo),
-        subject.algorithm().as_str(),
-        subject.hex()
-    )
+    format!("{}/_referrers/{}/{}", repo_path(repo), subject.algorithm().as_str(), subject.hex())
 }
 
 fn upload_dir(id: &str) -> String {
@@ -176,9 +150,7 @@ pub fn valid_upload_id(id: &str) -> bool {
 
 impl Store {
     pub fn new(driver: impl Driver) -> Self {
-        Store {
-            driver: std::sync::Arc::new(driver),
-        }
+        Store { driver: std::sync::Arc::new(driver) }
     }
 
     pub fn driver(&self) -> &dyn Driver {
@@ -207,13 +179,7 @@ impl Store {
     pub async fn begin_blob(&self, algorithm: Algorithm) -> io::Result<BlobWriter> {
         let path = self.driver.staging_path();
         let file = self.driver.open_append(&path).await?;
-        Ok(BlobWriter {
-            store: self.clone(),
-            path,
-            file,
-            hasher: Hasher::new(algorithm),
-            written: 0,
-        })
+        Ok(BlobWriter { store: self.clone(), path, file, hasher: Hasher::new(algorithm), written: 0 })
     }
 
     /// Verify a staged file (an upload session's data) against `expected` and move it into place.
@@ -233,10 +199,7 @@ impl Store {
                 None => self.hash_file(staged, expected.algorithm()).await?,
             };
             if &actual != expected {
-                return Err(CommitError::DigestMismatch {
-                    expected: expected.clone(),
-                    actual,
-                });
+                return Err(CommitError::DigestMismatch { expected: expected.clone(), actual });
             }
             self.publish(staged, expected).await?;
             Ok(size)
@@ -297,56 +260,26 @@ impl Store {
     }
 
     pub async fn unlink_blob(&self, repo: &RepoName, d: &Digest) -> io::Result<()> {
-        self.driver
-            .delete(&format!(
-                "{}/_layers/{}/{}",
-                repo_path(repo),
-                d.algorithm().as_str(),
-                d.hex()
-            ))
-            .await
+        self.driver.delete(&format!("{}/_layers/{}/{}", repo_path(repo), d.algorithm().as_str(), d.hex())).await
     }
 
     // ---- manifests ----
 
     /// Record a manifest: content first, then the repository's link, then the referrer entry, so a
     /// crash never leaves a link to missing content.
-    pub async fn put_manifest(
-        &self,
-        repo: &RepoName,
-        d: &Digest,
-        meta: &ManifestMeta,
-        bytes: &[u8],
-    ) -> io::Result<()> {
+    pub async fn put_manifest(&self, repo: &RepoName, d: &Digest, meta: &ManifestMeta, bytes: &[u8]) -> io::Result<()> {
         self.put_blob_bytes(d, bytes).await?;
         let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
         self.driver.put(&revision_link(repo, d), &json).await?;
-        if let Some(subject) = meta
-            .subject
-            .as_deref()
-            .and_then(|s| s.parse::<Digest>().ok())
-        {
-            let entry = format!(
-                "{}/{}-{}",
-                referrers_dir(repo, &subject),
-                d.algorithm().as_str(),
-                d.hex()
-            );
+        if let Some(subject) = meta.subject.as_deref().and_then(|s| s.parse::<Digest>().ok()) {
+            let entry = format!("{}/{}-{}", referrers_dir(repo, &subject), d.algorithm().as_str(), d.hex());
             self.driver.put(&entry, d.to_string().as_bytes()).await?;
         }
         Ok(())
     }
 
-    pub async fn manifest_meta(
-        &self,
-        repo: &RepoName,
-        d: &Digest,
-    ) -> io::Result<Option<ManifestMeta>> {
-        Ok(self
-            .driver
-            .get(&revision_link(repo, d))
-            .await?
-            .and_then(|b| serde_json::from_slice(&b).ok()))
+    pub async fn manifest_meta(&self, repo: &RepoName, d: &Digest) -> io::Result<Option<ManifestMeta>> {
+        Ok(self.driver.get(&revision_link(repo, d)).await?.and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
     /// Remove a manifest from a repository, with every tag that points to it and its referrer
@@ -357,44 +290,22 @@ impl Store {
         };
         let digest = d.to_string();
         for tag in self.list_tags(repo).await? {
-            if self
-                .tag(repo, &tag)
-                .await?
-                .is_some_and(|t| t.digest == digest)
-            {
+            if self.tag(repo, &tag).await?.is_some_and(|t| t.digest == digest) {
                 self.delete_tag(repo, &tag).await?;
             }
         }
-        if let Some(subject) = meta
-            .subject
-            .as_deref()
-            .and_then(|s| s.parse::<Digest>().ok())
-        {
-            let entry = format!(
-                "{}/{}-{}",
-                referrers_dir(repo, &subject),
-                d.algorithm().as_str(),
-                d.hex()
-            );
+        if let Some(subject) = meta.subject.as_deref().and_then(|s| s.parse::<Digest>().ok()) {
+            let entry = format!("{}/{}-{}", referrers_dir(repo, &subject), d.algorithm().as_str(), d.hex());
             self.driver.delete(&entry).await?;
         }
         self.driver
-            .delete(&format!(
-                "{}/_manifests/revisions/{}/{}",
-                repo_path(repo),
-                d.algorithm().as_str(),
-                d.hex()
-            ))
+            .delete(&format!("{}/_manifests/revisions/{}/{}", repo_path(repo), d.algorithm().as_str(), d.hex()))
             .await?;
         Ok(true)
     }
 
     /// Manifests in `repo` whose `subject` is `subject`, with their meta.
-    pub async fn referrers(
-        &self,
-        repo: &RepoName,
-        subject: &Digest,
-    ) -> io::Result<Vec<(Digest, ManifestMeta)>> {
+    pub async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<(Digest, ManifestMeta)>> {
         let mut out = Vec::new();
         for entry in self.driver.list(&referrers_dir(repo, subject)).await? {
             let Some(d) = entry.replacen('-', ":", 1).parse::<Digest>().ok() else {
@@ -410,11 +321,7 @@ impl Store {
     // ---- tags ----
 
     pub async fn tag(&self, repo: &RepoName, tag: &str) -> io::Result<Option<TagRecord>> {
-        Ok(self
-            .driver
-            .get(&tag_path(repo, tag))
-            .await?
-            .and_then(|b| serde_json::from_slice(&b).ok()))
+        Ok(self.driver.get(&tag_path(repo, tag)).await?.and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
     pub async fn set_tag(&self, repo: &RepoName, tag: &str, record: &TagRecord) -> io::Result<()> {
@@ -424,9 +331,7 @@ impl Store {
 
     pub async fn delete_tag(&self, repo: &RepoName, tag: &str) -> io::Result<bool> {
         let existed = self.driver.size(&tag_path(repo, tag)).await?.is_some();
-        self.driver
-            .delete(&format!("{}/{tag}", tags_dir(repo)))
-            .await?;
+        self.driver.delete(&format!("{}/{tag}", tags_dir(repo))).await?;
         Ok(existed)
     }
 
@@ -450,27 +355,14 @@ impl Store {
         let mut out = Vec::new();
         let mut pending = vec![String::new()];
         while let Some(prefix) = pending.pop() {
-            let dir = if prefix.is_empty() {
-                "repositories".to_string()
-            } else {
-                format!("repositories/{prefix}")
-            };
+            let dir = if prefix.is_empty() { "repositories".to_string() } else { format!("repositories/{prefix}") };
             for child in self.driver.list(&dir).await? {
                 if child == "_manifests" {
-                    if !self
-                        .driver
-                        .list(&format!("{dir}/_manifests/revisions"))
-                        .await?
-                        .is_empty()
-                    {
+                    if !self.driver.list(&format!("{dir}/_manifests/revisions")).await?.is_empty() {
                         out.push(prefix.clone());
                     }
                 } else if !child.starts_with('_') {
-                    pending.push(if prefix.is_empty() {
-                        child
-                    } else {
-                        format!("{prefix}/{child}")
-                    });
+                    pending.push(if prefix.is_empty() { child } else { format!("{prefix}/{child}") });
                 }
             }
         }
@@ -482,19 +374,10 @@ impl Store {
 
     pub async fn create_upload(&self, repo: &RepoName) -> io::Result<String> {
         let id = fs::unique_name();
-        let info = UploadInfo {
-            repository: repo.to_string(),
-            started_at: unix_now(),
-        };
+        let info = UploadInfo { repository: repo.to_string(), started_at: unix_now() };
         let json = serde_json::to_vec(&info).map_err(io::Error::other)?;
-        self.driver
-            .put(&format!("{}/info", upload_dir(&id)), &json)
-            .await?;
-        self.driver
-            .open_append(&upload_data(&id))
-            .await?
-            .shutdown()
-            .await?;
+        self.driver.put(&format!("{}/info", upload_dir(&id)), &json).await?;
+        self.driver.open_append(&upload_data(&id)).await?.shutdown().await?;
         Ok(id)
     }
 
@@ -502,11 +385,7 @@ impl Store {
         if !valid_upload_id(id) {
             return Ok(None);
         }
-        Ok(self
-            .driver
-            .get(&format!("{}/info", upload_dir(id)))
-            .await?
-            .and_then(|b| serde_json::from_slice(&b).ok()))
+        Ok(self.driver.get(&format!("{}/info", upload_dir(id))).await?.and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
     pub async fn upload_size(&self, id: &str) -> io::Result<u64> {
@@ -551,11 +430,7 @@ impl BlobWriter {
 
     /// Verify digest (and size, when known) and move the blob into place; on any failure the
     /// staged bytes are deleted.
-    pub async fn commit(
-        mut self,
-        expected: &Digest,
-        expected_size: Option<u64>,
-    ) -> Result<u64, CommitError> {
+    pub async fn commit(mut self, expected: &Digest, expected_size: Option<u64>) -> Result<u64, CommitError> {
         let flushed = self.file.shutdown().await;
         let store = self.store.clone();
         let path = self.path.clone();
@@ -563,16 +438,10 @@ impl BlobWriter {
             flushed?;
             let actual = self.hasher.finish();
             if let Some(size) = expected_size.filter(|&s| s != self.written) {
-                return Err(CommitError::SizeMismatch {
-                    expected: size,
-                    actual: self.written,
-                });
+                return Err(CommitError::SizeMismatch { expected: size, actual: self.written });
             }
             if &actual != expected {
-                return Err(CommitError::DigestMismatch {
-                    expected: expected.clone(),
-                    actual,
-                });
+                return Err(CommitError::DigestMismatch { expected: expected.clone(), actual });
             }
             store.publish(&path, expected).await?;
             Ok(self.written)

@@ -1,18 +1,16 @@
 //! The registry token protocol as Docker Hub speaks it: parse a `WWW-Authenticate` challenge,
 //! and cache tokens per scope until they expire.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use reqwest::header::HeaderValue;
 use serde::Deserialize;
 
 #[derive(Debug, PartialEq)]
 pub enum Challenge {
-    Bearer {
-        realm: String,
-        service: Option<String>,
-        scope: Option<String>,
-    },
+    Bearer { realm: String, service: Option<String>, scope: Option<String> },
     Basic,
 }
 
@@ -35,11 +33,7 @@ impl Challenge {
                 _ => {}
             }
         }
-        Some(Challenge::Bearer {
-            realm: realm?,
-            service,
-            scope,
-        })
+        Some(Challenge::Bearer { realm: realm?, service, scope })
     }
 }
 
@@ -81,10 +75,7 @@ pub struct TokenCache {
 impl TokenCache {
     pub fn new() -> Self {
         TokenCache {
-            cache: moka::future::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(Duration::from_secs(3600))
-                .build(),
+            cache: moka::future::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(3600)).build(),
         }
     }
 
@@ -100,9 +91,7 @@ impl TokenCache {
         // Docker Hub's default is 60 s when expires_in is absent; keep a margin.
         let lifetime = Duration::from_secs(t.expires_in.unwrap_or(60).max(10));
         let expires = Instant::now() + lifetime - Duration::from_secs(5);
-        self.cache
-            .insert(scope.to_string(), (v.clone(), expires))
-            .await;
+        self.cache.insert(scope.to_string(), (v.clone(), expires)).await;
         Some(v)
     }
 }
@@ -117,6 +106,19 @@ impl Default for TokenCache {
 mod tests {
     use super::*;
 
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_used_until_they_expire() {
+        let cache = TokenCache::new();
+        let t = TokenResponse { token: Some("abc".into()), access_token: None, expires_in: Some(300) };
+        cache.insert("repository:library/x:pull", t).await;
+        assert!(cache.get("repository:library/x:pull").await.is_some());
+        assert!(cache.get("repository:library/y:pull").await.is_none());
+        tokio::time::advance(Duration::from_secs(290)).await;
+        assert!(cache.get("repository:library/x:pull").await.is_some());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(cache.get("repository:library/x:pull").await.is_none(), "an expired token was reused");
+    }
+
     #[test]
     fn docker_hub_challenge() {
         let c = Challenge::parse(
@@ -130,10 +132,7 @@ mod tests {
                 scope: Some("repository:library/nginx:pull,push".into())
             })
         );
-        assert_eq!(
-            Challenge::parse(r#"Basic realm="x""#),
-            Some(Challenge::Basic)
-        );
+        assert_eq!(Challenge::parse(r#"Basic realm="x""#), Some(Challenge::Basic));
         assert_eq!(Challenge::parse("Negotiate"), None);
     }
 }

@@ -26,10 +26,7 @@ pub enum UpstreamError {
     #[error("upstream {upstream} answered {status}")]
     Status { upstream: String, status: u16 },
     #[error("upstream {upstream} is rate limiting (429)")]
-    TooManyRequests {
-        upstream: String,
-        retry_after: Option<String>,
-    },
+    TooManyRequests { upstream: String, retry_after: Option<String> },
     #[error("upstream {upstream} sent content that does not match {digest}")]
     DigestMismatch { upstream: String, digest: String },
     #[error("upstream {upstream} connection broke: {detail}")]
@@ -127,24 +124,15 @@ impl Upstream {
         if e.is_timeout() {
             UpstreamError::Timeout { upstream }
         } else if e.is_connect() {
-            UpstreamError::Unreachable {
-                upstream,
-                detail: error_chain(&e),
-            }
+            UpstreamError::Unreachable { upstream, detail: error_chain(&e) }
         } else {
-            UpstreamError::Reset {
-                upstream,
-                detail: error_chain(&e),
-            }
+            UpstreamError::Reset { upstream, detail: error_chain(&e) }
         }
     }
 
     /// Record an upstream failure (labelled by cause) and pass it on.
     pub fn failed(&self, e: UpstreamError) -> UpstreamError {
-        self.metrics
-            .upstream_failures
-            .with_label_values(&[&self.name, e.cause()])
-            .inc();
+        self.metrics.upstream_failures.with_label_values(&[&self.name, e.cause()]).inc();
         e
     }
 
@@ -161,34 +149,18 @@ impl Upstream {
         let url = self.url(path);
         let mut authorization = self.tokens.get(&scope).await;
         for attempt in 0..2 {
-            let mut req = self
-                .client
-                .request(method.clone(), url.clone())
-                .headers(headers.clone());
+            let mut req = self.client.request(method.clone(), url.clone()).headers(headers.clone());
             if let Some(a) = &authorization {
                 req = req.header(AUTHORIZATION, a.clone());
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| self.failed(self.err_from(e)))?;
+            let resp = req.send().await.map_err(|e| self.failed(self.err_from(e)))?;
             let status = resp.status();
-            self.metrics
-                .upstream_requests
-                .with_label_values(&[&self.name, kind.label(), status.as_str()])
-                .inc();
+            self.metrics.upstream_requests.with_label_values(&[&self.name, kind.label(), status.as_str()]).inc();
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
-                let challenge = resp
-                    .headers()
-                    .get(WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(Challenge::parse);
+                let challenge =
+                    resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(Challenge::parse);
                 authorization = match challenge {
-                    Some(Challenge::Bearer {
-                        realm,
-                        service,
-                        scope: challenged,
-                    }) => {
+                    Some(Challenge::Bearer { realm, service, scope: challenged }) => {
                         let scope = challenged.unwrap_or_else(|| scope.clone());
                         Some(self.fetch_token(&realm, service.as_deref(), &scope).await?)
                     }
@@ -201,10 +173,7 @@ impl Upstream {
             }
             return self.check(resp);
         }
-        Err(self.failed(UpstreamError::Status {
-            upstream: self.name.clone(),
-            status: 401,
-        }))
+        Err(self.failed(UpstreamError::Status { upstream: self.name.clone(), status: 401 }))
     }
 
     fn basic(&self) -> Option<HeaderValue> {
@@ -223,38 +192,16 @@ impl Upstream {
         }
         let upstream = self.name.clone();
         let err = if status == StatusCode::TOO_MANY_REQUESTS {
-            let retry_after = resp
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            UpstreamError::TooManyRequests {
-                upstream,
-                retry_after,
-            }
+            let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
+            UpstreamError::TooManyRequests { upstream, retry_after }
         } else {
-            UpstreamError::Status {
-                upstream,
-                status: status.as_u16(),
-            }
+            UpstreamError::Status { upstream, status: status.as_u16() }
         };
-        Err(if err.is_not_found() {
-            err
-        } else {
-            self.failed(err)
-        })
+        Err(if err.is_not_found() { err } else { self.failed(err) })
     }
 
-    async fn fetch_token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-    ) -> Result<HeaderValue, UpstreamError> {
-        self.metrics
-            .token_fetches
-            .with_label_values(&[&self.name])
-            .inc();
+    async fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<HeaderValue, UpstreamError> {
+        self.metrics.token_fetches.with_label_values(&[&self.name]).inc();
         let mut url = reqwest::Url::parse(realm).map_err(|_| UpstreamError::Unreachable {
             upstream: self.name.clone(),
             detail: "token realm is not a URL".into(),
@@ -270,10 +217,7 @@ impl Upstream {
         if let Some(basic) = self.basic() {
             req = req.header(AUTHORIZATION, basic);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| self.failed(self.err_from(e)))?;
+        let resp = req.send().await.map_err(|e| self.failed(self.err_from(e)))?;
         let resp = self.check(resp)?;
         let token: auth::TokenResponse = resp.json().await.map_err(|e| {
             self.failed(UpstreamError::Reset {
@@ -282,12 +226,7 @@ impl Upstream {
             })
         })?;
         let value = self.tokens.insert(scope, token).await;
-        value.ok_or_else(|| {
-            self.failed(UpstreamError::Status {
-                upstream: self.name.clone(),
-                status: 401,
-            })
-        })
+        value.ok_or_else(|| self.failed(UpstreamError::Status { upstream: self.name.clone(), status: 401 }))
     }
 
     pub async fn manifest(
@@ -297,18 +236,8 @@ impl Upstream {
         reference: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            ACCEPT,
-            HeaderValue::from_static(crate::registry::manifests::ACCEPT_ALL),
-        );
-        self.send(
-            method,
-            repo,
-            &format!("/v2/{repo}/manifests/{reference}"),
-            headers,
-            Kind::Manifest,
-        )
-        .await
+        headers.insert(ACCEPT, HeaderValue::from_static(crate::registry::manifests::ACCEPT_ALL));
+        self.send(method, repo, &format!("/v2/{repo}/manifests/{reference}"), headers, Kind::Manifest).await
     }
 
     /// GET (from `offset`) or HEAD a blob. Redirects to a CDN are followed.
@@ -325,34 +254,12 @@ impl Upstream {
                 headers.insert(RANGE, v);
             }
         }
-        self.send(
-            method,
-            repo,
-            &format!("/v2/{repo}/blobs/{digest}"),
-            headers,
-            Kind::Blob,
-        )
-        .await
+        self.send(method, repo, &format!("/v2/{repo}/blobs/{digest}"), headers, Kind::Blob).await
     }
 
-    pub async fn tags(
-        &self,
-        repo: &RepoName,
-        query: &str,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let q = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{query}")
-        };
-        self.send(
-            Method::GET,
-            repo,
-            &format!("/v2/{repo}/tags/list{q}"),
-            HeaderMap::new(),
-            Kind::Tags,
-        )
-        .await
+    pub async fn tags(&self, repo: &RepoName, query: &str) -> Result<reqwest::Response, UpstreamError> {
+        let q = if query.is_empty() { String::new() } else { format!("?{query}") };
+        self.send(Method::GET, repo, &format!("/v2/{repo}/tags/list{q}"), HeaderMap::new(), Kind::Tags).await
     }
 
     /// Wrap a body-stream error.
@@ -382,10 +289,7 @@ impl Upstreams {
     pub fn new(config: &Config, metrics: &Metrics) -> reqwest::Result<Self> {
         let mut by_name = HashMap::new();
         for u in &config.upstreams {
-            by_name.insert(
-                u.name.clone(),
-                Arc::new(Upstream::new(u, config.upstream_timeout, metrics.clone())?),
-            );
+            by_name.insert(u.name.clone(), Arc::new(Upstream::new(u, config.upstream_timeout, metrics.clone())?));
         }
         Ok(Upstreams { by_name })
     }

@@ -37,11 +37,7 @@ impl TestServer {
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let listeners = vec![Listener {
-            tcp,
-            tls: None,
-            app: router(state.clone()),
-        }];
+        let listeners = vec![Listener { tcp, tls: None, app: router(state.clone()) }];
         let metrics = state.metrics.clone();
         let task = tokio::spawn(async move {
             let _ = run(
@@ -54,13 +50,7 @@ impl TestServer {
             )
             .await;
         });
-        TestServer {
-            addr,
-            state,
-            dir,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        TestServer { addr, state, dir, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -88,36 +78,30 @@ impl TestServer {
 pub fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
+            l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
         })
         .unwrap_or(0.0)
 }
 
 pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
+    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
 }
 
 /// Push a blob monolithically; returns its digest.
 pub async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, bytes: &[u8]) -> String {
     let d = sha256(bytes);
-    let r = c
-        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
-        .body(bytes.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        r.status(),
-        201,
-        "push blob to {repo}: {}",
-        r.text().await.unwrap_or_default()
-    );
+    let r = c.post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}")).body(bytes.to_vec()).send().await.unwrap();
+    let r = if r.status() == 202 {
+        // distribution 2.8 opens a session instead of taking the body: finish it with a PUT.
+        let loc = r.headers()["location"].to_str().unwrap().to_string();
+        let url = if loc.starts_with("http") { loc } else { format!("{base}{loc}") };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        c.put(format!("{url}{sep}digest={d}")).body(bytes.to_vec()).send().await.unwrap()
+    } else {
+        r
+    };
+    assert_eq!(r.status(), 201, "push blob to {repo}: {}", r.text().await.unwrap_or_default());
     d
 }
 
@@ -153,15 +137,8 @@ pub fn image_manifest(config: &[u8], layers: &[&[u8]]) -> Vec<u8> {
 }
 
 /// Push a small image (config + one layer) and tag it; returns the manifest bytes.
-pub async fn push_image(
-    c: &reqwest::Client,
-    base: &str,
-    repo: &str,
-    tag: &str,
-    seed: &str,
-) -> Vec<u8> {
-    let config =
-        format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":\"{seed}\"}}").into_bytes();
+pub async fn push_image(c: &reqwest::Client, base: &str, repo: &str, tag: &str, seed: &str) -> Vec<u8> {
+    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":\"{seed}\"}}").into_bytes();
     let layer = format!("layer of {seed}").into_bytes();
     push_blob(c, base, repo, &config).await;
     push_blob(c, base, repo, &layer).await;
@@ -198,10 +175,7 @@ pub fn write_oci_layout(dir: &Path, tag: &str, platforms: &[(&str, &str)], seed:
     };
     let mut descriptors = Vec::new();
     for (os, arch) in platforms {
-        let layer = tar_gz_layer(
-            "hello.txt",
-            format!("hello from {seed} {os}/{arch}\n").as_bytes(),
-        );
+        let layer = tar_gz_layer("hello.txt", format!("hello from {seed} {os}/{arch}\n").as_bytes());
         let diff_id = {
             let mut d = flate2::read::GzDecoder::new(&layer[..]);
             let mut raw = Vec::new();
@@ -225,10 +199,8 @@ pub fn write_oci_layout(dir: &Path, tag: &str, platforms: &[(&str, &str)], seed:
     let top = if descriptors.len() == 1 {
         descriptors.remove(0)
     } else {
-        let index = serde_json::to_vec(
-            &json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}),
-        )
-        .unwrap();
+        let index =
+            serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors})).unwrap();
         json!({"mediaType": OCI_INDEX, "digest": put(&index), "size": index.len()})
     };
     let mut top_ref = top.clone();
@@ -259,19 +231,13 @@ pub fn require(cmd: &str) -> bool {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Poll `url` until it answers (bounded); for servers started as processes.
 pub async fn wait_until_up(url: &str) {
-    let c = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let c = reqwest::Client::builder().danger_accept_invalid_certs(true).build().unwrap();
     for _ in 0..200 {
         if c.get(url).send().await.is_ok() {
             return;
@@ -292,9 +258,7 @@ impl RefRegistry {
     pub async fn start(proxy_of: Option<&str>) -> RefRegistry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let proxy = proxy_of
-            .map(|u| format!("proxy:\n  remoteurl: {u}\n"))
-            .unwrap_or_default();
+        let proxy = proxy_of.map(|u| format!("proxy:\n  remoteurl: {u}\n")).unwrap_or_default();
         let cfg = format!(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{proxy}",
             dir.path().join("data").display()
@@ -337,11 +301,7 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(config: &Path, log: &Path) -> Proc {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_regmirror"))
             .arg("serve")
             .arg("--config")
@@ -351,25 +311,16 @@ impl Proc {
             .stderr(out)
             .spawn()
             .unwrap();
-        Proc {
-            child,
-            config: config.to_path_buf(),
-            log: log.to_path_buf(),
-        }
+        Proc { child, config: config.to_path_buf(), log: log.to_path_buf() }
     }
 
     pub fn signal(&self, sig: &str) {
-        Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
+        Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
     }
 
     /// Peak resident memory (VmHWM) in KiB.
     pub fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -384,3 +335,4 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+pub mod hub;

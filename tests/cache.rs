@@ -1,0 +1,470 @@
+//! The pull-through cache against a Docker-Hub-like test upstream (tokens, CDN redirects, 429,
+//! faults) and against the reference registry (Debian's docker-registry).
+
+mod common;
+
+use std::sync::atomic::Ordering;
+
+use common::hub::Hub;
+use common::*;
+use futures_util::StreamExt;
+use regmirror::registry::names::RepoName;
+use regmirror::storage::TagRecord;
+use serde_json::{json, Value};
+
+fn config(upstream: &str) -> String {
+    format!("[storage]\nroot = \"data\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\n[cache]\ntag_ttl = \"5m\"\nupstream_timeout = \"5s\"\n")
+}
+
+/// A blob and an image manifest over it, published on the hub as `library/<repo>:<tag>`.
+fn hub_image(hub: &Hub, repo: &str, tag: &str, blob: Vec<u8>) -> (String, String, Vec<u8>) {
+    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"repo\":\"{repo}\"}}").into_bytes();
+    let blob_digest = hub.add_blob(blob.clone());
+    hub.add_blob(config.clone());
+    let m = image_manifest(&config, &[&blob]);
+    let d = hub.add_manifest(&format!("library/{repo}"), tag, OCI_MANIFEST, m.clone());
+    (blob_digest, d, m)
+}
+
+fn blob_of(size: usize, seed: u8) -> Vec<u8> {
+    (0..size).map(|i| ((i * 31) as u8).wrapping_add(seed)).collect()
+}
+
+#[tokio::test]
+async fn docker_hub_token_flow_library_names_and_cdn_redirects() {
+    let hub = Hub::start().await;
+    let (blob_digest, manifest_digest, m) = hub_image(&hub, "hello", "latest", blob_of(300_000, 1));
+    let s = TestServer::start(&config(&hub.url())).await;
+    let c = client();
+
+    // dockerd sends `library/hello`, a bare name gets `library/` too; dockerd also forwards its
+    // Docker Hub credentials, which must be ignored.
+    for name in ["library/hello", "hello"] {
+        let r = c
+            .get(s.url(&format!("/v2/{name}/manifests/latest")))
+            .header("authorization", "Bearer some-docker-hub-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["docker-content-digest"], manifest_digest.as_str());
+        assert_eq!(r.headers()["content-type"], OCI_MANIFEST);
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
+    }
+    let r = c.get(s.url(&format!("/v2/library/hello/blobs/{blob_digest}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blob_digest);
+    assert!(!hub.state.counters.cdn_saw_authorization.load(Ordering::SeqCst), "credentials leaked to the CDN host");
+    // One token for the scope, reused for the blob.
+    assert_eq!(hub.count(&hub.state.counters.token_requests), 1);
+    assert_eq!(hub.count(&hub.state.counters.manifest_gets), 1);
+
+    // By digest, and the same content through the path prefix and ?ns=.
+    let r = c.get(s.url(&format!("/v2/docker.io/library/hello/manifests/{manifest_digest}"))).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);
+    let r = c.get(s.url(&format!("/v2/library/hello/blobs/{blob_digest}?ns=docker.io"))).send().await.unwrap();
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blob_digest);
+    assert_eq!(hub.count(&hub.state.counters.manifest_gets), 1);
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
+
+    // Another scope needs its own token; a token the upstream no longer accepts is replaced.
+    let (_, _, _) = hub_image(&hub, "second", "v1", blob_of(10, 2));
+    let r = c.get(s.url("/v2/library/second/manifests/v1")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hub.count(&hub.state.counters.token_requests), 2);
+    hub.state.token_epoch.fetch_add(1, Ordering::SeqCst);
+    let (_, _, _) = hub_image(&hub, "second", "v2", blob_of(10, 3));
+    let r = c.get(s.url("/v2/library/second/manifests/v2")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(hub.count(&hub.state.counters.token_requests), 3);
+
+    let metrics = s.metrics();
+    assert_eq!(
+        metric(&metrics, r#"regmirror_cache_requests_total{kind="manifest",outcome="miss",upstream="docker.io"}"#),
+        3.0
+    );
+    assert_eq!(
+        metric(&metrics, r#"regmirror_cache_requests_total{kind="blob",outcome="hit",upstream="docker.io"}"#),
+        1.0
+    );
+    assert!(metric(&metrics, r#"regmirror_upstream_token_fetches_total{upstream="docker.io"}"#) >= 2.0);
+}
+
+#[tokio::test]
+async fn unknown_upstream_content_is_a_404() {
+    let hub = Hub::start().await;
+    let s = TestServer::start(&config(&hub.url())).await;
+    let r = client().get(s.url("/v2/library/absent/manifests/latest")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    let r = client().get(s.url(&format!("/v2/library/absent/blobs/{}", sha256(b"x")))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn tags_are_trusted_for_the_ttl_then_revalidated_with_one_head() {
+    let hub = Hub::start().await;
+    let (_, manifest_digest, _) = hub_image(&hub, "ttl", "latest", blob_of(100, 3));
+    let s = TestServer::start(&config(&hub.url())).await;
+    let c = client();
+    let url = s.url("/v2/library/ttl/manifests/latest");
+    assert_eq!(c.get(&url).send().await.unwrap().status(), 200);
+    let before = (hub.count(&hub.state.counters.manifest_gets), hub.count(&hub.state.counters.manifest_heads));
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                let r = c.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        (hub.count(&hub.state.counters.manifest_gets), hub.count(&hub.state.counters.manifest_heads)),
+        before,
+        "1000 GETs within the TTL went upstream"
+    );
+
+    // Age the tag past the TTL: one HEAD, no GET, and the tag is fresh again.
+    let repo = RepoName::parse("docker.io/library/ttl").unwrap();
+    let mut rec: TagRecord = s.state.store.tag(&repo, "latest").await.unwrap().unwrap();
+    rec.fetched_at -= 301;
+    s.state.store.set_tag(&repo, "latest", &rec).await.unwrap();
+    for _ in 0..5 {
+        let r = c.get(&url).send().await.unwrap();
+        assert_eq!(r.headers()["docker-content-digest"], manifest_digest.as_str());
+    }
+    assert_eq!(hub.count(&hub.state.counters.manifest_heads), before.1 + 1);
+    assert_eq!(hub.count(&hub.state.counters.manifest_gets), before.0);
+
+    // The tag moves upstream: after the TTL the new manifest is fetched.
+    let (_, new_digest, _) = hub_image(&hub, "ttl", "latest", blob_of(100, 4));
+    let mut rec: TagRecord = s.state.store.tag(&repo, "latest").await.unwrap().unwrap();
+    rec.fetched_at -= 301;
+    s.state.store.set_tag(&repo, "latest", &rec).await.unwrap();
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["docker-content-digest"], new_digest.as_str());
+}
+
+#[tokio::test]
+async fn thirty_two_clients_one_upstream_get() {
+    let hub = Hub::start().await;
+    let size = 64 << 20;
+    let (blob_digest, _, _) = hub_image(&hub, "big", "latest", blob_of(size, 5));
+    let s = TestServer::start(&config(&hub.url())).await;
+    let c = client();
+    // Hold the body back until all 32 requests are in, so they truly overlap.
+    hub.state.gate.send_replace(1 << 20);
+    let url = s.url(&format!("/v2/library/big/blobs/{blob_digest}"));
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = c.get(&url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            sha256(&r.bytes().await.unwrap())
+        }));
+    }
+    // Every client has its response headers (and so has joined the fill) before bytes flow on.
+    loop {
+        let waiting = metric(&s.metrics(), "regmirror_fill_waiters");
+        if waiting >= 32.0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    hub.state.gate.send_replace(u64::MAX);
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), blob_digest);
+    }
+    assert_eq!(hub.count(&hub.state.counters.blob_gets), 1);
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
+}
+
+#[tokio::test]
+async fn late_joiners_get_everything_and_leavers_do_not_stop_the_fill() {
+    let hub = Hub::start().await;
+    let size = 8 << 20;
+    let (blob_digest, _, _) = hub_image(&hub, "join", "latest", blob_of(size, 6));
+    let s = TestServer::start(&config(&hub.url())).await;
+    let c = client();
+    let url = s.url(&format!("/v2/library/join/blobs/{blob_digest}"));
+    hub.state.gate.send_replace((size / 2) as u64);
+
+    // The first client reads half the blob, then a second arrives: it starts at byte 0.
+    let mut first = c.get(&url).send().await.unwrap().bytes_stream();
+    let mut got = Vec::new();
+    while got.len() < size / 2 {
+        got.extend_from_slice(&first.next().await.unwrap().unwrap());
+    }
+    // A third reads 10 % and disconnects.
+    let mut leaver = c.get(&url).send().await.unwrap().bytes_stream();
+    let mut n = 0;
+    while n < size / 10 {
+        n += leaver.next().await.unwrap().unwrap().len();
+    }
+    drop(leaver);
+    let second = tokio::spawn({
+        let (c, url) = (c.clone(), url.clone());
+        async move { sha256(&c.get(&url).send().await.unwrap().bytes().await.unwrap()) }
+    });
+    hub.state.gate.send_replace(u64::MAX);
+    while let Some(chunk) = first.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(sha256(&got), blob_digest);
+    assert_eq!(second.await.unwrap(), blob_digest);
+    // Served from the cache afterwards; one upstream fetch in all.
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blob_digest);
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_at_ten_percent_does_not_stop_the_fill() {
+    let hub = Hub::start().await;
+    let size = 8 << 20;
+    let (blob_digest, _, _) = hub_image(&hub, "leave", "latest", blob_of(size, 7));
+    let s = TestServer::start(&config(&hub.url())).await;
+    let c = client();
+    let url = s.url(&format!("/v2/library/leave/blobs/{blob_digest}"));
+    hub.state.gate.send_replace((size / 5) as u64);
+    let mut only = c.get(&url).send().await.unwrap().bytes_stream();
+    let mut n = 0;
+    while n < size / 10 {
+        n += only.next().await.unwrap().unwrap().len();
+    }
+    drop(only);
+    hub.state.gate.send_replace(u64::MAX);
+    // The fill finishes on its own and the blob lands in the store.
+    let repo = RepoName::parse("docker.io/library/leave").unwrap();
+    let d = blob_digest.parse().unwrap();
+    let mut waited = 0;
+    while !s.state.store.is_blob_linked(&repo, &d).await.unwrap() {
+        waited += 1;
+        assert!(waited < 2000, "fill did not complete after its only client left");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blob_digest);
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
+}
+
+#[tokio::test]
+async fn ranges_on_a_blob_being_filled() {
+    let hub = Hub::start().await;
+    let blob = blob_of(4 << 20, 8);
+    let (blob_digest, _, _) = hub_image(&hub, "range", "latest", blob.clone());
+    let s = TestServer::start(&config(&hub.url())).await;
+    let r = client()
+        .get(s.url(&format!("/v2/library/range/blobs/{blob_digest}")))
+        .header("range", "bytes=3000000-3000099")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.headers()["content-range"], format!("bytes 3000000-3000099/{}", 4 << 20).as_str());
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &blob[3_000_000..3_000_100]);
+}
+
+#[tokio::test]
+async fn wrong_bytes_are_never_cached_and_the_next_request_fetches_again() {
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "bad", "latest", blob_of(1 << 20, 9));
+    let s = TestServer::start(&config(&hub.url())).await;
+    let c = client();
+    let url = s.url(&format!("/v2/library/bad/blobs/{blob_digest}"));
+    hub.state.corrupt.store(true, Ordering::SeqCst);
+    let r = c.get(&url).send().await.unwrap();
+    // Headers were sent before the digest could be checked; the body must not complete.
+    assert!(r.bytes().await.is_err(), "a response completed with bad bytes");
+    let d = blob_digest.parse().unwrap();
+    assert!(s.state.store.blob_size(&d).await.unwrap().is_none());
+    assert!(
+        metric(&s.metrics(), r#"regmirror_upstream_failures_total{cause="digest_mismatch",upstream="docker.io"}"#)
+            >= 1.0
+    );
+
+    hub.state.corrupt.store(false, Ordering::SeqCst);
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blob_digest);
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 2);
+}
+
+#[tokio::test]
+async fn a_broken_upstream_connection_is_resumed_with_a_range() {
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "reset", "latest", blob_of(4 << 20, 10));
+    let s = TestServer::start(&config(&hub.url())).await;
+    hub.state.reset_after.store(1 << 20, Ordering::SeqCst);
+    let r = client().get(s.url(&format!("/v2/library/reset/blobs/{blob_digest}"))).send().await.unwrap();
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blob_digest);
+    assert_eq!(hub.count(&hub.state.counters.cdn_range_gets), 1);
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 2);
+}
+
+#[tokio::test]
+async fn rate_limits_serve_the_cache_or_pass_429_on() {
+    let hub = Hub::start().await;
+    let (_, manifest_digest, _) = hub_image(&hub, "limited", "latest", blob_of(10, 11));
+    let s = TestServer::start(&config(&hub.url())).await;
+    let c = client();
+    assert_eq!(c.get(s.url("/v2/library/limited/manifests/latest")).send().await.unwrap().status(), 200);
+    hub.state.rate_limited.store(true, Ordering::SeqCst);
+    // Uncached: TOOMANYREQUESTS with Retry-After passed on.
+    let r = c.get(s.url("/v2/library/other/manifests/latest")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "42");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS");
+    // Cached but due for revalidation: the last known digest is served.
+    let repo = RepoName::parse("docker.io/library/limited").unwrap();
+    let mut rec = s.state.store.tag(&repo, "latest").await.unwrap().unwrap();
+    rec.fetched_at -= 3600;
+    s.state.store.set_tag(&repo, "latest", &rec).await.unwrap();
+    let r = c.get(s.url("/v2/library/limited/manifests/latest")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], manifest_digest.as_str());
+    assert_eq!(
+        metric(&s.metrics(), r#"regmirror_cache_requests_total{kind="manifest",outcome="stale",upstream="docker.io"}"#),
+        1.0
+    );
+}
+
+/// Seed the reference registry with a single-arch image, an OCI index and a Docker manifest list.
+async fn seed(base: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let c = client();
+    let single = push_image(&c, base, "library/hello", "latest", "hello").await;
+    let amd = push_image(&c, base, "library/multi", "amd64-only", "amd").await;
+    let arm_config = br#"{"architecture":"arm64","os":"linux"}"#;
+    push_blob(&c, base, "library/multi", arm_config).await;
+    push_blob(&c, base, "library/multi", b"arm layer").await;
+    let arm = image_manifest(arm_config, &[b"arm layer"]);
+    assert_eq!(put_manifest(&c, base, "library/multi", &sha256(&arm), OCI_MANIFEST, &arm).await.status(), 201);
+    let index = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": sha256(&amd), "size": amd.len(), "platform": {"os": "linux", "architecture": "amd64"}},
+        {"mediaType": OCI_MANIFEST, "digest": sha256(&arm), "size": arm.len(), "platform": {"os": "linux", "architecture": "arm64"}}]}))
+    .unwrap();
+    assert_eq!(put_manifest(&c, base, "library/multi", "latest", OCI_INDEX, &index).await.status(), 201);
+    let docker_m = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": sha256(arm_config), "size": arm_config.len()},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": sha256(b"arm layer"), "size": 9}]}))
+    .unwrap();
+    assert_eq!(
+        put_manifest(
+            &c,
+            base,
+            "library/multi",
+            &sha256(&docker_m),
+            "application/vnd.docker.distribution.manifest.v2+json",
+            &docker_m
+        )
+        .await
+        .status(),
+        201
+    );
+    let list = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json", "manifests": [
+        {"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": sha256(&docker_m), "size": docker_m.len(), "platform": {"os": "linux", "architecture": "arm64"}}]}))
+    .unwrap();
+    assert_eq!(
+        put_manifest(
+            &c,
+            base,
+            "library/multi",
+            "list",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            &list
+        )
+        .await
+        .status(),
+        201
+    );
+    (single, index, list)
+}
+
+/// Fetch a manifest and, recursively, its children and blobs through `base`; check every digest.
+async fn pull_all(c: &reqwest::Client, base: &str, repo: &str, reference: &str, query: &str) -> Vec<u8> {
+    let r = c.get(format!("{base}/v2/{repo}/manifests/{reference}{query}")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{repo}:{reference}");
+    let bytes = r.bytes().await.unwrap().to_vec();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    for child in v["manifests"].as_array().into_iter().flatten() {
+        let d = child["digest"].as_str().unwrap();
+        let b = Box::pin(pull_all(c, base, repo, d, query)).await;
+        assert_eq!(sha256(&b), d);
+    }
+    let blobs = v["config"]
+        .as_object()
+        .into_iter()
+        .chain(v["layers"].as_array().into_iter().flatten().filter_map(Value::as_object));
+    for b in blobs {
+        let d = b["digest"].as_str().unwrap();
+        let r = c.get(format!("{base}/v2/{repo}/blobs/{d}{query}")).send().await.unwrap();
+        assert_eq!(sha256(&r.bytes().await.unwrap()), d);
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn pulls_through_the_reference_registry_are_byte_identical_and_survive_its_outage() {
+    if !require("docker-registry") {
+        return;
+    }
+    let mut upstream = RefRegistry::start(None).await;
+    let (single, index, list) = seed(&upstream.url()).await;
+    let toml = format!(
+        "[storage]\nroot = \"data\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\n[[upstream]]\nname = \"ghcr.io\"\nurl = \"{}\"\n[cache]\nupstream_timeout = \"2s\"\n",
+        upstream.url(),
+        upstream.url()
+    );
+    let s = TestServer::start(&toml).await;
+    let c = client();
+    let base = s.url("");
+    // Default upstream (dockerd's form), by tag and by digest.
+    assert_eq!(pull_all(&c, &base, "library/hello", "latest", "").await, single);
+    assert_eq!(pull_all(&c, &base, "hello", &sha256(&single), "").await, single);
+    assert_eq!(pull_all(&c, &base, "library/multi", "latest", "").await, index);
+    assert_eq!(pull_all(&c, &base, "library/multi", "list", "").await, list);
+    // containerd's ?ns= and the path prefix (the ghcr.io stand-in is the same registry here).
+    assert_eq!(pull_all(&c, &base, "library/multi", "latest", "?ns=ghcr.io").await, index);
+    assert_eq!(pull_all(&c, &base, "ghcr.io/library/hello", "latest", "").await, single);
+    // An index first seen through its tag is served locally by digest.
+    let gets_before =
+        metric(&s.metrics(), r#"regmirror_upstream_requests_total{kind="manifest",status="200",upstream="docker.io"}"#);
+    let r = c.get(s.url(&format!("/v2/library/multi/manifests/{}", sha256(&index)))).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &index[..]);
+    assert_eq!(
+        metric(&s.metrics(), r#"regmirror_upstream_requests_total{kind="manifest",status="200",upstream="docker.io"}"#),
+        gets_before
+    );
+
+    let v: Value = c.get(s.url("/v2/_catalog")).send().await.unwrap().json().await.unwrap();
+    assert!(v["repositories"].as_array().unwrap().contains(&json!("docker.io/library/hello")));
+
+    // Upstream gone, tags due for revalidation, regmirror restarted: still served.
+    upstream.stop();
+    let repo = RepoName::parse("docker.io/library/multi").unwrap();
+    let mut rec = s.state.store.tag(&repo, "latest").await.unwrap().unwrap();
+    rec.fetched_at -= 3600;
+    s.state.store.set_tag(&repo, "latest", &rec).await.unwrap();
+    let dir = s.stop().await;
+    let s = TestServer::start_in(dir, &toml).await;
+    let base = s.url("");
+    assert_eq!(pull_all(&c, &base, "library/multi", "latest", "").await, index);
+    assert_eq!(pull_all(&c, &base, "library/hello", "latest", "").await, single);
+    assert!(
+        metric(&s.metrics(), r#"regmirror_cache_requests_total{kind="manifest",outcome="stale",upstream="docker.io"}"#)
+            >= 1.0
+    );
+    // Never cached and upstream down: an error, never a 400.
+    let r = c.get(s.url("/v2/library/never/manifests/latest")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+}

@@ -1,0 +1,991 @@
+#!/usr/bin/env bash
+# regmirror end-to-end suite with real clients: dockerd, containerd (ctr), podman, skopeo.
+#
+#   sudo tests/e2e/run.sh
+#
+# Builds nothing: it runs ${REGMIRROR_BIN:-target/release/regmirror or target/debug/regmirror,
+# whichever is newer} against two local `docker-registry` instances standing for docker.io and
+# ghcr.io, with every client inside a network namespace whose only route is a veth to the mirror
+# (10.99.0.1), and with Docker Hub / ghcr.io names pointing at 127.0.0.2 — nothing reaches the
+# internet. Client configuration comes verbatim from tests/e2e/CLIENT_SETUP.md.
+#
+# Environment:
+#   E2E_TLS=1        (default) regmirror's own TLS: [tls] mode = "self-signed"
+#   E2E_TLS=0        plain HTTP mirror; clients configured with the ":plain" snippets
+#   E2E_TLS=nginx    development aid: regmirror plain on loopback, nginx terminating TLS on
+#                    10.99.0.1:5000 with a CA made by openssl (tests the clients' TLS setup)
+#   E2E_AUTH=0       TODO(auth): set to 1 once regmirror has authentication; see auth_hook()
+#   E2E_KEEP=1       keep the temp dir (logs, configs) instead of deleting it
+#   E2E_CMD_TIMEOUT  seconds allowed per client command (default 120)
+#   REGMIRROR_E2E=skip   exit 0 with a skip line when the machine cannot run the suite
+#   REGMIRROR_BIN    the regmirror binary to test
+#
+# Output: one PASS/FAIL/SKIP line per case, then exactly one "N passed, M failed" line.
+# Exit status: 0 when nothing failed.
+
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+SETUP_MD=$HERE/CLIENT_SETUP.md
+
+E2E_TLS=${E2E_TLS:-1}
+E2E_AUTH=${E2E_AUTH:-0}
+E2E_KEEP=${E2E_KEEP:-0}
+CMD_TIMEOUT=${E2E_CMD_TIMEOUT:-120}
+NETNS=${E2E_NETNS:-rmtest}
+VETH_HOST=rm0
+VETH_NS=rm1
+HOST_IP=10.99.0.1
+NS_IP=10.99.0.2
+MIRROR=$HOST_IP:5000
+PY=python3
+
+case "$E2E_TLS" in
+    1 | 0 | nginx) ;;
+    *) echo "E2E_TLS must be 1, 0 or nginx (got '$E2E_TLS')" >&2; exit 2 ;;
+esac
+
+# ---------------------------------------------------------------------------------------------
+# 1. Preflight: root, commands, binary.
+# ---------------------------------------------------------------------------------------------
+
+skip_or_fail() {
+    echo "regmirror e2e: $*" >&2
+    if [ "${REGMIRROR_E2E:-}" = skip ]; then
+        echo "SKIP regmirror e2e suite (REGMIRROR_E2E=skip): $*"
+        exit 0
+    fi
+    echo "(set REGMIRROR_E2E=skip to skip this suite instead of failing)" >&2
+    exit 1
+}
+
+missing=()
+pkgs=()
+need() { # command package
+    command -v "$1" >/dev/null 2>&1 || { missing+=("$1"); pkgs+=("$2"); }
+}
+need docker-registry docker-registry
+need skopeo skopeo
+need podman podman
+need dockerd docker.io
+need containerd containerd
+need ctr containerd
+need ip iproute2
+need unshare util-linux
+need nsenter util-linux
+need mountpoint util-linux
+need mount mount
+need curl curl
+need timeout coreutils
+need sha256sum coreutils
+need "$PY" python3
+[ "$E2E_TLS" = nginx ] && { need nginx nginx-light; need openssl openssl; }
+if [ -x /usr/bin/docker ]; then DOCKER_CLI=/usr/bin/docker; else DOCKER_CLI=docker; need docker docker.io; fi
+
+if [ "$(id -u)" != 0 ]; then
+    skip_or_fail "must run as root (network namespaces, dockerd, containerd)"
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    skip_or_fail "missing commands: ${missing[*]} — install with: apt-get install -y $(printf '%s\n' "${pkgs[@]}" | sort -u | tr '\n' ' ')"
+fi
+
+if [ -n "${REGMIRROR_BIN:-}" ]; then
+    BIN=$REGMIRROR_BIN
+else
+    BIN=
+    for c in "$REPO/target/release/regmirror" "$REPO/target/debug/regmirror"; do
+        [ -x "$c" ] || continue
+        if [ -z "$BIN" ] || [ "$c" -nt "$BIN" ]; then BIN=$c; fi
+    done
+fi
+if [ -z "$BIN" ] || [ ! -x "$BIN" ]; then
+    skip_or_fail "no regmirror binary (set REGMIRROR_BIN, or build target/release/regmirror)"
+fi
+if ip netns list 2>/dev/null | grep -qw "^$NETNS" || ip link show "$VETH_HOST" >/dev/null 2>&1; then
+    skip_or_fail "network namespace '$NETNS' or link '$VETH_HOST' already exists (another run, or a leftover: ip netns del $NETNS; ip link del $VETH_HOST)"
+fi
+if ip -4 addr show 2>/dev/null | grep -q "inet $HOST_IP/"; then
+    skip_or_fail "$HOST_IP is already assigned on this machine"
+fi
+
+RUN_START=$SECONDS
+T=$(mktemp -d /tmp/regmirror-e2e.XXXXXX)
+LOG=$T/logs
+mkdir -p "$LOG" "$T/bin"
+echo "regmirror e2e: binary $BIN ($(date -r "$BIN" '+%F %T')), E2E_TLS=$E2E_TLS, temp dir $T"
+
+# ---------------------------------------------------------------------------------------------
+# Cleanup: daemons (reverse start order), everything left in our netns, the netns and veth,
+# the empty /var/lib/containers mount point if we made it, the temp dir.
+# ---------------------------------------------------------------------------------------------
+
+DAEMONS=()            # names, in start order
+declare -A PID=()
+MADE_VARLIB=0
+MADE_RUN_NETNS=0
+[ -d /run/netns ] || MADE_RUN_NETNS=1 # `ip netns add` creates it (and mounts it on itself)
+
+stop_daemon() { # name
+    local name=$1 pid=${PID[$1]:-} i
+    [ -n "$pid" ] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null
+        for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; nap 0.2; done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null
+    PID[$name]=
+}
+
+cleanup() {
+    local rc=$? i p
+    trap - EXIT INT TERM
+    for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[$i]}"; done
+    if ip netns list 2>/dev/null | grep -qw "^$NETNS"; then
+        # Whatever still runs in our namespace was started by this script (e.g. dockerd's
+        # containerd after a KILL): end it by pid.
+        for p in $(ip netns pids "$NETNS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+        ip netns del "$NETNS" 2>/dev/null
+    fi
+    ip link del "$VETH_HOST" 2>/dev/null
+    if [ "$MADE_RUN_NETNS" = 1 ] && [ -d /run/netns ] && [ -z "$(ls -A /run/netns)" ]; then
+        while mountpoint -q /run/netns; do umount /run/netns || break; done
+        rmdir /run/netns 2>/dev/null
+    fi
+    [ "$MADE_VARLIB" = 1 ] && rmdir /var/lib/containers 2>/dev/null
+    if [ "$E2E_KEEP" = 1 ]; then
+        echo "regmirror e2e: kept $T (E2E_KEEP=1)"
+    else
+        rm -rf "$T"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Run a command in the background and wait for it: unlike a foreground command, `wait` lets the
+# INT/TERM traps run at once (bash defers them until a foreground child exits, and drops SIGINT
+# when that child exits normally).
+bg_wait() {
+    "$@" &
+    wait $!
+}
+nap() { bg_wait sleep "$1"; }
+
+start_daemon() { # name logfile command...
+    local name=$1 logfile=$2
+    shift 2
+    "$@" >"$logfile" 2>&1 </dev/null &
+    PID[$name]=$!
+    DAEMONS+=("$name")
+}
+
+alive() { [ -n "${PID[$1]:-}" ] && kill -0 "${PID[$1]}" 2>/dev/null; }
+
+wait_until() { # seconds daemon-name-or-empty command... : bounded readiness poll
+    local secs=$1 name=$2 i
+    shift 2
+    for ((i = 0; i < secs * 5; i++)); do
+        "$@" >/dev/null 2>&1 && return 0
+        if [ -n "$name" ] && ! alive "$name"; then return 1; fi
+        nap 0.2
+    done
+    return 1
+}
+
+free_port() {
+    "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Snippets from CLIENT_SETUP.md: the block whose fence line carries e2e=NAME (":plain" variant
+# first when the mirror runs without TLS).
+snippet() {
+    local name=$1 out=
+    if [ "$E2E_TLS" = 0 ]; then
+        out=$(awk -v id="$name:plain" '/^```/ { if (inb) exit; for (i = 1; i <= NF; i++) if ($i == "e2e=" id) { inb = 1; next } } inb' "$SETUP_MD")
+    fi
+    [ -n "$out" ] || out=$(awk -v id="$name" '/^```/ { if (inb) exit; for (i = 1; i <= NF; i++) if ($i == "e2e=" id) { inb = 1; next } } inb' "$SETUP_MD")
+    if [ -z "$out" ]; then
+        echo "snippet e2e=$name not found in $SETUP_MD" >&2
+        return 1
+    fi
+    printf '%s\n' "$out"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Cases: each prints PASS/FAIL/SKIP; assertions come from regmirror's metrics.
+# ---------------------------------------------------------------------------------------------
+
+PASSED=0
+FAILED=0
+CASE=
+CASE_ERR=()
+CASE_SKIP=
+CASE_LOGS=()
+METRICS_URL=
+METRICS_SOURCE=metrics
+
+fail() {
+    CASE_ERR+=("$*")
+    echo "!! FAIL: $*"
+}
+
+skip_case() { CASE_SKIP=$*; }
+
+# step DESCRIPTION COMMAND... : run with a timeout; output goes to the case log and $T/last.out.
+step() {
+    local desc=$1 rc
+    shift
+    echo "+ [$desc] $*"
+    bg_wait timeout -k 5 "$CMD_TIMEOUT" "$@" >"$T/last.out" 2>&1
+    rc=$?
+    cat "$T/last.out"
+    if [ $rc -ne 0 ]; then
+        fail "$desc: exit $rc: $(tail -n 3 "$T/last.out" | tr '\n' ' ' | cut -c1-400)"
+        return 1
+    fi
+}
+
+# step_fails DESCRIPTION COMMAND... : the command must fail (output in $T/last.out).
+step_fails() {
+    local desc=$1 rc
+    shift
+    echo "+ [$desc, expected to fail] $*"
+    bg_wait timeout -k 5 "$CMD_TIMEOUT" "$@" >"$T/last.out" 2>&1
+    rc=$?
+    cat "$T/last.out"
+    if [ $rc -eq 0 ]; then
+        fail "$desc: succeeded but should have failed"
+        return 1
+    fi
+    [ $rc -eq 124 ] && { fail "$desc: timed out instead of failing"; return 1; }
+    return 0
+}
+
+snap() { # OUTFILE: current metrics (or, without a /metrics listener, rebuilt from the logs)
+    if [ -n "$METRICS_URL" ] && curl -fsS --max-time 5 "$METRICS_URL" -o "$1" 2>/dev/null &&
+        grep -q '^regmirror_' "$1"; then
+        METRICS_SOURCE=metrics
+        return 0
+    fi
+    METRICS_SOURCE=logs
+    "$PY" "$HERE/metrics.py" fromlogs "$LOG/regmirror.log" \
+        "docker.io=$LOG/upstream-docker.io.log" "ghcr.io=$LOG/upstream-ghcr.io.log" >"$1"
+}
+
+# expect OP N METRIC FILTER... : the metric's change since the case started (OP: ge, eq, le).
+expect() {
+    local op=$1 n=$2 metric=$3 d ok=0
+    shift 3
+    snap "$T/m.after"
+    d=$("$PY" "$HERE/metrics.py" delta "$T/m.before" "$T/m.after" "$metric" "$@")
+    d=${d%%.*}
+    case $op in
+        ge) ((d >= n)) && ok=1 ;;
+        eq) ((d == n)) && ok=1 ;;
+        le) ((d <= n)) && ok=1 ;;
+    esac
+    local labels
+    labels=$(IFS=,; echo "$*")
+    echo "   metric($METRICS_SOURCE) $metric{$labels} moved by $d (want $op $n)"
+    [ $ok = 1 ] || fail "$metric{$labels} moved by $d, expected $op $n"
+}
+
+print_tail() { # file [lines]
+    [ -s "$1" ] || return 0
+    echo "    ---- tail of ${1#"$T"/}"
+    tail -n "${2:-25}" "$1" | cut -c1-400 | sed 's/^/    | /'
+}
+
+run_case() { # name function [log files to show on failure]...
+    local name=$1 fn=$2 start=$SECONDS out
+    shift 2
+    CASE=$name
+    CASE_ERR=()
+    CASE_SKIP=
+    out=$LOG/case-$name.out
+    snap "$T/m.before"
+    "$fn" >"$out" 2>&1
+    local rc=$?
+    if [ -n "$CASE_SKIP" ]; then
+        echo "SKIP $name ($CASE_SKIP)"
+        return 0
+    fi
+    if [ $rc -ne 0 ] && [ ${#CASE_ERR[@]} -eq 0 ]; then CASE_ERR+=("case function returned $rc"); fi
+    if [ ${#CASE_ERR[@]} -eq 0 ]; then
+        echo "PASS $name ($((SECONDS - start))s)"
+        PASSED=$((PASSED + 1))
+    else
+        echo "FAIL $name ($((SECONDS - start))s)"
+        local e f
+        for e in "${CASE_ERR[@]}"; do echo "    - $e"; done
+        print_tail "$out" 40
+        print_tail "$LOG/regmirror.log" 25
+        for f in "$@"; do print_tail "$f" 25; done
+        FAILED=$((FAILED + 1))
+    fi
+}
+
+# The mirror served a pull: manifests and blobs answered from the cache for UPSTREAM.
+expect_mirrored() { # upstream [min manifest lookups] [min blob lookups]
+    expect ge "${2:-1}" regmirror_cache_requests_total kind=manifest "upstream=$1" 'outcome=~hit|miss|revalidated|stale'
+    expect ge "${3:-1}" regmirror_cache_requests_total kind=blob "upstream=$1" 'outcome=~hit|miss|revalidated|stale'
+    expect eq 0 regmirror_cache_requests_total "upstream=$1" outcome=error
+}
+
+# ---------------------------------------------------------------------------------------------
+# 2. Test images (OCI layouts written by make_images.py) and 3. the upstream registries.
+# ---------------------------------------------------------------------------------------------
+
+setup_fail() {
+    echo "FAIL setup: $*"
+    local f
+    for f in "$LOG"/*.log; do print_tail "$f" 20; done
+    echo "0 passed, 1 failed"
+    exit 1
+}
+
+# Private mount namespace helpers (files, so `timeout` can run them):
+#   sandbox ETC CMD...  bind ETC over /etc; tmpfs over /run, /var/tmp, /var/lib/containers (where
+#                       dockerd, podman and skopeo leave state); exec CMD
+#   client  ETC CMD...  the same inside the client network namespace
+#   hostns  CMD...      the same with the unchanged /etc, in the host network namespace
+if [ ! -d /var/lib/containers ]; then mkdir -p /var/lib/containers && MADE_VARLIB=1; fi
+cat >"$T/bin/sandbox" <<'EOF'
+#!/bin/sh
+set -e
+etc=$1
+shift
+[ "$etc" = - ] || mount --bind "$etc" /etc
+mount -t tmpfs -o mode=0700 tmpfs /var/lib/containers
+mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/lock /run/shm
+exec "$@"
+EOF
+# nsenter, not `ip netns exec`: the latter remounts /sys, which hides the cgroup mounts dockerd needs.
+cat >"$T/bin/client" <<EOF
+#!/bin/sh
+etc=\$1
+shift
+exec nsenter --net=/run/netns/$NETNS -- unshare --mount --propagation private $T/bin/sandbox "\$etc" "\$@"
+EOF
+cat >"$T/bin/hostns" <<EOF
+#!/bin/sh
+exec unshare --mount --propagation private $T/bin/sandbox - "\$@"
+EOF
+chmod +x "$T/bin/sandbox" "$T/bin/client" "$T/bin/hostns"
+CLIENT=$T/bin/client
+HOSTNS=$T/bin/hostns
+
+"$PY" "$HERE/make_images.py" "$T/images" >"$LOG/make_images.out" 2>&1 || setup_fail "make_images.py failed"
+
+UP_DOCKER_PORT=$(free_port)
+UP_GHCR_PORT=$(free_port)
+start_upstream() { # name port
+    local dir=$T/upstream-$1
+    mkdir -p "$dir/data"
+    cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$2
+EOF
+    start_daemon "upstream-$1" "$LOG/upstream-$1.log" docker-registry serve "$dir/config.yml"
+    wait_until 30 "upstream-$1" curl -fsS "http://127.0.0.1:$2/v2/" || setup_fail "upstream $1 did not start"
+}
+start_upstream docker.io "$UP_DOCKER_PORT"
+start_upstream ghcr.io "$UP_GHCR_PORT"
+
+seed() { # layout:tag repo:tag registry-port [extra skopeo flags]
+    "$HOSTNS" skopeo copy --dest-tls-verify=false "${@:4}" "oci:$T/images/$1" "docker://127.0.0.1:$3/$2" \
+        >>"$LOG/seed.out" 2>&1 || setup_fail "seeding $2 failed (see seed.out)"
+}
+seed hello:latest library/hello:latest "$UP_DOCKER_PORT"
+seed multi:latest library/multi:latest "$UP_DOCKER_PORT" --all
+seed multilist:latest library/multilist:latest "$UP_DOCKER_PORT" --all --format v2s2
+seed tool:1.0 owner/tool:1.0 "$UP_GHCR_PORT"
+
+ACCEPT="application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json"
+updigest() { # port repo reference: sha256 of the manifest bytes the upstream serves
+    local sum
+    sum=$(curl -fsS -H "Accept: $ACCEPT" "http://127.0.0.1:$1/v2/$2/manifests/$3" | sha256sum) || return 1
+    echo "sha256:${sum%% *}"
+}
+UP_HELLO=$(updigest "$UP_DOCKER_PORT" library/hello latest) || setup_fail "no upstream hello"
+UP_MULTI=$(updigest "$UP_DOCKER_PORT" library/multi latest) || setup_fail "no upstream multi"
+UP_MULTILIST=$(updigest "$UP_DOCKER_PORT" library/multilist latest) || setup_fail "no upstream multilist"
+UP_TOOL=$(updigest "$UP_GHCR_PORT" owner/tool 1.0) || setup_fail "no upstream tool"
+UP_MULTI_AMD64=$(curl -fsS -H "Accept: $ACCEPT" "http://127.0.0.1:$UP_DOCKER_PORT/v2/library/multi/manifests/latest" |
+    "$PY" -c 'import json,sys; print([m["digest"] for m in json.load(sys.stdin)["manifests"] if m["platform"]["architecture"] == "amd64"][0])') ||
+    setup_fail "no amd64 manifest in the upstream multi index"
+curl -fsS -H "Accept: $ACCEPT" "http://127.0.0.1:$UP_DOCKER_PORT/v2/library/multilist/manifests/latest" |
+    grep -q 'manifest.list.v2+json' || setup_fail "multilist is not a Docker manifest list upstream"
+
+# ---------------------------------------------------------------------------------------------
+# 4. Network: netns with a veth; clients live in it, regmirror listens on the host side.
+# ---------------------------------------------------------------------------------------------
+
+ip netns add "$NETNS" || setup_fail "ip netns add $NETNS"
+ip link add "$VETH_HOST" type veth peer name "$VETH_NS" || setup_fail "veth"
+ip link set "$VETH_NS" netns "$NETNS" &&
+    ip addr add "$HOST_IP/24" dev "$VETH_HOST" &&
+    ip link set "$VETH_HOST" up &&
+    ip netns exec "$NETNS" ip addr add "$NS_IP/24" dev "$VETH_NS" &&
+    ip netns exec "$NETNS" ip link set "$VETH_NS" up &&
+    ip netns exec "$NETNS" ip link set lo up || setup_fail "configuring the veth pair"
+
+# One private copy of /etc per client: hosts points the public registries at 127.0.0.2, the
+# snippets from CLIENT_SETUP.md are applied to the copy, the machine's /etc is never touched.
+make_etc() { # dir
+    cp -a /etc "$1" || setup_fail "copying /etc"
+    rm -f "$1/hosts" "$1/resolv.conf" # never write through a symlink into the real files
+    cat >"$1/hosts" <<'EOF'
+127.0.0.1 localhost
+::1 localhost ip6-localhost ip6-loopback
+# regmirror e2e: public registries are unreachable from the test clients
+127.0.0.2 registry-1.docker.io index.docker.io registry.docker.io docker.io auth.docker.io
+127.0.0.2 production.cloudflare.docker.com docker-images-prod.6aa30f8b08e16409b46e0173d6de2f56.r2.cloudflarestorage.com
+127.0.0.2 ghcr.io pkg-containers.githubusercontent.com quay.io gcr.io registry.k8s.io
+EOF
+    echo "nameserver 127.0.0.2" >"$1/resolv.conf"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 5. regmirror
+# ---------------------------------------------------------------------------------------------
+
+METRICS_PORT=$(free_port)
+METRICS_URL=http://127.0.0.1:$METRICS_PORT/metrics
+CA=$T/certs/ca.crt
+case "$E2E_TLS" in
+    1) MIRROR_LISTEN=$MIRROR SCHEME=https ;;
+    0) MIRROR_LISTEN=$MIRROR SCHEME=http ;;
+    nginx) MIRROR_LISTEN=127.0.0.1:$(free_port) SCHEME=https ;;
+esac
+MIRROR_URL=$SCHEME://$MIRROR
+TAG_TTL=${E2E_TAG_TTL:-1s} # short, so that tags revalidate and serve_stale is exercised
+
+{
+    cat <<EOF
+[server]
+listen = "$MIRROR_LISTEN"
+
+[storage]
+root = "$T/mirror-data"
+
+[private]
+namespaces = ["private"]
+
+[[upstream]]
+name = "docker.io"
+url = "http://127.0.0.1:$UP_DOCKER_PORT"
+
+[[upstream]]
+name = "ghcr.io"
+url = "http://127.0.0.1:$UP_GHCR_PORT"
+
+[cache]
+tag_ttl = "$TAG_TTL"
+serve_stale = true
+upstream_timeout = "10s"
+
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
+
+[log]
+format = "json"
+EOF
+    if [ "$E2E_TLS" = 1 ]; then
+        cat <<EOF
+
+[tls]
+mode = "self-signed"
+dir = "$T/certs"
+hosts = ["$HOST_IP"]
+EOF
+    fi
+    # TODO(auth): with E2E_AUTH=1, write the auth section here once regmirror has one.
+} >"$T/mirror.toml"
+
+"$BIN" check-config --config "$T/mirror.toml" >"$LOG/check-config.out" 2>&1 ||
+    setup_fail "regmirror check-config rejected the suite's config: $(cat "$LOG/check-config.out")"
+start_daemon regmirror "$LOG/regmirror.log" env RUST_LOG=info "$BIN" serve --config "$T/mirror.toml"
+
+if [ "$E2E_TLS" = nginx ]; then
+    # Development aid only: a CA and a server certificate for 10.99.0.1, nginx in front.
+    mkdir -p "$T/certs" "$T/nginx"
+    (
+        cd "$T/certs" &&
+            openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=regmirror e2e CA" \
+                -keyout ca.key -out ca.crt &&
+            openssl req -newkey rsa:2048 -nodes -subj "/CN=$HOST_IP" -keyout server.key -out server.csr &&
+            printf 'subjectAltName=IP:%s\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' "$HOST_IP" >ext &&
+            openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+                -extfile ext -out server.crt
+    ) >"$LOG/openssl.out" 2>&1 || setup_fail "openssl"
+    cat >"$T/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $T/nginx/nginx.pid;
+error_log $LOG/nginx.log info;
+user root;
+events { worker_connections 256; }
+http {
+  access_log $LOG/nginx.log;
+  client_body_temp_path $T/nginx/body;
+  proxy_temp_path $T/nginx/proxy;
+  fastcgi_temp_path $T/nginx/fastcgi;
+  uwsgi_temp_path $T/nginx/uwsgi;
+  scgi_temp_path $T/nginx/scgi;
+  server {
+    listen $MIRROR ssl;
+    ssl_certificate $T/certs/server.crt;
+    ssl_certificate_key $T/certs/server.key;
+    client_max_body_size 0;
+    location / {
+      proxy_pass http://$MIRROR_LISTEN;
+      proxy_http_version 1.1;
+      proxy_set_header Host \$http_host;
+      proxy_set_header X-Forwarded-Proto https;
+      proxy_request_buffering off;
+      proxy_buffering off;
+      proxy_read_timeout 300s;
+    }
+  }
+}
+EOF
+    start_daemon nginx "$LOG/nginx.out" nginx -e "$LOG/nginx.log" -p "$T/nginx" -c "$T/nginx/nginx.conf"
+fi
+
+mirror_ready() {
+    if [ "$SCHEME" = https ]; then
+        [ -s "$CA" ] && curl -fsS --max-time 3 --cacert "$CA" "$MIRROR_URL/v2/"
+    else
+        curl -fsS --max-time 3 "$MIRROR_URL/v2/"
+    fi
+}
+if ! wait_until 60 regmirror mirror_ready; then
+    if [ "$E2E_TLS" = 1 ] && alive regmirror && curl -fsS --max-time 3 "http://$MIRROR/v2/" >/dev/null 2>&1; then
+        setup_fail "regmirror answers plain HTTP on $MIRROR although [tls] mode = \"self-signed\" is set (no TLS yet in this binary? ca.crt written: $([ -s "$CA" ] && echo yes || echo no)); E2E_TLS=0 runs the plain-HTTP variant"
+    fi
+    setup_fail "regmirror did not answer $MIRROR_URL/v2/ within 60s"
+fi
+curlm() { # curl against the mirror, trusting its CA
+    if [ "$SCHEME" = https ]; then curl --cacert "$CA" "$@"; else curl "$@"; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# 6. Client cases
+# ---------------------------------------------------------------------------------------------
+
+# Apply the "ca.crt" snippets: run with ca.crt in the current directory, /etc = the client's copy.
+apply_ca_snippet() { # etc-dir snippet-name
+    [ "$SCHEME" = https ] || return 0
+    local cmds
+    cmds=$(snippet "$2") || return 1
+    mkdir -p "$T/ca-drop" && cp "$CA" "$T/ca-drop/ca.crt" &&
+        (cd "$T/ca-drop" && "$HOSTNS_ETC" "$1" sh -ec "$cmds")
+}
+cat >"$T/bin/hostns-etc" <<EOF
+#!/bin/sh
+exec unshare --mount --propagation private $T/bin/sandbox "\$@"
+EOF
+chmod +x "$T/bin/hostns-etc"
+HOSTNS_ETC=$T/bin/hostns-etc
+
+case_metrics_endpoint() {
+    echo "+ GET $METRICS_URL"
+    if ! curl -fsS --max-time 5 "$METRICS_URL" -o "$T/metrics.txt"; then
+        fail "no /metrics on [metrics] listen = 127.0.0.1:$METRICS_PORT (the other cases fall back to counters rebuilt from the request log)"
+        return 1
+    fi
+    local m
+    for m in regmirror_requests_total regmirror_cache_requests_total regmirror_upstream_requests_total; do
+        grep -q "^# TYPE $m counter" "$T/metrics.txt" || fail "$m is not exported"
+    done
+    grep -q '^regmirror_requests_total{.*route="/v2/"' "$T/metrics.txt" ||
+        fail "the readiness GET /v2/ is not counted in regmirror_requests_total"
+}
+
+# ---- dockerd ---------------------------------------------------------------------------------
+
+DOCKER_ETC=$T/etc-docker
+export DOCKER_CONFIG=$T/docker-cli # the CLI's own config (never ~/.docker)
+mkdir -p "$DOCKER_CONFIG" && echo '{}' >"$DOCKER_CONFIG/config.json"
+
+start_dockerd() { # name (A, B): empty data-root each time
+    local name=$1 dir=$T/docker-$1
+    mkdir -p "$dir"
+    snippet docker-daemon.json >"$dir/user.json" || return 1
+    # The README's daemon.json plus test-only keys (own roots and socket, vfs, no networking).
+    "$PY" - "$dir/user.json" "$dir" >"$dir/daemon.json" <<'PY' || return 1
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+d = sys.argv[2]
+cfg.update({
+    "data-root": d + "/data",
+    "exec-root": d + "/exec",
+    "pidfile": d + "/docker.pid",
+    "hosts": ["unix://" + d + "/docker.sock"],
+    "storage-driver": "vfs",
+    "iptables": False,
+    "ip-masq": False,
+    "bridge": "none",
+    "log-level": "debug",
+    "max-download-attempts": 1,
+})
+json.dump(cfg, sys.stdout, indent=2)
+PY
+    start_daemon "dockerd-$name" "$LOG/dockerd-$name.log" "$CLIENT" "$DOCKER_ETC" dockerd --config-file "$dir/daemon.json"
+    export DOCKER_HOST=unix://$dir/docker.sock
+    wait_until 60 "dockerd-$name" "$DOCKER_CLI" version || { fail "dockerd $name did not start"; return 1; }
+}
+
+docker_repo_digest() { # image -> "repo@sha256:..." list
+    "$DOCKER_CLI" image inspect --format '{{join .RepoDigests " "}}' "$1" 2>/dev/null
+}
+
+auth_hook() {
+    # TODO(auth): when regmirror gets authentication, E2E_AUTH=1 makes the suite log in before
+    # pushing (and should assert that an anonymous push is refused with 401):
+    #   printf '%s' "$E2E_AUTH_PASSWORD" | docker login "$MIRROR" -u "$E2E_AUTH_USER" --password-stdin
+    if [ "$E2E_AUTH" = 1 ]; then
+        step "docker login" sh -c "printf '%s' \"\$E2E_AUTH_PASSWORD\" | '$DOCKER_CLI' login '$MIRROR' -u \"\$E2E_AUTH_USER\" --password-stdin"
+    fi
+}
+
+case_dockerd_pull() {
+    make_etc "$DOCKER_ETC"
+    apply_ca_snippet "$DOCKER_ETC" docker-ca || { fail "docker-ca snippet"; return 1; }
+    start_dockerd A || return 1
+    cat "$T/docker-A/daemon.json"
+    step "docker pull hello" "$DOCKER_CLI" pull hello
+    docker_repo_digest hello | grep -qw "hello@$UP_HELLO" ||
+        fail "hello has RepoDigests '$(docker_repo_digest hello)', want hello@$UP_HELLO"
+    expect ge 1 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=miss
+    expect ge 1 regmirror_cache_requests_total kind=blob upstream=docker.io outcome=miss
+    expect ge 1 regmirror_upstream_requests_total upstream=docker.io kind=manifest status=200
+    expect ge 2 regmirror_upstream_requests_total upstream=docker.io kind=blob status=200
+    expect ge 1 regmirror_requests_total method=GET 'route=/v2/{name}/manifests/{reference}' status=200
+    expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=error
+}
+
+case_dockerd_platform() {
+    alive dockerd-A || { fail "dockerd A is not running"; return 1; }
+    step "docker pull --platform linux/arm64 multi" "$DOCKER_CLI" pull --platform linux/arm64 multi
+    local arch
+    arch=$("$DOCKER_CLI" image inspect --format '{{.Architecture}}' multi 2>&1)
+    [ "$arch" = arm64 ] || fail "multi has architecture '$arch', want arm64"
+    docker_repo_digest multi | grep -qw "multi@$UP_MULTI" ||
+        fail "multi has RepoDigests '$(docker_repo_digest multi)', want multi@$UP_MULTI (the index)"
+    # the index and the arm64 manifest, then the arm64 config and layer
+    expect ge 2 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=miss
+    expect ge 2 regmirror_cache_requests_total kind=blob upstream=docker.io outcome=miss
+    expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=error
+}
+
+case_dockerd_digest() {
+    alive dockerd-A || { fail "dockerd A is not running"; return 1; }
+    # dockerd 20.10 keeps the manifests it has seen in its own content store, so hello@digest
+    # (seen by tag above) asks the mirror for its blobs only; a fresh daemon asks for the
+    # manifest too (see dockerd-stale-upstream-down).
+    step "docker rmi hello" "$DOCKER_CLI" rmi hello
+    step "docker pull hello@digest" "$DOCKER_CLI" pull "hello@$UP_HELLO"
+    docker_repo_digest "hello@$UP_HELLO" | grep -qw "hello@$UP_HELLO" || fail "hello@$UP_HELLO not in the image store"
+    expect ge 2 regmirror_cache_requests_total kind=blob upstream=docker.io outcome=hit
+    # The amd64 manifest of multi was never pulled: by digest, through the mirror, from upstream.
+    step "docker pull multi@amd64-manifest-digest" "$DOCKER_CLI" pull "multi@$UP_MULTI_AMD64"
+    docker_repo_digest "multi@$UP_MULTI_AMD64" | grep -qw "multi@$UP_MULTI_AMD64" || fail "multi@$UP_MULTI_AMD64 not in the image store"
+    expect ge 1 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=miss
+    expect ge 1 regmirror_upstream_requests_total upstream=docker.io kind=manifest status=200
+    expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=error
+}
+
+case_dockerd_push() {
+    alive dockerd-A || { fail "dockerd A is not running"; return 1; }
+    auth_hook
+    # multilist (amd64): content the fresh daemon in dockerd-private-fresh-daemon has never seen
+    step "docker tag" "$DOCKER_CLI" tag multilist "$MIRROR/private/app:1" || return 1
+    step "docker push" "$DOCKER_CLI" push "$MIRROR/private/app:1" || return 1
+    echo "+ GET $MIRROR_URL/v2/private/app/manifests/1"
+    curlm -fsS -o /dev/null -H "Accept: $ACCEPT" "$MIRROR_URL/v2/private/app/manifests/1" ||
+        fail "private/app:1 is not served by the mirror after the push"
+    expect ge 1 regmirror_requests_total method=PUT 'route=/v2/{name}/manifests/{reference}' status=201
+    expect ge 1 regmirror_requests_total method=POST 'route=/v2/{name}/blobs/uploads/' status=202
+    expect eq 0 regmirror_upstream_requests_total
+}
+
+case_dockerd_x509() {
+    if [ "$SCHEME" != https ]; then
+        skip_case "plain HTTP mirror (E2E_TLS=0)"
+        return 0
+    fi
+    alive dockerd-A || { fail "dockerd A is not running"; return 1; }
+    local certsd=$DOCKER_ETC/docker/certs.d/$MIRROR mark says
+    mv "$certsd/ca.crt" "$T/ca-removed.crt" || { fail "cannot remove the CA from certs.d"; return 1; }
+    # Through registry-mirrors: dockerd logs the mirror's x509 error, then falls back to Docker
+    # Hub (127.0.0.2 here) and reports Hub's error to the client.
+    mark=$(wc -l <"$LOG/dockerd-A.log")
+    step_fails "docker pull multilist without the CA" "$DOCKER_CLI" pull multilist
+    says=$(tail -n +"$((mark + 1))" "$LOG/dockerd-A.log" | grep -E "https://$MIRROR/v2/.*(x509|certificate)" | head -n 1)
+    echo "dockerd log: $says"
+    [ -n "$says" ] || fail "dockerd did not log an x509/certificate error for https://$MIRROR"
+    if grep -qE 'x509|certificate' "$T/last.out"; then
+        echo "docker pull output names the certificate problem"
+    else
+        echo "NOTE: docker pull shows the Docker Hub fallback error, not the mirror's x509 error"
+    fi
+    # By the mirror's address there is no fallback: the client sees the x509 error.
+    step_fails "docker pull $MIRROR/library/multilist without the CA" "$DOCKER_CLI" pull "$MIRROR/library/multilist:latest"
+    grep -qE 'x509|certificate' "$T/last.out" || fail "docker pull $MIRROR/... output does not mention x509/certificate"
+    expect eq 0 regmirror_requests_total 'route=/v2/{name}/manifests/{reference}'
+    if [ "$METRICS_SOURCE" = metrics ] && [ "$E2E_TLS" = 1 ]; then
+        expect ge 2 regmirror_tls_handshake_failures_total
+    fi
+    mv "$T/ca-removed.crt" "$certsd/ca.crt"
+}
+
+case_dockerd_manifest_list() {
+    alive dockerd-A || { fail "dockerd A is not running"; return 1; }
+    step "docker pull multilist (Docker manifest list)" "$DOCKER_CLI" pull multilist
+    docker_repo_digest multilist | grep -qw "multilist@$UP_MULTILIST" ||
+        fail "multilist has RepoDigests '$(docker_repo_digest multilist)', want multilist@$UP_MULTILIST"
+    expect ge 2 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=miss
+    expect ge 2 regmirror_cache_requests_total kind=blob upstream=docker.io outcome=miss
+    expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=error
+}
+
+case_dockerd_stale() {
+    stop_daemon dockerd-A
+    stop_daemon upstream-docker.io
+    curl -fsS --max-time 2 "http://127.0.0.1:$UP_DOCKER_PORT/v2/" >/dev/null 2>&1 &&
+        { fail "the docker.io upstream still answers"; return 1; }
+    echo "docker.io upstream stopped; a fresh dockerd pulls from the cache"
+    start_dockerd B || return 1
+    step "docker pull hello@digest (upstream down)" "$DOCKER_CLI" pull "hello@$UP_HELLO"
+    step "docker pull hello (upstream down)" "$DOCKER_CLI" pull hello
+    step "docker pull --platform linux/arm64 multi (upstream down)" "$DOCKER_CLI" pull --platform linux/arm64 multi
+    docker_repo_digest hello | grep -qw "hello@$UP_HELLO" || fail "hello has RepoDigests '$(docker_repo_digest hello)'"
+    docker_repo_digest multi | grep -qw "multi@$UP_MULTI" || fail "multi has RepoDigests '$(docker_repo_digest multi)'"
+    expect ge 2 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=stale
+    expect ge 2 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=hit # by digest
+    expect ge 3 regmirror_cache_requests_total kind=blob upstream=docker.io outcome=hit
+    expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=miss
+    expect eq 0 regmirror_upstream_requests_total upstream=docker.io status=200
+}
+
+case_dockerd_private_pull() {
+    alive dockerd-B || { fail "dockerd B is not running"; return 1; }
+    step "docker pull private image on a fresh daemon" "$DOCKER_CLI" pull "$MIRROR/private/app:1" || return 1
+    "$DOCKER_CLI" image inspect "$MIRROR/private/app:1" >/dev/null || fail "private/app:1 not in the image store"
+    expect ge 1 regmirror_requests_total method=GET 'route=/v2/{name}/manifests/{reference}' status=200
+    expect ge 2 regmirror_requests_total method=GET 'route=/v2/{name}/blobs/{digest}' status=200
+    expect eq 0 regmirror_upstream_requests_total
+}
+
+# ---- containerd ------------------------------------------------------------------------------
+
+CTR_ETC=$T/etc-containerd
+CTR_DIR=$T/containerd
+CTR_SOCK=$CTR_DIR/containerd.sock
+
+# ctr inside the client namespace (it resolves and fetches itself; containerd stores)
+cat >"$T/bin/ctr" <<EOF
+#!/bin/sh
+exec $CLIENT $CTR_ETC ctr --address $CTR_SOCK "\$@"
+EOF
+chmod +x "$T/bin/ctr"
+ctr_=$T/bin/ctr
+
+start_containerd() {
+    mkdir -p "$CTR_DIR"
+    cat >"$CTR_DIR/config.toml" <<EOF
+version = 2
+root = "$CTR_DIR/root"
+state = "$CTR_DIR/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "$CTR_SOCK"
+
+[ttrpc]
+  address = "$CTR_SOCK.ttrpc"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$CTR_DIR/opt"
+EOF
+    start_daemon containerd "$LOG/containerd.log" "$CLIENT" "$CTR_ETC" containerd --config "$CTR_DIR/config.toml"
+    wait_until 30 containerd ctr --address "$CTR_SOCK" version || { fail "containerd did not start"; return 1; }
+}
+
+ctr_digest() { # ref -> digest as listed by ctr
+    ctr --address "$CTR_SOCK" images ls 2>/dev/null | awk -v r="$1" '$1 == r { print $3 }'
+}
+
+case_containerd_setup() {
+    make_etc "$CTR_ETC"
+    mkdir -p "$CTR_ETC/containerd/certs.d/docker.io" "$CTR_ETC/containerd/certs.d/ghcr.io"
+    apply_ca_snippet "$CTR_ETC" containerd-ca || { fail "containerd-ca snippet"; return 1; }
+    snippet containerd-docker.io-hosts.toml >"$CTR_ETC/containerd/certs.d/docker.io/hosts.toml" || return 1
+    snippet containerd-ghcr.io-hosts.toml >"$CTR_ETC/containerd/certs.d/ghcr.io/hosts.toml" || return 1
+    cat "$CTR_ETC"/containerd/certs.d/*/hosts.toml
+    start_containerd
+}
+
+case_containerd_pull() {
+    alive containerd || { fail "containerd is not running"; return 1; }
+    step "ctr images pull docker.io/library/hello:latest" "$ctr_" images pull --snapshotter native \
+        --hosts-dir /etc/containerd/certs.d docker.io/library/hello:latest
+    [ "$(ctr_digest docker.io/library/hello:latest)" = "$UP_HELLO" ] ||
+        fail "ctr lists hello as '$(ctr_digest docker.io/library/hello:latest)', want $UP_HELLO"
+    expect_mirrored docker.io 1 2
+    expect ge 1 regmirror_requests_total method=GET 'route=/v2/{name}/manifests/{reference}' status=200
+}
+
+case_containerd_ghcr() {
+    alive containerd || { fail "containerd is not running"; return 1; }
+    step "ctr images pull ghcr.io/owner/tool:1.0" "$ctr_" images pull --snapshotter native \
+        --hosts-dir /etc/containerd/certs.d ghcr.io/owner/tool:1.0
+    [ "$(ctr_digest ghcr.io/owner/tool:1.0)" = "$UP_TOOL" ] ||
+        fail "ctr lists tool as '$(ctr_digest ghcr.io/owner/tool:1.0)', want $UP_TOOL"
+    expect ge 1 regmirror_cache_requests_total kind=manifest upstream=ghcr.io outcome=miss
+    expect ge 2 regmirror_cache_requests_total kind=blob upstream=ghcr.io outcome=miss
+    expect ge 1 regmirror_upstream_requests_total upstream=ghcr.io kind=manifest status=200
+    expect eq 0 regmirror_cache_requests_total upstream=docker.io
+}
+
+case_containerd_all_platforms() {
+    alive containerd || { fail "containerd is not running"; return 1; }
+    step "ctr images pull --all-platforms docker.io/library/multi:latest" "$ctr_" images pull --snapshotter native \
+        --all-platforms --hosts-dir /etc/containerd/certs.d docker.io/library/multi:latest
+    [ "$(ctr_digest docker.io/library/multi:latest)" = "$UP_MULTI" ] ||
+        fail "ctr lists multi as '$(ctr_digest docker.io/library/multi:latest)', want $UP_MULTI"
+    # index + both platform manifests; 2 configs + 2 layers
+    expect_mirrored docker.io 3 4
+}
+
+# ---- podman ----------------------------------------------------------------------------------
+
+PODMAN_ETC=$T/etc-podman
+PODMAN_DIR=$T/podman
+
+cat >"$T/bin/podman" <<EOF
+#!/bin/sh
+exec $CLIENT $PODMAN_ETC env -u DOCKER_CONFIG -u DOCKER_HOST CONTAINERS_STORAGE_CONF=$PODMAN_DIR/storage.conf \\
+    CONTAINERS_REGISTRIES_CONF=$PODMAN_DIR/registries.conf CONTAINERS_CONF=$PODMAN_DIR/containers.conf \\
+    podman "\$@"
+EOF
+chmod +x "$T/bin/podman"
+podman_=$T/bin/podman
+
+case_podman_pull() {
+    make_etc "$PODMAN_ETC"
+    apply_ca_snippet "$PODMAN_ETC" podman-ca || { fail "podman-ca snippet"; return 1; }
+    mkdir -p "$PODMAN_DIR/tmp"
+    snippet registries.conf >"$PODMAN_DIR/registries.conf" || return 1
+    cat >"$PODMAN_DIR/storage.conf" <<EOF
+[storage]
+driver = "vfs"
+runroot = "$PODMAN_DIR/run"
+graphroot = "$PODMAN_DIR/root"
+EOF
+    cat >"$PODMAN_DIR/containers.conf" <<EOF
+[engine]
+tmp_dir = "$PODMAN_DIR/tmp"
+events_logger = "file"
+events_logfile_path = "$PODMAN_DIR/events.log"
+EOF
+    cat "$PODMAN_DIR/registries.conf"
+    step "podman pull docker.io/library/hello:latest" "$podman_" pull docker.io/library/hello:latest || return 1
+    local digest
+    digest=$("$podman_" image inspect --format '{{.Digest}}' docker.io/library/hello:latest 2>&1)
+    [ "$digest" = "$UP_HELLO" ] || fail "podman has hello as '$digest', want $UP_HELLO"
+    expect_mirrored docker.io 1 2
+}
+
+case_podman_push() {
+    step "podman push to the private namespace" "$podman_" push docker.io/library/hello:latest "$MIRROR/private/podman-app:1" || return 1
+    curlm -fsS -o /dev/null -H "Accept: $ACCEPT" "$MIRROR_URL/v2/private/podman-app/manifests/1" ||
+        fail "private/podman-app:1 is not served by the mirror after the push"
+    expect ge 1 regmirror_requests_total method=PUT 'route=/v2/{name}/manifests/{reference}' status=201
+    expect eq 0 regmirror_upstream_requests_total
+}
+
+# ---- skopeo ----------------------------------------------------------------------------------
+
+SKOPEO_ETC=$T/etc-skopeo
+
+skopeo_src_tls() {
+    if [ "$SCHEME" = https ]; then echo "--src-cert-dir=$T/skopeo-ca"; else echo "--src-tls-verify=false"; fi
+}
+skopeo_tls() {
+    if [ "$SCHEME" = https ]; then echo "--cert-dir=$T/skopeo-ca"; else echo "--tls-verify=false"; fi
+}
+mirror_digest() { # repo:tag through the mirror with skopeo (in the client namespace)
+    local raw sum
+    raw=$("$CLIENT" "$SKOPEO_ETC" skopeo inspect --raw "$(skopeo_tls)" "docker://$MIRROR/$1") || return 1
+    sum=$(printf '%s' "$raw" | sha256sum)
+    echo "sha256:${sum%% *}"
+}
+
+case_skopeo_copy_all() {
+    make_etc "$SKOPEO_ETC"
+    mkdir -p "$T/skopeo-ca" "$T/skopeo-out"
+    [ "$SCHEME" = https ] && cp "$CA" "$T/skopeo-ca/ca.crt"
+    step "skopeo copy --all multi" "$CLIENT" "$SKOPEO_ETC" skopeo copy --all "$(skopeo_src_tls)" \
+        "docker://$MIRROR/library/multi:latest" "oci:$T/skopeo-out/multi:latest" || return 1
+    local got
+    got=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["digest"])' "$T/skopeo-out/multi/index.json" 2>&1)
+    [ "$got" = "$UP_MULTI" ] || fail "skopeo copied multi as $got, the upstream serves $UP_MULTI"
+    got=$(mirror_digest library/multi:latest)
+    [ "$got" = "$UP_MULTI" ] || fail "inspect --raw through the mirror: $got, upstream: $UP_MULTI"
+    got=$(mirror_digest library/multilist:latest)
+    [ "$got" = "$UP_MULTILIST" ] || fail "Docker manifest list through the mirror: $got, upstream: $UP_MULTILIST"
+    expect_mirrored docker.io 3 4
+}
+
+case_skopeo_ghcr_path() {
+    step "skopeo copy ghcr.io/owner/tool by path prefix" "$CLIENT" "$SKOPEO_ETC" skopeo copy "$(skopeo_src_tls)" \
+        "docker://$MIRROR/ghcr.io/owner/tool:1.0" "oci:$T/skopeo-out/tool:1.0" || return 1
+    local got
+    got=$(mirror_digest ghcr.io/owner/tool:1.0)
+    [ "$got" = "$UP_TOOL" ] || fail "tool through the mirror: $got, upstream: $UP_TOOL"
+    expect_mirrored ghcr.io 1 2
+    expect eq 0 regmirror_cache_requests_total upstream=docker.io
+}
+
+# ---------------------------------------------------------------------------------------------
+# Run. The docker.io outage (serve_stale) comes last: it stops the docker.io upstream.
+# ---------------------------------------------------------------------------------------------
+
+run_case dockerd-pull case_dockerd_pull "$LOG/dockerd-A.log" "$LOG/upstream-docker.io.log"
+run_case dockerd-platform-arm64 case_dockerd_platform "$LOG/dockerd-A.log"
+run_case dockerd-pull-by-digest case_dockerd_digest "$LOG/dockerd-A.log"
+run_case dockerd-x509-without-ca case_dockerd_x509 "$LOG/dockerd-A.log"
+run_case dockerd-manifest-list case_dockerd_manifest_list "$LOG/dockerd-A.log"
+run_case dockerd-push-private case_dockerd_push "$LOG/dockerd-A.log"
+run_case containerd-start case_containerd_setup "$LOG/containerd.log"
+run_case containerd-pull-docker.io case_containerd_pull "$LOG/containerd.log"
+run_case containerd-pull-ghcr.io case_containerd_ghcr "$LOG/containerd.log" "$LOG/upstream-ghcr.io.log"
+run_case containerd-all-platforms case_containerd_all_platforms "$LOG/containerd.log"
+stop_daemon containerd
+run_case podman-pull case_podman_pull
+run_case podman-push-private case_podman_push
+run_case skopeo-copy-all case_skopeo_copy_all
+run_case skopeo-ghcr.io-path case_skopeo_ghcr_path
+run_case dockerd-stale-upstream-down case_dockerd_stale "$LOG/dockerd-B.log"
+run_case dockerd-private-fresh-daemon case_dockerd_private_pull "$LOG/dockerd-B.log"
+run_case metrics-endpoint case_metrics_endpoint
+
+echo "regmirror e2e: $((SECONDS - RUN_START))s, E2E_TLS=$E2E_TLS, counters from $METRICS_SOURCE"
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
