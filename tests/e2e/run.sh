@@ -146,6 +146,7 @@ cleanup() {
         # Whatever still runs in our namespace was started by this script (e.g. dockerd's
         # containerd after a KILL): end it by pid.
         for p in $(ip netns pids "$NETNS" 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
+        for ((i = 0; i < 50; i++)); do [ -z "$(ip netns pids "$NETNS" 2>/dev/null)" ] && break; nap 0.1; done
         ip netns del "$NETNS" 2>/dev/null
     fi
     ip link del "$VETH_HOST" 2>/dev/null
@@ -153,7 +154,9 @@ cleanup() {
         while mountpoint -q /run/netns; do umount /run/netns || break; done
         rmdir /run/netns 2>/dev/null
     fi
-    [ "$MADE_VARLIB" = 1 ] && rmdir /var/lib/containers 2>/dev/null
+    if [ "$MADE_VARLIB" = 1 ]; then # busy while a sandbox that mounted over it is still exiting
+        for ((i = 0; i < 50; i++)); do rmdir /var/lib/containers 2>/dev/null && break; nap 0.1; done
+    fi
     if [ "$E2E_KEEP" = 1 ]; then
         echo "regmirror e2e: kept $T (E2E_KEEP=1)"
     else
@@ -574,6 +577,10 @@ mirror_ready() {
     fi
 }
 if ! wait_until 60 regmirror mirror_ready; then
+    if ! alive regmirror; then
+        wait "${PID[regmirror]}"
+        setup_fail "regmirror ($BIN) exited with status $? before answering $MIRROR_URL/v2/"
+    fi
     if [ "$E2E_TLS" = 1 ] && alive regmirror && curl -fsS --max-time 3 "http://$MIRROR/v2/" >/dev/null 2>&1; then
         setup_fail "regmirror answers plain HTTP on $MIRROR although [tls] mode = \"self-signed\" is set (no TLS yet in this binary? ca.crt written: $([ -s "$CA" ] && echo yes || echo no)); E2E_TLS=0 runs the plain-HTTP variant"
     fi
