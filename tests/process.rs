@@ -46,7 +46,7 @@ async fn download_digest(resp: reqwest::Response) -> String {
     let mut h = sha2::Sha256::new();
     let mut s = resp.bytes_stream();
     while let Some(c) = s.next().await {
-        h.update(&c.unwrap());
+        h.update(c.unwrap());
     }
     format!("sha256:{}", hex::encode(h.finalize()))
 }
@@ -192,7 +192,7 @@ async fn sigterm_lets_a_256_mib_download_finish_then_exits_0() {
     h.update(&first);
     proc.signal("TERM");
     while let Some(c) = stream.next().await {
-        h.update(&c.unwrap());
+        h.update(c.unwrap());
     }
     assert_eq!(format!("sha256:{}", hex::encode(h.finalize())), digest);
     let status = proc.child.wait().unwrap();
@@ -309,7 +309,7 @@ async fn sighup_swaps_a_files_mode_certificate_without_dropping_a_download() {
     let old_cert = peer_cert(&r);
     let mut download = r.bytes_stream();
     let mut h = sha2::Sha256::new();
-    h.update(&download.next().await.unwrap().unwrap());
+    h.update(download.next().await.unwrap().unwrap());
 
     for f in ["server.crt", "server.key"] {
         std::fs::copy(b.join(f), live.join(f)).unwrap();
@@ -329,7 +329,7 @@ async fn sighup_swaps_a_files_mode_certificate_without_dropping_a_download() {
     assert!(swapped, "the certificate was not swapped");
     // The open download completes.
     while let Some(c) = download.next().await {
-        h.update(&c.unwrap());
+        h.update(c.unwrap());
     }
     assert_eq!(format!("sha256:{}", hex::encode(h.finalize())), digest);
 }
