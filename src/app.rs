@@ -49,6 +49,8 @@ impl AppState {
         let driver = FsDriver::new(&config.storage_root)
             .map_err(|e| format!("storage.root = {:?} cannot be used: {e}", config.storage_root.display()))?;
         let upstreams = Upstreams::new(&config, &metrics).map_err(|e| format!("building upstream clients: {e}"))?;
+        let upstream_names = config.upstreams.iter().map(|u| u.name.clone()).collect();
+        let access = Access::new(config.auth.clone(), upstream_names, metrics.clone())?;
         Ok(AppState(Arc::new(Shared {
             config,
             store: Store::new(driver),
@@ -56,7 +58,7 @@ impl AppState {
             fills: Fills::default(),
             sessions: Sessions::default(),
             metrics,
-            access: Access::default(),
+            access,
         })))
     }
 }
@@ -66,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/ca.crt", get(ca_certificate))
+        .route("/auth/token", get(token))
         .fallback(registry::handle)
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
@@ -94,6 +97,27 @@ async fn ca_certificate(State(state): State<AppState>) -> Response {
     }
 }
 
+/// The token endpoint of the registry token flow (`docker login`, anonymous pulls).
+async fn token(State(state): State<AppState>, req: Request) -> Response {
+    let conn = req.extensions().get::<crate::auth::ConnInfo>().copied();
+    let requested: Vec<String> = req
+        .uri()
+        .query()
+        .and_then(|q| reqwest::Url::parse(&format!("http://x/?{q}")).ok())
+        .map(|u| u.query_pairs().filter(|(k, _)| k == "scope").map(|(_, v)| v.into_owned()).collect())
+        .unwrap_or_default();
+    let scopes = requested
+        .iter()
+        .filter_map(|s| crate::auth::parse_scope(s))
+        .filter_map(|(name, actions)| {
+            let target = registry::resolve_target(&state, &name, None).ok()?;
+            let mirrored = matches!(target, registry::Target::Mirror { .. });
+            Some(crate::auth::Scope { local: target.local().to_string(), mirrored, actions })
+        })
+        .collect();
+    state.access.token_endpoint(req.headers(), conn, scopes).await
+}
+
 /// Ready when the store accepts a write.
 async fn ready(State(state): State<AppState>) -> Response {
     match state.store.driver().put("tmp/.readyz", b"ok").await {
@@ -110,6 +134,7 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         "/ca.crt" => "/ca.crt",
+        "/auth/token" => "/auth/token",
         _ => "other",
     };
     let resp = next.run(req).await;

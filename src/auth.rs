@@ -1,14 +1,382 @@
-//! Who may pull and push. Without an `[auth]` section regmirror is an open registry, as
+//! Who may pull and push: users from an htpasswd file (bcrypt), grants per repository glob, and
+//! the registry token flow clients already speak with Docker Hub: a `401` with a Bearer challenge
+//! on `/v2/`, a token endpoint that takes Basic credentials (or none, for anonymous pulls), and
+//! short-lived signed tokens. Without an `[auth]` section regmirror is an open registry, as
 //! distribution is by default.
 
-use crate::registry::names::RepoName;
-use crate::registry::Ctx;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
 
-#[derive(Default)]
-pub struct Access {}
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use hmac::{KeyInit, Mac};
+use sha2::Digest as _;
+use subtle::ConstantTimeEq;
+
+use crate::config::{Action, Anonymous, AuthConfig};
+use crate::metrics::Metrics;
+use crate::registry::error::{Code, RegistryError};
+use crate::storage::unix_now;
+
+/// The token service name in challenges and tokens.
+const SERVICE: &str = "regmirror";
+/// Failed attempts from one address before answers to it are slowed down.
+const FREE_FAILURES: u32 = 5;
+
+/// Who is asking.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Principal {
+    Anonymous,
+    User(String),
+}
+
+/// What authenticating a request found.
+pub struct Authn {
+    pub principal: Principal,
+    /// Credentials were presented and were wrong (or expired).
+    pub rejected: bool,
+}
+
+/// Whether the connection is TLS, and the peer: set by the server on every request.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub tls: bool,
+    pub peer: SocketAddr,
+}
+
+struct Users {
+    path: PathBuf,
+    modified: Option<SystemTime>,
+    hashes: HashMap<String, String>,
+}
+
+pub struct Access {
+    config: Option<AuthConfig>,
+    users: RwLock<Users>,
+    /// Signs tokens; new at every start (tokens live minutes, clients fetch new ones on a 401).
+    key: [u8; 32],
+    /// Successful password checks, so bcrypt runs once per (user, password) and not per request.
+    verified: moka::sync::Cache<[u8; 32], String>,
+    failures: moka::sync::Cache<IpAddr, u32>,
+    /// Upstream names: a repository under one of them is mirrored content.
+    upstream_names: Vec<String>,
+    metrics: Metrics,
+}
+
+/// A bcrypt hash of a random password: unknown users cost the same time as known ones.
+const DUMMY_HASH: &str = "$2y$10$7EqJtq98hPqEX7fNZaFWoOhi5BWX4Z9dVfOmDnM1vbNL3aS5j4dQS";
 
 impl Access {
-    pub fn may_pull(&self, _ctx: &Ctx, _repo: &RepoName) -> bool {
-        true
+    pub fn new(config: Option<AuthConfig>, upstream_names: Vec<String>, metrics: Metrics) -> Result<Access, String> {
+        let path = config.as_ref().map(|c| c.htpasswd.clone()).unwrap_or_default();
+        let users = Users { path, modified: None, hashes: HashMap::new() };
+        let access = Access {
+            config,
+            users: RwLock::new(users),
+            key: rand::random(),
+            verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
+            failures: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
+            upstream_names,
+            metrics,
+        };
+        if access.config.is_some() {
+            access.reload_users()?;
+        }
+        Ok(access)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.config.is_some()
+    }
+
+    /// Re-read the htpasswd file when it changed on disk (`regmirror passwd` takes effect at once).
+    fn reload_users(&self) -> Result<(), String> {
+        let path = self.users.read().unwrap_or_else(|e| e.into_inner()).path.clone();
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified == self.users.read().unwrap_or_else(|e| e.into_inner()).modified {
+            return Ok(());
+        }
+        let hashes = match std::fs::read_to_string(&path) {
+            Ok(text) => parse_htpasswd(&text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => return Err(format!("auth.htpasswd = {:?} cannot be read: {e}", path.display())),
+        };
+        let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
+        users.modified = modified;
+        users.hashes = hashes;
+        self.verified.invalidate_all();
+        Ok(())
+    }
+
+    /// Check a user's password (constant time for known and unknown users alike).
+    fn check_password(&self, user: &str, password: &str) -> bool {
+        let _ = self.reload_users();
+        let key: [u8; 32] = sha2::Sha256::digest(format!("{user}\0{password}").as_bytes()).into();
+        if let Some(u) = self.verified.get(&key) {
+            return bool::from(u.as_bytes().ct_eq(user.as_bytes()));
+        }
+        let hash = self.users.read().unwrap_or_else(|e| e.into_inner()).hashes.get(user).cloned();
+        let known = hash.is_some();
+        let ok = bcrypt::verify(password, hash.as_deref().unwrap_or(DUMMY_HASH)).unwrap_or(false) && known;
+        if ok {
+            self.verified.insert(key, user.to_string());
+        }
+        ok
+    }
+
+    /// Record a failed attempt; repeated failures from one address are answered ever more slowly.
+    async fn failed(&self, user: &str, peer: Option<SocketAddr>) {
+        self.metrics.auth_failures.inc();
+        let ip = peer.map(|p| p.ip());
+        tracing::warn!(user, address = ?ip, "authentication failed");
+        let Some(ip) = ip else { return };
+        let n = self.failures.get(&ip).unwrap_or(0) + 1;
+        self.failures.insert(ip, n);
+        if n > FREE_FAILURES {
+            let delay = Duration::from_millis(250 << (n - FREE_FAILURES).min(5));
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Who sent this request. Our own tokens and valid Basic credentials name a user; anything
+    /// else (no header, a token another registry issued) is anonymous.
+    pub async fn authenticate(&self, headers: &HeaderMap, conn: Option<ConnInfo>) -> Authn {
+        let anonymous = Authn { principal: Principal::Anonymous, rejected: false };
+        if !self.enabled() {
+            return anonymous;
+        }
+        let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return anonymous };
+        if let Some(token) = value.strip_prefix("Bearer ") {
+            return match self.verify_token(token.trim()) {
+                Some(p) => Authn { principal: p, rejected: false },
+                None => anonymous,
+            };
+        }
+        if let Some((user, password)) = basic_credentials(value) {
+            if self.check_password(&user, &password) {
+                return Authn { principal: Principal::User(user), rejected: false };
+            }
+            self.failed(&user, conn.map(|c| c.peer)).await;
+            return Authn { principal: Principal::Anonymous, rejected: true };
+        }
+        anonymous
+    }
+
+    /// May `who` do `action` on `repo` (a local name; `mirrored` when it comes from an upstream)?
+    pub fn allowed(&self, who: &Principal, repo: &str, mirrored: bool, action: Action) -> bool {
+        let Some(config) = &self.config else { return true };
+        if action == Action::Pull {
+            let anonymous_ok = match config.anonymous {
+                Anonymous::Pull => true,
+                Anonymous::PullMirror => mirrored,
+                Anonymous::None => false,
+            };
+            // Mirrored public images: anyone logged in may pull them too.
+            if anonymous_ok || (mirrored && matches!(who, Principal::User(_))) {
+                return true;
+            }
+        }
+        let Principal::User(user) = who else { return false };
+        config.grants.iter().any(|g| {
+            g.access >= action && g.users.iter().any(|u| u == user) && g.repositories.iter().any(|p| p.matches(repo))
+        })
+    }
+
+    /// A 401 that tells the client where to get a token.
+    pub fn challenge(&self, headers: &HeaderMap, conn: Option<ConnInfo>, scope: Option<String>) -> RegistryError {
+        let realm = realm(headers, conn);
+        let mut value = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
+        if let Some(scope) = scope {
+            value.push_str(&format!(",scope=\"{scope}\""));
+        }
+        RegistryError::new(Code::Unauthorized, "authentication required").with_header(header::WWW_AUTHENTICATE, &value)
+    }
+
+    fn sign(&self, payload: &str) -> String {
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(payload.as_bytes());
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
+    fn issue_token(&self, who: &Principal, ttl: Duration) -> String {
+        let sub = match who {
+            Principal::Anonymous => String::new(),
+            Principal::User(u) => u.clone(),
+        };
+        let payload = format!("{}.{}", URL_SAFE_NO_PAD.encode(sub), unix_now() + ttl.as_secs());
+        let sig = self.sign(&payload);
+        format!("{payload}.{sig}")
+    }
+
+    fn verify_token(&self, token: &str) -> Option<Principal> {
+        let (payload, sig) = token.rsplit_once('.')?;
+        if !bool::from(self.sign(payload).as_bytes().ct_eq(sig.as_bytes())) {
+            return None;
+        }
+        let (sub, exp) = payload.split_once('.')?;
+        if exp.parse::<u64>().ok()? <= unix_now() {
+            return None;
+        }
+        let sub = String::from_utf8(URL_SAFE_NO_PAD.decode(sub).ok()?).ok()?;
+        Some(if sub.is_empty() { Principal::Anonymous } else { Principal::User(sub) })
+    }
+
+    /// `GET /auth/token?service=…&scope=…`, with Basic credentials or none. `scopes` are the
+    /// requested repositories, resolved to local names.
+    pub async fn token_endpoint(&self, headers: &HeaderMap, conn: Option<ConnInfo>, scopes: Vec<Scope>) -> Response {
+        let Some(config) = &self.config else {
+            return (StatusCode::NOT_FOUND, "authentication is not enabled\n").into_response();
+        };
+        let authn = self.authenticate(headers, conn).await;
+        let who = authn.principal;
+        // Wrong credentials fail a login (no scope) or a request anonymous callers may not make;
+        // for an anonymous-readable pull, dockerd's Docker Hub credentials must not break it.
+        if authn.rejected {
+            let anonymous_suffices = !scopes.is_empty()
+                && scopes.iter().all(|s| {
+                    s.actions.iter().all(|a| *a == Action::Pull)
+                        && self.allowed(&Principal::Anonymous, &s.local, s.mirrored, Action::Pull)
+                });
+            if !anonymous_suffices {
+                return self.challenge(headers, conn, None).into_response();
+            }
+        }
+        if who == Principal::Anonymous && config.anonymous == Anonymous::None {
+            return self.challenge(headers, conn, None).into_response();
+        }
+        let token = self.issue_token(&who, config.token_ttl);
+        let body = serde_json::json!({
+            "token": token,
+            "access_token": token,
+            "expires_in": config.token_ttl.as_secs(),
+            "issued_at": httpdate::fmt_http_date(SystemTime::now()),
+        });
+        let mut resp = axum::Json(body).into_response();
+        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        resp
+    }
+
+    pub fn may_pull(&self, who: &Principal, repo: &crate::registry::names::RepoName) -> bool {
+        self.allowed(who, repo.as_str(), self.is_mirrored(repo.as_str()), Action::Pull)
+    }
+
+    /// Whether a local repository name holds mirrored content (`docker.io/library/x`).
+    pub fn is_mirrored(&self, repo: &str) -> bool {
+        self.upstream_names.iter().any(|u| repo.strip_prefix(u.as_str()).is_some_and(|rest| rest.starts_with('/')))
+    }
+}
+
+/// A repository scope of a token request, resolved to the local repository.
+pub struct Scope {
+    pub local: String,
+    pub mirrored: bool,
+    pub actions: Vec<Action>,
+}
+
+/// `repository:library/nginx:pull,push` → (name, actions).
+pub fn parse_scope(scope: &str) -> Option<(String, Vec<Action>)> {
+    let rest = scope.strip_prefix("repository:")?;
+    let (name, actions) = rest.rsplit_once(':')?;
+    let actions = actions
+        .split(',')
+        .filter_map(|a| match a {
+            "pull" => Some(Action::Pull),
+            "push" => Some(Action::Push),
+            "delete" | "*" => Some(Action::Delete),
+            _ => None,
+        })
+        .collect();
+    Some((name.to_string(), actions))
+}
+
+fn basic_credentials(value: &str) -> Option<(String, String)> {
+    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
+    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+/// The token endpoint's absolute URL, as the client reached us.
+fn realm(headers: &HeaderMap, conn: Option<ConnInfo>) -> String {
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost");
+    let scheme = if conn.is_some_and(|c| c.tls) { "https" } else { "http" };
+    format!("{scheme}://{host}/auth/token")
+}
+
+/// `user:$2y$...` lines; comments and blank lines ignored.
+pub fn parse_htpasswd(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_once(':'))
+        .map(|(u, h)| (u.to_string(), h.to_string()))
+        .collect()
+}
+
+/// Add or replace `user` in the htpasswd file at `path` (bcrypt, as `htpasswd -B` writes it).
+pub fn set_password(path: &Path, user: &str, password: &str) -> Result<(), String> {
+    if user.is_empty() || user.contains(':') || user.contains(char::is_whitespace) {
+        return Err(format!("{user:?} is not a valid user name (no ':' or spaces)"));
+    }
+    let hash = bcrypt::hash_with_result(password, 10)
+        .map_err(|e| format!("hashing: {e}"))?
+        .format_for_version(bcrypt::Version::TwoY);
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut lines: Vec<String> =
+        text.lines().filter(|l| l.split_once(':').map(|(u, _)| u) != Some(user)).map(str::to_string).collect();
+    lines.push(format!("{user}:{hash}"));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        f.write_all((lines.join("\n") + "\n").as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_and_htpasswd() {
+        assert_eq!(
+            parse_scope("repository:private/a:pull,push"),
+            Some(("private/a".into(), vec![Action::Pull, Action::Push]))
+        );
+        assert_eq!(parse_scope("registry:catalog:*"), None);
+        let users = parse_htpasswd("# comment\nalice:$2y$05$abc\n\nbob:$2y$05$def\n");
+        assert_eq!(users.len(), 2);
+    }
+
+    #[test]
+    fn tokens_are_signed_and_expire() {
+        let a = Access::new(None, Vec::new(), Metrics::new()).unwrap();
+        let t = a.issue_token(&Principal::User("alice".into()), Duration::from_secs(60));
+        assert_eq!(a.verify_token(&t), Some(Principal::User("alice".into())));
+        let forged = t.replacen(&URL_SAFE_NO_PAD.encode("alice"), &URL_SAFE_NO_PAD.encode("admin"), 1);
+        assert_eq!(a.verify_token(&forged), None);
+        let expired = a.issue_token(&Principal::User("alice".into()), Duration::ZERO);
+        assert_eq!(a.verify_token(&expired), None);
+        let other = Access::new(None, Vec::new(), Metrics::new()).unwrap();
+        assert_eq!(other.verify_token(&t), None);
     }
 }

@@ -24,6 +24,25 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     #[serde(default)]
     log: RawLog,
+    auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    htpasswd: PathBuf,
+    anonymous: Option<String>,
+    token_ttl: Option<String>,
+    #[serde(default)]
+    grant: Vec<RawGrant>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    users: Vec<String>,
+    repositories: Vec<String>,
+    access: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +122,52 @@ pub struct Config {
     pub tls: TlsConfig,
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
+    /// `None`: an open registry (anyone may pull and push to the private namespace).
+    pub auth: Option<AuthConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    pub htpasswd: PathBuf,
+    pub anonymous: Anonymous,
+    pub token_ttl: Duration,
+    pub grants: Vec<Grant>,
+}
+
+/// What a caller without credentials may do.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Anonymous {
+    /// Pull mirrored public images (the default).
+    PullMirror,
+    /// Pull everything, private namespace included.
+    Pull,
+    /// Nothing: every request needs a login.
+    None,
+}
+
+/// Rights, each implying the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Action {
+    Pull,
+    Push,
+    Delete,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Pull => "pull",
+            Action::Push => "push",
+            Action::Delete => "delete",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Grant {
+    pub users: Vec<String>,
+    pub repositories: Vec<glob::Pattern>,
+    pub access: Action,
 }
 
 #[derive(Clone)]
@@ -288,6 +353,46 @@ impl Config {
             }
         };
 
+        let auth = raw.auth.map(|a| {
+            let anonymous = match a.anonymous.as_deref().unwrap_or("pull-mirror") {
+                "pull-mirror" => Anonymous::PullMirror,
+                "pull" => Anonymous::Pull,
+                "none" => Anonymous::None,
+                other => {
+                    v.problem(format!(
+                        "auth.anonymous = {other:?} is not allowed: use \"pull-mirror\", \"pull\" or \"none\""
+                    ));
+                    Anonymous::None
+                }
+            };
+            let token_ttl = v.duration("auth.token_ttl", a.token_ttl.as_deref().unwrap_or("5m"));
+            let mut grants = Vec::new();
+            for (i, g) in a.grant.into_iter().enumerate() {
+                let access = match g.access.as_str() {
+                    "pull" => Action::Pull,
+                    "push" => Action::Push,
+                    "delete" => Action::Delete,
+                    other => {
+                        v.problem(format!(
+                            "auth.grant[{i}].access = {other:?} is not allowed: use \"pull\", \"push\" or \"delete\""
+                        ));
+                        Action::Pull
+                    }
+                };
+                let mut repositories = Vec::new();
+                for (j, r) in g.repositories.iter().enumerate() {
+                    match glob::Pattern::new(r) {
+                        Ok(p) => repositories.push(p),
+                        Err(e) => {
+                            v.problem(format!("auth.grant[{i}].repositories[{j}] = {r:?} is not a valid glob: {e}"))
+                        }
+                    }
+                }
+                grants.push(Grant { users: g.users, repositories, access });
+            }
+            AuthConfig { htpasswd: resolve(a.htpasswd), anonymous, token_ttl, grants }
+        });
+
         if !v.problems.is_empty() {
             return Err(v.problems);
         }
@@ -305,6 +410,7 @@ impl Config {
             tls,
             metrics_listen,
             log_format,
+            auth,
         })
     }
 }

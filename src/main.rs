@@ -32,6 +32,16 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Add a user to the htpasswd file, or change their password (bcrypt). The password is read
+    /// from the terminal without echo, or as one line from standard input.
+    Passwd {
+        user: String,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The htpasswd file (default: auth.htpasswd from the configuration).
+        #[arg(long)]
+        htpasswd: Option<PathBuf>,
+    },
     /// Print how docker, containerd, podman and skopeo come to trust and use this mirror.
     ClientSetup {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
@@ -107,6 +117,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Passwd { user, config, htpasswd } => match passwd(&user, &config, htpasswd) {
+            Ok(path) => {
+                println!("{user}: password set in {}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("regmirror passwd: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::ClientSetup { config, host } => {
             let config = match load(&config) {
                 Ok(c) => c,
@@ -145,6 +165,35 @@ fn main() -> ExitCode {
     }
 }
 
+fn passwd(user: &str, config: &std::path::Path, htpasswd: Option<PathBuf>) -> Result<PathBuf, String> {
+    use std::io::IsTerminal;
+    let path = match htpasswd {
+        Some(p) => p,
+        None => Config::load(config)
+            .map_err(|e| e.to_string())?
+            .auth
+            .map(|a| a.htpasswd)
+            .ok_or("the configuration has no [auth] section: add one, or name the file with --htpasswd")?,
+    };
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("password for {user}: ")).map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map_err(|e| e.to_string())?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    if password.is_empty() {
+        return Err("empty password".into());
+    }
+    regmirror::auth::set_password(&path, user, &password)?;
+    Ok(path)
+}
+
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -159,6 +208,11 @@ async fn serve(config: Config) -> Result<(), String> {
     use regmirror::server::{run, shutdown_signal, Listener};
     let drain = config.shutdown_timeout;
     let state = AppState::new(config.clone())?;
+    match (&config.auth, &config.tls) {
+        (None, _) => tracing::warn!("no [auth] section: this is an open registry; anyone who can reach it may pull and push to the private namespace"),
+        (Some(_), TlsConfig::Off) => tracing::warn!("[auth] is on but TLS is off: passwords and tokens cross the network in clear text unless a TLS-terminating proxy is in front"),
+        _ => {}
+    }
     let app = regmirror::app::router(state.clone());
     let bind = |addr: std::net::SocketAddr| async move {
         tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))

@@ -3,7 +3,6 @@
 //! `server.shutdown_timeout` to finish.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::auth::ConnInfo;
 use crate::metrics::Metrics;
 use crate::tls::TlsServer;
 
@@ -90,7 +90,7 @@ async fn accept_loop(
                 Some(tls) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await {
                     Ok(Ok(s)) => {
                         metrics.tls_handshakes.inc();
-                        serve_connection(s, peer, app, conn_watcher).await
+                        serve_connection(s, ConnInfo { tls: true, peer }, app, conn_watcher).await
                     }
                     Ok(Err(e)) => {
                         metrics.tls_handshake_failures.inc();
@@ -101,23 +101,25 @@ async fn accept_loop(
                         tracing::debug!(%peer, "TLS handshake timed out");
                     }
                 },
-                None => serve_connection(stream, peer, app, conn_watcher).await,
+                None => serve_connection(stream, ConnInfo { tls: false, peer }, app, conn_watcher).await,
             }
         });
     }
 }
 
-async fn serve_connection<IO>(io: IO, peer: SocketAddr, app: Router, watcher: Watcher)
+async fn serve_connection<IO>(io: IO, conn: ConnInfo, app: Router, watcher: Watcher)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
+        req.extensions_mut().insert(ConnectInfo(conn.peer));
+        req.extensions_mut().insert(conn);
         app.clone().oneshot(req.map(axum::body::Body::new))
     });
     let builder = auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
+    let peer = conn.peer;
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(connection.into_owned()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

@@ -77,7 +77,7 @@ pub async fn catalog(ctx: Ctx) -> Result<Response> {
         .list_repositories()
         .await?
         .into_iter()
-        .filter(|r| RepoName::parse(r).is_ok_and(|r| ctx.state.access.may_pull(&ctx, &r)))
+        .filter(|r| RepoName::parse(r).is_ok_and(|r| ctx.state.access.may_pull(&ctx.principal, &r)))
         .collect();
     let (page, next) = paginate(&ctx, all)?;
     let resp = (StatusCode::OK, axum::Json(json!({ "repositories": page }))).into_response();

@@ -18,6 +18,8 @@ use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::app::AppState;
+use crate::auth::{ConnInfo, Principal};
+use crate::config::Action;
 use crate::upstream::Upstream;
 use error::{Code, RegistryError, Result};
 use names::RepoName;
@@ -178,6 +180,7 @@ pub struct Ctx {
     pub method: Method,
     pub headers: axum::http::HeaderMap,
     pub query: HashMap<String, String>,
+    pub principal: Principal,
     /// Behind a mutex only so `&Ctx` is `Send` (a body is not `Sync`); taken once.
     body: std::sync::Mutex<Body>,
 }
@@ -216,12 +219,73 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let mut info =
         RequestInfo { route: route.template(), repository: route.name().map(str::to_string), ..Default::default() };
-    let ctx = Ctx { state, method, headers: parts.headers, query, body: std::sync::Mutex::new(body) };
-    let result = dispatch(ctx, &route, &mut info).await;
+    let conn = parts.extensions.get::<ConnInfo>().copied();
+    let authn = state.access.authenticate(&parts.headers, conn).await;
+    let ctx = Ctx {
+        state,
+        method,
+        headers: parts.headers,
+        query,
+        principal: authn.principal,
+        body: std::sync::Mutex::new(body),
+    };
+    let result = match authorize(&ctx, &route, conn, authn.rejected) {
+        Ok(()) => dispatch(ctx, &route, &mut info).await,
+        Err(e) => Err(e),
+    };
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
     resp.headers_mut().insert("docker-distribution-api-version", header::HeaderValue::from_static("registry/2.0"));
     resp.extensions_mut().insert(info);
     resp
+}
+
+/// The right a request needs.
+fn required_action(route: &Route<'_>, method: &Method) -> Action {
+    match (route, method) {
+        (Route::UploadStart(_) | Route::Upload(..), _) => Action::Push,
+        (Route::Manifest(..), &Method::PUT) => Action::Push,
+        (Route::Manifest(..) | Route::Blob(..), &Method::DELETE) => Action::Delete,
+        _ => Action::Pull,
+    }
+}
+
+/// 401 with a challenge for callers who may log in, 403 DENIED for users who lack the right.
+fn authorize(ctx: &Ctx, route: &Route<'_>, conn: Option<ConnInfo>, rejected: bool) -> Result<()> {
+    let access = &ctx.state.access;
+    if !access.enabled() {
+        return Ok(());
+    }
+    let anonymous = ctx.principal == Principal::Anonymous;
+    match route {
+        // `docker login` and the first request of every pull learn the token realm here.
+        Route::Base if anonymous => Err(access.challenge(&ctx.headers, conn, None)),
+        Route::Base | Route::Catalog => Ok(()),
+        _ => {
+            let Some(name) = route.name() else { return Ok(()) };
+            let target = resolve_target(&ctx.state, name, ctx.query.get("ns").map(String::as_str))?;
+            let mirrored = matches!(target, Target::Mirror { .. });
+            let action = required_action(route, &ctx.method);
+            if access.allowed(&ctx.principal, target.local().as_str(), mirrored, action) {
+                Ok(())
+            } else if anonymous || rejected {
+                let actions =
+                    if action == Action::Pull { "pull".to_string() } else { format!("pull,{}", action.as_str()) };
+                Err(access.challenge(&ctx.headers, conn, Some(format!("repository:{name}:{actions}"))))
+            } else {
+                Err(RegistryError::new(
+                    Code::Denied,
+                    format!("{} may not {} {}", user_name(&ctx.principal), action.as_str(), target.local()),
+                ))
+            }
+        }
+    }
+}
+
+fn user_name(p: &Principal) -> &str {
+    match p {
+        Principal::User(u) => u,
+        Principal::Anonymous => "anonymous",
+    }
 }
 
 async fn dispatch(ctx: Ctx, route: &Route<'_>, info: &mut RequestInfo) -> Result<Response> {

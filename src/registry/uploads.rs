@@ -79,7 +79,7 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
         let d: Digest = mount.parse()?;
         if let Some(from) = ctx.query.get("from") {
             if let Ok(from) = RepoName::parse(from) {
-                let readable = ctx.state.access.may_pull(&ctx, &from);
+                let readable = ctx.state.access.may_pull(&ctx.principal, &from);
                 if readable && store.is_blob_linked(&from, &d).await? && store.blob_size(&d).await?.is_some() {
                     store.link_blob(&repo, &d).await?;
                     return Ok(created(&repo, &d));

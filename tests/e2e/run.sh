@@ -54,9 +54,12 @@ skip_or_fail() {
     echo "regmirror e2e: $*" >&2
     if [ "${REGMIRROR_E2E:-}" = skip ]; then
         echo "SKIP regmirror e2e suite (REGMIRROR_E2E=skip): $*"
+        echo "0 passed, 0 failed"
         exit 0
     fi
     echo "(set REGMIRROR_E2E=skip to skip this suite instead of failing)" >&2
+    echo "FAIL preflight: $*"
+    echo "0 passed, 1 failed"
     exit 1
 }
 
@@ -226,7 +229,6 @@ FAILED=0
 CASE=
 CASE_ERR=()
 CASE_SKIP=
-CASE_LOGS=()
 METRICS_URL=
 METRICS_SOURCE=metrics
 
@@ -420,7 +422,7 @@ seed tool:1.0 owner/tool:1.0 "$UP_GHCR_PORT"
 ACCEPT="application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json"
 updigest() { # port repo reference: sha256 of the manifest bytes the upstream serves
     local sum
-    sum=$(curl -fsS -H "Accept: $ACCEPT" "http://127.0.0.1:$1/v2/$2/manifests/$3" | sha256sum) || return 1
+    sum=$("$HOSTNS" skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$1/$2:$3" | sha256sum) || return 1
     echo "sha256:${sum%% *}"
 }
 UP_HELLO=$(updigest "$UP_DOCKER_PORT" library/hello latest) || setup_fail "no upstream hello"
@@ -609,6 +611,26 @@ EOF
 chmod +x "$T/bin/hostns-etc"
 HOSTNS_ETC=$T/bin/hostns-etc
 
+case_client_isolation() {
+    # The clients' view: public registry names resolve to 127.0.0.2, and nothing but the veth
+    # subnet is routable, so a client that bypassed the mirror would fail instead of succeeding.
+    local etc=$T/etc-check out
+    make_etc "$etc"
+    out=$("$CLIENT" "$etc" getent hosts registry-1.docker.io 2>&1)
+    echo "getent hosts registry-1.docker.io: $out"
+    [ "${out%% *}" = 127.0.0.2 ] || fail "registry-1.docker.io resolves to '$out' for the clients"
+    out=$("$CLIENT" "$etc" ip route 2>&1)
+    echo "client routes: $out"
+    grep -q '^default' <<<"$out" && fail "the client namespace has a default route"
+    if "$CLIENT" "$etc" curl -sS --max-time 5 -o /dev/null https://registry-1.docker.io/v2/; then
+        fail "https://registry-1.docker.io/v2/ is reachable from the client namespace"
+    fi
+    "$CLIENT" "$etc" curl -sS --max-time 5 -o /dev/null "http://$(sed -n 's/^nameserver //p' /etc/resolv.conf | head -n 1)/" 2>&1 &&
+        fail "the machine's nameserver is reachable from the client namespace"
+    step "the mirror is reachable from the client namespace" "$CLIENT" "$etc" curl -fsS --max-time 5 -o /dev/null \
+        $([ "$SCHEME" = https ] && echo "--cacert $CA") "$MIRROR_URL/v2/"
+}
+
 case_metrics_endpoint() {
     echo "+ GET $METRICS_URL"
     if ! curl -fsS --max-time 5 "$METRICS_URL" -o "$T/metrics.txt"; then
@@ -621,6 +643,20 @@ case_metrics_endpoint() {
     done
     grep -q '^regmirror_requests_total{.*route="/v2/"' "$T/metrics.txt" ||
         fail "the readiness GET /v2/ is not counted in regmirror_requests_total"
+    # regmirror_upstream_requests_total must match what the upstream registries logged receiving
+    # from User-Agent regmirror/* over the whole run.
+    "$PY" "$HERE/metrics.py" fromlogs "$LOG/regmirror.log" \
+        "docker.io=$LOG/upstream-docker.io.log" "ghcr.io=$LOG/upstream-ghcr.io.log" >"$T/metrics-from-logs.txt"
+    local up kind a b
+    for up in docker.io ghcr.io; do
+        for kind in manifest blob; do
+            a=$("$PY" "$HERE/metrics.py" value "$T/metrics.txt" regmirror_upstream_requests_total "upstream=$up" "kind=$kind")
+            b=$("$PY" "$HERE/metrics.py" value "$T/metrics-from-logs.txt" regmirror_upstream_requests_total "upstream=$up" "kind=$kind")
+            echo "upstream $up $kind requests: /metrics $a, upstream registry log $b"
+            [ "$a" = "$b" ] && [ "$a" != 0 ] ||
+                fail "regmirror_upstream_requests_total{upstream=$up,kind=$kind} = $a but the $up registry logged $b requests from regmirror"
+        done
+    done
 }
 
 # ---- dockerd ---------------------------------------------------------------------------------
@@ -938,9 +974,8 @@ skopeo_tls() {
     if [ "$SCHEME" = https ]; then echo "--cert-dir=$T/skopeo-ca"; else echo "--tls-verify=false"; fi
 }
 mirror_digest() { # repo:tag through the mirror with skopeo (in the client namespace)
-    local raw sum
-    raw=$("$CLIENT" "$SKOPEO_ETC" skopeo inspect --raw "$(skopeo_tls)" "docker://$MIRROR/$1") || return 1
-    sum=$(printf '%s' "$raw" | sha256sum)
+    local sum
+    sum=$("$CLIENT" "$SKOPEO_ETC" skopeo inspect --raw "$(skopeo_tls)" "docker://$MIRROR/$1" | sha256sum) || return 1
     echo "sha256:${sum%% *}"
 }
 
@@ -974,6 +1009,7 @@ case_skopeo_ghcr_path() {
 # Run. The docker.io outage (serve_stale) comes last: it stops the docker.io upstream.
 # ---------------------------------------------------------------------------------------------
 
+run_case client-isolation case_client_isolation
 run_case dockerd-pull case_dockerd_pull "$LOG/dockerd-A.log" "$LOG/upstream-docker.io.log"
 run_case dockerd-platform-arm64 case_dockerd_platform "$LOG/dockerd-A.log"
 run_case dockerd-pull-by-digest case_dockerd_digest "$LOG/dockerd-A.log"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run every test regmirror has: unit and integration tests (cargo test), then the end-to-end
+# suite with real clients (docker, containerd, podman, skopeo). Installs the Debian packages the
+# tests use when they are missing (needs root and apt-get). REGMIRROR_E2E=skip skips the tests
+# that need real clients and root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(docker-registry skopeo podman docker.io containerd umoci nginx-light prometheus iproute2 openssl curl systemd)
+
+install_missing() {
+  local missing=()
+  for p in "${PACKAGES[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+    echo "tests/run.sh: missing packages: ${missing[*]}" >&2
+    echo "  install them as root (apt-get install ${missing[*]}), or set REGMIRROR_E2E=skip to skip the tests with real clients" >&2
+    return 1
+  fi
+  echo "== installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # dockerd and containerd must not start as system services: the tests start their own.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+}
+
+if [ "${REGMIRROR_E2E:-}" != "skip" ]; then
+  install_missing
+fi
+
+echo "== cargo test"
+cargo test
+
+if [ "${REGMIRROR_E2E:-}" = "skip" ]; then
+  echo "== end-to-end suite skipped (REGMIRROR_E2E=skip)"
+  exit 0
+fi
+echo "== end-to-end suite (real clients)"
+cargo build --release
+REGMIRROR_BIN="$PWD/target/release/regmirror" bash tests/e2e/run.sh
