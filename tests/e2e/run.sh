@@ -7,7 +7,7 @@
 # whichever is newer} against two local `docker-registry` instances standing for docker.io and
 # ghcr.io, with every client inside a network namespace whose only route is a veth to the mirror
 # (10.99.0.1), and with Docker Hub / ghcr.io names pointing at 127.0.0.2 — nothing reaches the
-# internet. Client configuration comes verbatim from tests/e2e/CLIENT_SETUP.md.
+# internet. Client configuration comes verbatim from README.md (section Client setup).
 #
 # Environment:
 #   E2E_TLS=1        (default) regmirror's own TLS: [tls] mode = "self-signed"
@@ -27,7 +27,7 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-SETUP_MD=$HERE/CLIENT_SETUP.md
+SETUP_MD=$HERE/../../README.md
 
 E2E_TLS=${E2E_TLS:-1}
 E2E_AUTH=${E2E_AUTH:-0}
@@ -205,7 +205,7 @@ free_port() {
     "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# Snippets from CLIENT_SETUP.md: the block whose fence line carries e2e=NAME (":plain" variant
+# Snippets from README.md: the block whose fence line carries e2e=NAME (":plain" variant
 # first when the mirror runs without TLS).
 snippet() {
     local name=$1 out=
@@ -449,7 +449,7 @@ ip link set "$VETH_NS" netns "$NETNS" &&
     ip netns exec "$NETNS" ip link set lo up || setup_fail "configuring the veth pair"
 
 # One private copy of /etc per client: hosts points the public registries at 127.0.0.2, the
-# snippets from CLIENT_SETUP.md are applied to the copy, the machine's /etc is never touched.
+# snippets from README.md are applied to the copy, the machine's /etc is never touched.
 make_etc() { # dir
     cp -a /etc "$1" || setup_fail "copying /etc"
     rm -f "$1/hosts" "$1/resolv.conf" # never write through a symlink into the real files
