@@ -80,6 +80,9 @@ pub fn metrics_router(state: AppState) -> Router {
         .route(
             "/metrics",
             get(|State(state): State<AppState>| async move {
+                let stats = state.store.stats();
+                state.metrics.store_bytes.set(stats.bytes.load(std::sync::atomic::Ordering::Relaxed));
+                state.metrics.store_objects.set(stats.objects.load(std::sync::atomic::Ordering::Relaxed));
                 ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
             }),
         )

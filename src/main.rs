@@ -208,6 +208,12 @@ async fn serve(config: Config) -> Result<(), String> {
     use regmirror::server::{run, shutdown_signal, Listener};
     let drain = config.shutdown_timeout;
     let state = AppState::new(config.clone())?;
+    let counting = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = counting.store.count_blobs().await {
+            tracing::warn!(error = %e, "could not count the store's blobs for the metrics");
+        }
+    });
     match (&config.auth, &config.tls) {
         (None, _) => tracing::warn!("no [auth] section: this is an open registry; anyone who can reach it may pull and push to the private namespace"),
         (Some(_), TlsConfig::Off) => tracing::warn!("[auth] is on but TLS is off: passwords and tokens cross the network in clear text unless a TLS-terminating proxy is in front"),

@@ -340,42 +340,46 @@ pub fn client_setup(host: &str, ca_path: &Path) -> String {
     let bare = host.rsplit_once(':').map_or(host, |(h, _)| h);
     let bare = bare.trim_start_matches('[').trim_end_matches(']');
     format!(
-        r#"regmirror at https://{host} — trust its CA ({ca}) once per client:
+        r#"regmirror at https://{host} — every client trusts its CA ({ca}) once.
+Copy {ca} to each client machine as ca.crt (it is also served at https://{host}/ca.crt;
+compare `openssl x509 -fingerprint -sha256 -noout -in ca.crt` with the same command here).
 
 docker (dockerd uses registry-mirrors for docker.io images):
-  sudo mkdir -p /etc/docker/certs.d/{host}
-  curl -fsS --cacert {ca} https://{host}/ca.crt | sudo tee /etc/docker/certs.d/{host}/ca.crt >/dev/null   # or copy {ca}
-  # /etc/docker/daemon.json:
+  mkdir -p /etc/docker/certs.d/{host}
+  cp ca.crt /etc/docker/certs.d/{host}/ca.crt
+  # /etc/docker/daemon.json, then restart dockerd:
   {{ "registry-mirrors": ["https://{host}"] }}
-  sudo systemctl reload docker
-  docker pull alpine                      # served through the mirror
-  docker pull {host}/ghcr.io/OWNER/IMAGE  # other upstreams by path prefix
-  docker push {host}/private/app:1        # the private namespace
+  docker login {host}                      # before pushing to the private namespace
+  docker push {host}/private/app:1
 
-containerd (ctr / nerdctl / kubelet CRI) — /etc/containerd/certs.d/docker.io/hosts.toml:
+containerd (ctr, and the CRI plugin through config_path):
+  mkdir -p /etc/containerd/certs.d/docker.io
+  cp ca.crt /etc/containerd/certs.d/docker.io/ca.crt
+  # /etc/containerd/certs.d/docker.io/hosts.toml:
   server = "https://registry-1.docker.io"
+
   [host."https://{host}"]
     capabilities = ["pull", "resolve"]
-    ca = "/etc/containerd/certs.d/{host}/ca.crt"
-  # the same file under certs.d/ghcr.io/ (server = "https://ghcr.io") mirrors ghcr.io;
-  # containerd's config: [plugins."io.containerd.grpc.v1.cri".registry] config_path = "/etc/containerd/certs.d"
+    ca = "/etc/containerd/certs.d/docker.io/ca.crt"
+  # the same under certs.d/ghcr.io/ with server = "https://ghcr.io" mirrors ghcr.io
   ctr images pull --hosts-dir /etc/containerd/certs.d docker.io/library/alpine:latest
 
-podman / buildah / skopeo — /etc/containers/registries.conf.d/regmirror.conf:
+podman, buildah, skopeo:
+  mkdir -p /etc/containers/certs.d/{host}
+  cp ca.crt /etc/containers/certs.d/{host}/ca.crt
+  # /etc/containers/registries.conf:
   [[registry]]
   prefix = "docker.io"
   location = "docker.io"
+
   [[registry.mirror]]
   location = "{host}"
-  # and the CA:
-  sudo mkdir -p /etc/containers/certs.d/{host}
-  sudo cp {ca} /etc/containers/certs.d/{host}/ca.crt
 
-skopeo (without registries.conf):
-  skopeo inspect --cert-dir /etc/containers/certs.d/{host} docker://{host}/library/alpine:latest
+skopeo:
+  skopeo copy --all docker://{host}/library/alpine:latest oci:alpine:latest
 
-If clients reach the mirror under another name than {bare}, add it to [tls] hosts and restart
-(or send SIGHUP): the server certificate is re-issued from the same CA.
+If clients reach the mirror under a name or address other than {bare}, add it to [tls] hosts and
+send SIGHUP (or restart): the server certificate is re-issued from the same CA.
 "#
     )
 }

@@ -20,6 +20,9 @@ pub struct FsDriver {
 impl FsDriver {
     pub fn new(root: impl Into<PathBuf>) -> io::Result<Self> {
         let root = root.into();
+        // Staged writes never outlive the process that made them: what is left here is from a
+        // crash or a fill cut short by shutdown, and is never visible.
+        let _ = std::fs::remove_dir_all(root.join(TMP_DIR));
         std::fs::create_dir_all(root.join(TMP_DIR))?;
         Ok(FsDriver { root })
     }

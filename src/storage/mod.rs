@@ -104,6 +104,22 @@ pub enum CommitError {
 #[derive(Clone)]
 pub struct Store {
     driver: std::sync::Arc<dyn Driver>,
+    stats: std::sync::Arc<StoreStats>,
+}
+
+/// Blob count and bytes, counted once at start and kept current by every write and delete.
+#[derive(Default)]
+pub struct StoreStats {
+    pub bytes: std::sync::atomic::AtomicI64,
+    pub objects: std::sync::atomic::AtomicI64,
+}
+
+impl StoreStats {
+    fn add(&self, bytes: i64, objects: i64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.bytes.fetch_add(bytes, Relaxed);
+        self.objects.fetch_add(objects, Relaxed);
+    }
 }
 
 fn blob_path(d: &Digest) -> String {
@@ -150,7 +166,28 @@ pub fn valid_upload_id(id: &str) -> bool {
 
 impl Store {
     pub fn new(driver: impl Driver) -> Self {
-        Store { driver: std::sync::Arc::new(driver) }
+        Store { driver: std::sync::Arc::new(driver), stats: Default::default() }
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+
+    /// Count what the blob tree holds (once, at start; later writes keep the figures current).
+    pub async fn count_blobs(&self) -> io::Result<()> {
+        let (mut bytes, mut objects) = (0i64, 0i64);
+        for alg in self.driver.list("blobs").await? {
+            for prefix in self.driver.list(&format!("blobs/{alg}")).await? {
+                for hex in self.driver.list(&format!("blobs/{alg}/{prefix}")).await? {
+                    if let Some(size) = self.driver.size(&format!("blobs/{alg}/{prefix}/{hex}/data")).await? {
+                        bytes += size as i64;
+                        objects += 1;
+                    }
+                }
+            }
+        }
+        self.stats.add(bytes, objects);
+        Ok(())
     }
 
     pub fn driver(&self) -> &dyn Driver {
@@ -172,7 +209,11 @@ impl Store {
     }
 
     pub async fn delete_blob(&self, d: &Digest) -> io::Result<()> {
-        self.driver.delete(&blob_path(d)).await
+        if let Some(size) = self.blob_size(d).await? {
+            self.driver.delete(&blob_path(d)).await?;
+            self.stats.add(-(size as i64), -1);
+        }
+        Ok(())
     }
 
     /// Start a staged blob write; nothing is visible until `BlobWriter::commit` verifies it.
@@ -234,13 +275,17 @@ impl Store {
         if self.blob_size(d).await?.is_some() {
             return self.driver.delete(staged).await;
         }
-        self.driver.commit(staged, &blob_path(d)).await
+        let size = self.driver.size(staged).await?.unwrap_or(0);
+        self.driver.commit(staged, &blob_path(d)).await?;
+        self.stats.add(size as i64, 1);
+        Ok(())
     }
 
     /// Store small content (a manifest) under its digest.
     pub async fn put_blob_bytes(&self, d: &Digest, bytes: &[u8]) -> io::Result<()> {
         if self.blob_size(d).await?.is_none() {
             self.driver.put(&blob_path(d), bytes).await?;
+            self.stats.add(bytes.len() as i64, 1);
         }
         Ok(())
     }
