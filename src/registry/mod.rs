@@ -229,10 +229,19 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         principal: authn.principal,
         body: std::sync::Mutex::new(body),
     };
-    let result = match authorize(&ctx, &route, conn, authn.rejected) {
-        Ok(()) => dispatch(ctx, &route, &mut info).await,
-        Err(e) => Err(e),
-    };
+    let result = async {
+        let target = match route.name() {
+            Some(name) => Some(resolve_target(&ctx.state, name, ctx.query.get("ns").map(String::as_str))?),
+            None => None,
+        };
+        if let Some(t) = &target {
+            info.upstream = t.upstream_name().map(str::to_string);
+            info.repository = Some(t.local().to_string());
+        }
+        authorize(&ctx, &route, target.as_ref(), conn, authn.rejected)?;
+        dispatch(ctx, &route, target, &mut info).await
+    }
+    .await;
     let mut resp = result.unwrap_or_else(IntoResponse::into_response);
     resp.headers_mut().insert("docker-distribution-api-version", header::HeaderValue::from_static("registry/2.0"));
     resp.extensions_mut().insert(info);
@@ -250,7 +259,13 @@ fn required_action(route: &Route<'_>, method: &Method) -> Action {
 }
 
 /// 401 with a challenge for callers who may log in, 403 DENIED for users who lack the right.
-fn authorize(ctx: &Ctx, route: &Route<'_>, conn: Option<ConnInfo>, rejected: bool) -> Result<()> {
+fn authorize(
+    ctx: &Ctx,
+    route: &Route<'_>,
+    target: Option<&Target>,
+    conn: Option<ConnInfo>,
+    rejected: bool,
+) -> Result<()> {
     let access = &ctx.state.access;
     if !access.enabled() {
         return Ok(());
@@ -261,8 +276,7 @@ fn authorize(ctx: &Ctx, route: &Route<'_>, conn: Option<ConnInfo>, rejected: boo
         Route::Base if anonymous => Err(access.challenge(&ctx.headers, conn, None)),
         Route::Base | Route::Catalog => Ok(()),
         _ => {
-            let Some(name) = route.name() else { return Ok(()) };
-            let target = resolve_target(&ctx.state, name, ctx.query.get("ns").map(String::as_str))?;
+            let (Some(name), Some(target)) = (route.name(), target) else { return Ok(()) };
             let mirrored = matches!(target, Target::Mirror { .. });
             let action = required_action(route, &ctx.method);
             if access.allowed(&ctx.principal, target.local().as_str(), mirrored, action) {
@@ -288,17 +302,8 @@ fn user_name(p: &Principal) -> &str {
     }
 }
 
-async fn dispatch(ctx: Ctx, route: &Route<'_>, info: &mut RequestInfo) -> Result<Response> {
+async fn dispatch(ctx: Ctx, route: &Route<'_>, target: Option<Target>, info: &mut RequestInfo) -> Result<Response> {
     let unsupported = || Err(RegistryError::new(Code::Unsupported, "method not allowed on this endpoint"));
-    let target = match route.name() {
-        Some(name) => {
-            let t = resolve_target(&ctx.state, name, ctx.query.get("ns").map(String::as_str))?;
-            info.upstream = t.upstream_name().map(str::to_string);
-            info.repository = Some(t.local().to_string());
-            Some(t)
-        }
-        None => None,
-    };
     let m = ctx.method.clone();
     match (route, target) {
         (Route::Base, _) => match m {

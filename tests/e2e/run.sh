@@ -7,14 +7,18 @@
 # whichever is newer} against two local `docker-registry` instances standing for docker.io and
 # ghcr.io, with every client inside a network namespace whose only route is a veth to the mirror
 # (10.99.0.1), and with Docker Hub / ghcr.io names pointing at 127.0.0.2 — nothing reaches the
-# internet. Client configuration comes verbatim from README.md (section Client setup).
+# internet. Client configuration, and the login commands, come verbatim from README.md (section
+# Client setup).
 #
 # Environment:
 #   E2E_TLS=1        (default) regmirror's own TLS: [tls] mode = "self-signed"
 #   E2E_TLS=0        plain HTTP mirror; clients configured with the ":plain" snippets
 #   E2E_TLS=nginx    development aid: regmirror plain on loopback, nginx terminating TLS on
 #                    10.99.0.1:5000 with a CA made by openssl (tests the clients' TLS setup)
-#   E2E_AUTH=0       TODO(auth): set to 1 once regmirror has authentication; see auth_hook()
+#   E2E_AUTH=1       (default) [auth] on: anonymous = "pull-mirror", user e2e (random password,
+#                    `regmirror passwd`) with access = "delete" on private/*; pushes and private
+#                    pulls log in with README's login snippets, anonymous ones must be refused
+#   E2E_AUTH=0       open registry (no [auth]); the login/refusal cases are skipped
 #   E2E_KEEP=1       keep the temp dir (logs, configs) instead of deleting it
 #   E2E_CMD_TIMEOUT  seconds allowed per client command (default 120)
 #   REGMIRROR_E2E=skip   exit 0 with a skip line when the machine cannot run the suite
@@ -30,7 +34,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 SETUP_MD=$HERE/../../README.md
 
 E2E_TLS=${E2E_TLS:-1}
-E2E_AUTH=${E2E_AUTH:-0}
+E2E_AUTH=${E2E_AUTH:-1}
 E2E_KEEP=${E2E_KEEP:-0}
 CMD_TIMEOUT=${E2E_CMD_TIMEOUT:-120}
 NETNS=${E2E_NETNS:-rmtest}
@@ -44,6 +48,10 @@ PY=python3
 case "$E2E_TLS" in
     1 | 0 | nginx) ;;
     *) echo "E2E_TLS must be 1, 0 or nginx (got '$E2E_TLS')" >&2; exit 2 ;;
+esac
+case "$E2E_AUTH" in
+    1 | 0) ;;
+    *) echo "E2E_AUTH must be 1 or 0 (got '$E2E_AUTH')" >&2; exit 2 ;;
 esac
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +90,7 @@ need mount mount
 need curl curl
 need timeout coreutils
 need sha256sum coreutils
+need base64 coreutils
 need "$PY" python3
 [ "$E2E_TLS" = nginx ] && { need nginx nginx-light; need openssl openssl; }
 if [ -x /usr/bin/docker ]; then DOCKER_CLI=/usr/bin/docker; else DOCKER_CLI=docker; need docker docker.io; fi
@@ -116,7 +125,7 @@ RUN_START=$SECONDS
 T=$(mktemp -d /tmp/regmirror-e2e.XXXXXX)
 LOG=$T/logs
 mkdir -p "$LOG" "$T/bin"
-echo "regmirror e2e: binary $BIN ($(date -r "$BIN" '+%F %T')), E2E_TLS=$E2E_TLS, temp dir $T"
+echo "regmirror e2e: binary $BIN ($(date -r "$BIN" '+%F %T')), E2E_TLS=$E2E_TLS, E2E_AUTH=$E2E_AUTH, temp dir $T"
 
 # ---------------------------------------------------------------------------------------------
 # Cleanup: daemons (reverse start order), everything left in our netns, the netns and veth,
@@ -477,6 +486,19 @@ case "$E2E_TLS" in
     nginx) MIRROR_LISTEN=127.0.0.1:$(free_port) SCHEME=https ;;
 esac
 MIRROR_URL=$SCHEME://$MIRROR
+# The suite's user: a fresh random password each run (letters and digits, so that it is found
+# verbatim wherever it might leak). Only the login snippets' environment and the curl config
+# file below ever hold it.
+AUTH_USER=e2e
+AUTH_PASSWORD=$(head -c 48 /dev/urandom | base64 -w0 | tr -dc 'A-Za-z0-9' | cut -c1-24)
+[ ${#AUTH_PASSWORD} = 24 ] || setup_fail "could not make a random password"
+AUTH_BASIC=$(printf '%s' "$AUTH_USER:$AUTH_PASSWORD" | base64 -w0) # what ends up in auth files
+if [ "$E2E_AUTH" = 1 ]; then
+    echo "$AUTH_PASSWORD" | "$BIN" passwd "$AUTH_USER" --htpasswd "$T/htpasswd" >"$LOG/passwd.out" 2>&1 ||
+        setup_fail "regmirror passwd failed: $(cat "$LOG/passwd.out")"
+    grep -q "^$AUTH_USER:\$2" "$T/htpasswd" || setup_fail "regmirror passwd wrote no bcrypt entry for $AUTH_USER"
+    (umask 077 && printf 'user = "%s:%s"\n' "$AUTH_USER" "$AUTH_PASSWORD" >"$T/curl-auth.conf")
+fi
 TAG_TTL=${E2E_TAG_TTL:-1s} # short, so that tags revalidate and serve_stale is exercised
 
 {
@@ -518,12 +540,24 @@ dir = "$T/certs"
 hosts = ["$HOST_IP"]
 EOF
     fi
-    # TODO(auth): with E2E_AUTH=1, write the auth section here once regmirror has one.
+    if [ "$E2E_AUTH" = 1 ]; then
+        cat <<EOF
+
+[auth]
+htpasswd = "$T/htpasswd"
+anonymous = "pull-mirror"
+
+[[auth.grant]]
+users = ["$AUTH_USER"]
+repositories = ["private/*"]
+access = "delete"
+EOF
+    fi
 } >"$T/mirror.toml"
 
 "$BIN" check-config --config "$T/mirror.toml" >"$LOG/check-config.out" 2>&1 ||
     setup_fail "regmirror check-config rejected the suite's config: $(cat "$LOG/check-config.out")"
-start_daemon regmirror "$LOG/regmirror.log" env RUST_LOG=info "$BIN" serve --config "$T/mirror.toml"
+start_daemon regmirror "$LOG/regmirror.log" env RUST_LOG="${E2E_RUST_LOG:-info}" "$BIN" serve --config "$T/mirror.toml"
 
 if [ "$E2E_TLS" = nginx ]; then
     # Development aid only: a CA and a server certificate for 10.99.0.1, nginx in front.
@@ -571,25 +605,33 @@ EOF
     start_daemon nginx "$LOG/nginx.out" nginx -e "$LOG/nginx.log" -p "$T/nginx" -c "$T/nginx/nginx.conf"
 fi
 
+V2_OK=200
+[ "$E2E_AUTH" = 1 ] && V2_OK=401 # anonymous GET /v2/: the Bearer challenge
 mirror_ready() {
+    local code
     if [ "$SCHEME" = https ]; then
-        [ -s "$CA" ] && curl -fsS --max-time 3 --cacert "$CA" "$MIRROR_URL/v2/"
+        [ -s "$CA" ] || return 1
+        code=$(curl -sS --max-time 3 -o /dev/null -w '%{http_code}' --cacert "$CA" "$MIRROR_URL/v2/")
     else
-        curl -fsS --max-time 3 "$MIRROR_URL/v2/"
+        code=$(curl -sS --max-time 3 -o /dev/null -w '%{http_code}' "$MIRROR_URL/v2/")
     fi
+    [ "$code" = "$V2_OK" ]
 }
 if ! wait_until 60 regmirror mirror_ready; then
     if ! alive regmirror; then
         wait "${PID[regmirror]}"
         setup_fail "regmirror ($BIN) exited with status $? before answering $MIRROR_URL/v2/"
     fi
-    if [ "$E2E_TLS" = 1 ] && alive regmirror && curl -fsS --max-time 3 "http://$MIRROR/v2/" >/dev/null 2>&1; then
+    if [ "$E2E_TLS" = 1 ] && alive regmirror && curl -sS --max-time 3 -o /dev/null "http://$MIRROR/v2/" 2>/dev/null; then
         setup_fail "regmirror answers plain HTTP on $MIRROR although [tls] mode = \"self-signed\" is set (no TLS yet in this binary? ca.crt written: $([ -s "$CA" ] && echo yes || echo no)); E2E_TLS=0 runs the plain-HTTP variant"
     fi
-    setup_fail "regmirror did not answer $MIRROR_URL/v2/ within 60s"
+    setup_fail "regmirror did not answer $MIRROR_URL/v2/ with $V2_OK within 60s"
 fi
 curlm() { # curl against the mirror, trusting its CA
     if [ "$SCHEME" = https ]; then curl --cacert "$CA" "$@"; else curl "$@"; fi
+}
+curlm_user() { # the same as the suite's user (HTTP Basic, which regmirror takes on /v2/ too)
+    if [ "$E2E_AUTH" = 1 ]; then curlm -K "$T/curl-auth.conf" "$@"; else curlm "$@"; fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -627,8 +669,74 @@ case_client_isolation() {
     fi
     "$CLIENT" "$etc" curl -sS --max-time 5 -o /dev/null "http://$(sed -n 's/^nameserver //p' /etc/resolv.conf | head -n 1)/" 2>&1 &&
         fail "the machine's nameserver is reachable from the client namespace"
-    step "the mirror is reachable from the client namespace" "$CLIENT" "$etc" curl -fsS --max-time 5 -o /dev/null \
-        $([ "$SCHEME" = https ] && echo "--cacert $CA") "$MIRROR_URL/v2/"
+    step "the mirror is reachable from the client namespace" "$CLIENT" "$etc" curl -sS --max-time 5 -o /dev/null \
+        -w '%{http_code}\n' $([ "$SCHEME" = https ] && echo "--cacert $CA") "$MIRROR_URL/v2/" &&
+        { [ "$(tail -n 1 "$T/last.out")" = "$V2_OK" ] || fail "GET $MIRROR_URL/v2/ answered $(tail -n 1 "$T/last.out"), want $V2_OK"; }
+}
+
+# Login commands from README.md (Pushing to the private namespace), run verbatim by sh with the
+# suite's user in MIRROR_USER / MIRROR_PASSWORD and $T/bin (the podman and skopeo wrappers) first
+# on PATH. Extra arguments go to sh's environment (VAR=value).
+run_snippet() { # description snippet-name [VAR=value]...
+    local desc=$1 cmds
+    cmds=$(snippet "$2") || { fail "$desc: no snippet e2e=$2 in README.md"; return 1; }
+    shift 2
+    step "$desc" env PATH="$T/bin:$PATH" MIRROR_USER="$AUTH_USER" MIRROR_PASSWORD="$AUTH_PASSWORD" "$@" sh -ec "$cmds"
+}
+
+# Where a case needs [auth]: SKIP it with E2E_AUTH=0.
+need_auth() {
+    [ "$E2E_AUTH" = 1 ] && return 0
+    skip_case "E2E_AUTH=0: no [auth] section"
+    return 1
+}
+
+# The pull went through the token flow: an anonymous token from /auth/token.
+expect_token_flow() {
+    [ "$E2E_AUTH" = 1 ] || return 0
+    expect ge 1 regmirror_requests_total method=GET route=/auth/token status=200
+    expect eq 0 regmirror_requests_total status=403
+}
+
+case_auth_token_flow() {
+    need_auth || return 0
+    local h tok code
+    # Anonymous GET /v2/: 401 with the Bearer challenge every client follows.
+    echo "+ GET $MIRROR_URL/v2/ (anonymous)"
+    h=$(curlm -sS -o /dev/null -D - "$MIRROR_URL/v2/" | tr -d '\r')
+    echo "$h"
+    grep -q '^HTTP/[0-9.]* 401' <<<"$h" || fail "anonymous GET /v2/ is not a 401"
+    grep -qi "^www-authenticate: Bearer realm=\"$MIRROR_URL/auth/token\",service=\"regmirror\"" <<<"$h" ||
+        fail "anonymous GET /v2/: no WWW-Authenticate: Bearer realm=\"$MIRROR_URL/auth/token\",service=\"regmirror\""
+    token_of() { "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])' 2>/dev/null; }
+    # An anonymous token pulls a mirrored manifest.
+    echo "+ GET $MIRROR_URL/auth/token?service=regmirror&scope=repository:library/hello:pull (anonymous)"
+    tok=$(curlm -fsS "$MIRROR_URL/auth/token?service=regmirror&scope=repository:library/hello:pull" | token_of)
+    [ -n "$tok" ] || fail "no anonymous token for repository:library/hello:pull"
+    code=$(curlm -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tok" -H "Accept: $ACCEPT" "$MIRROR_URL/v2/library/hello/manifests/latest")
+    echo "GET /v2/library/hello/manifests/latest with the anonymous token: $code"
+    [ "$code" = 200 ] || fail "mirrored manifest with an anonymous token: $code, want 200"
+    # Anonymous: no push to private/.
+    code=$(curlm -sS -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $tok" "$MIRROR_URL/v2/private/app/blobs/uploads/")
+    echo "POST /v2/private/app/blobs/uploads/ with the anonymous token: $code"
+    [ "$code" = 401 ] || fail "anonymous upload to private/app: $code, want 401"
+    # Basic credentials → a token that may push.
+    echo "+ GET $MIRROR_URL/auth/token?service=regmirror&scope=repository:private/app:pull,push (as $AUTH_USER)"
+    tok=$(curlm_user -fsS "$MIRROR_URL/auth/token?service=regmirror&scope=repository:private/app:pull,push" | token_of)
+    [ -n "$tok" ] || fail "no token for $AUTH_USER with scope repository:private/app:pull,push"
+    code=$(curlm -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tok" "$MIRROR_URL/v2/")
+    echo "GET /v2/ with $AUTH_USER's token: $code"
+    [ "$code" = 200 ] || fail "GET /v2/ with $AUTH_USER's token: $code, want 200"
+    code=$(curlm -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tok" "$MIRROR_URL/v2/private/app/tags/list")
+    echo "GET /v2/private/app/tags/list with $AUTH_USER's token: $code (nothing pushed yet)"
+    [ "$code" = 404 ] || fail "tags/list of the not yet pushed private/app as $AUTH_USER: $code, want 404"
+    # A wrong password: 401 at the token endpoint.
+    code=$(curlm -sS -o /dev/null -w '%{http_code}' -u "$AUTH_USER:wrong-$RANDOM" "$MIRROR_URL/auth/token?service=regmirror&scope=repository:private/app:pull,push")
+    echo "token with a wrong password: $code"
+    [ "$code" = 401 ] || fail "token with a wrong password: $code, want 401"
+    if [ "$METRICS_SOURCE" = metrics ]; then
+        expect ge 1 regmirror_auth_failures_total
+    fi
 }
 
 case_metrics_endpoint() {
@@ -697,15 +805,6 @@ docker_repo_digest() { # image -> "repo@sha256:..." list
     "$DOCKER_CLI" image inspect --format '{{join .RepoDigests " "}}' "$1" 2>/dev/null
 }
 
-auth_hook() {
-    # TODO(auth): when regmirror gets authentication, E2E_AUTH=1 makes the suite log in before
-    # pushing (and should assert that an anonymous push is refused with 401):
-    #   printf '%s' "$E2E_AUTH_PASSWORD" | docker login "$MIRROR" -u "$E2E_AUTH_USER" --password-stdin
-    if [ "$E2E_AUTH" = 1 ]; then
-        step "docker login" sh -c "printf '%s' \"\$E2E_AUTH_PASSWORD\" | '$DOCKER_CLI' login '$MIRROR' -u \"\$E2E_AUTH_USER\" --password-stdin"
-    fi
-}
-
 case_dockerd_pull() {
     make_etc "$DOCKER_ETC"
     apply_ca_snippet "$DOCKER_ETC" docker-ca || { fail "docker-ca snippet"; return 1; }
@@ -720,6 +819,10 @@ case_dockerd_pull() {
     expect ge 2 regmirror_upstream_requests_total upstream=docker.io kind=blob status=200
     expect ge 1 regmirror_requests_total method=GET 'route=/v2/{name}/manifests/{reference}' status=200
     expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=error
+    if [ "$E2E_AUTH" = 1 ]; then # dockerd pinged /v2/, got the challenge, fetched an anonymous token
+        expect ge 1 regmirror_requests_total method=GET route=/v2/ status=401
+        expect_token_flow
+    fi
 }
 
 case_dockerd_platform() {
@@ -753,18 +856,44 @@ case_dockerd_digest() {
     expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=error
 }
 
+# Anonymous pushes to private/ are refused (auth on), before anything is stored.
+case_dockerd_push_anonymous() {
+    need_auth || return 0
+    alive dockerd-A || { fail "dockerd A is not running"; return 1; }
+    step "docker tag" "$DOCKER_CLI" tag multilist "$MIRROR/private/app:1" || return 1
+    step_fails "docker push without login" "$DOCKER_CLI" push "$MIRROR/private/app:1"
+    grep -qiE 'unauthorized|authentication required' "$T/last.out" ||
+        fail "docker push output does not say unauthorized/authentication required"
+    expect ge 1 regmirror_requests_total method=POST 'route=/v2/{name}/blobs/uploads/' status=401
+    expect eq 0 regmirror_requests_total method=POST 'route=/v2/{name}/blobs/uploads/' status=202
+    expect eq 0 regmirror_requests_total method=PUT
+    expect eq 0 regmirror_requests_total status=403
+    local code
+    code=$(curlm -sS -o /dev/null -w '%{http_code}' -H "Accept: $ACCEPT" "$MIRROR_URL/v2/private/app/manifests/1")
+    echo "anonymous GET /v2/private/app/manifests/1: $code"
+    [ "$code" = 401 ] || fail "anonymous GET of private/app:1 answered $code, want 401"
+}
+
 case_dockerd_push() {
     alive dockerd-A || { fail "dockerd A is not running"; return 1; }
-    auth_hook
+    if [ "$E2E_AUTH" = 1 ]; then
+        run_snippet "docker login (README)" docker-login DOCKER_HOST="$DOCKER_HOST" DOCKER_CONFIG="$DOCKER_CONFIG" || return 1
+        grep -q "\"$AUTH_BASIC\"" "$DOCKER_CONFIG/config.json" ||
+            fail "docker login stored no credentials for $MIRROR in \$DOCKER_CONFIG/config.json"
+    fi
     # multilist (amd64): content the fresh daemon in dockerd-private-fresh-daemon has never seen
     step "docker tag" "$DOCKER_CLI" tag multilist "$MIRROR/private/app:1" || return 1
     step "docker push" "$DOCKER_CLI" push "$MIRROR/private/app:1" || return 1
     echo "+ GET $MIRROR_URL/v2/private/app/manifests/1"
-    curlm -fsS -o /dev/null -H "Accept: $ACCEPT" "$MIRROR_URL/v2/private/app/manifests/1" ||
+    curlm_user -fsS -o /dev/null -H "Accept: $ACCEPT" "$MIRROR_URL/v2/private/app/manifests/1" ||
         fail "private/app:1 is not served by the mirror after the push"
     expect ge 1 regmirror_requests_total method=PUT 'route=/v2/{name}/manifests/{reference}' status=201
     expect ge 1 regmirror_requests_total method=POST 'route=/v2/{name}/blobs/uploads/' status=202
+    expect eq 0 regmirror_requests_total status=403
     expect eq 0 regmirror_upstream_requests_total
+    if [ "$E2E_AUTH" = 1 ]; then
+        expect ge 1 regmirror_requests_total method=GET route=/auth/token status=200
+    fi
 }
 
 case_dockerd_x509() {
@@ -828,10 +957,20 @@ case_dockerd_stale() {
 
 case_dockerd_private_pull() {
     alive dockerd-B || { fail "dockerd B is not running"; return 1; }
+    if [ "$E2E_AUTH" = 1 ]; then
+        step "docker logout" "$DOCKER_CLI" logout "$MIRROR"
+        step_fails "docker pull private image without login" "$DOCKER_CLI" pull "$MIRROR/private/app:1"
+        grep -qiE 'unauthorized|authentication required|denied' "$T/last.out" ||
+            fail "docker pull output does not say unauthorized/denied"
+        expect ge 1 regmirror_requests_total method=GET 'route=/v2/{name}/manifests/{reference}' status=401
+        expect eq 0 regmirror_requests_total method=GET 'route=/v2/{name}/manifests/{reference}' status=200
+        run_snippet "docker login (README) on the fresh daemon" docker-login DOCKER_HOST="$DOCKER_HOST" DOCKER_CONFIG="$DOCKER_CONFIG" || return 1
+    fi
     step "docker pull private image on a fresh daemon" "$DOCKER_CLI" pull "$MIRROR/private/app:1" || return 1
     "$DOCKER_CLI" image inspect "$MIRROR/private/app:1" >/dev/null || fail "private/app:1 not in the image store"
     expect ge 1 regmirror_requests_total method=GET 'route=/v2/{name}/manifests/{reference}' status=200
     expect ge 2 regmirror_requests_total method=GET 'route=/v2/{name}/blobs/{digest}' status=200
+    expect eq 0 regmirror_requests_total status=403
     expect eq 0 regmirror_upstream_requests_total
 }
 
