@@ -12,20 +12,19 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use reqwest::{Method, StatusCode};
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use crate::app::AppState;
 use crate::registry::names::{Digest, RepoName};
 use crate::registry::response::CHUNK;
-use crate::storage::{CommitError, Reader};
+use crate::storage::CommitError;
 use crate::upstream::{error_chain, Upstream, UpstreamError};
 
 /// How often a broken upstream connection is resumed before the fill gives up.
 const MAX_RESUMES: u32 = 5;
 /// Bytes gathered before they are written and published to readers (flushed sooner when the
 /// upstream pauses).
-const WRITE_BATCH: usize = 256 << 10;
+const WRITE_BATCH: usize = 512 << 10;
 
 #[derive(Clone, Debug)]
 pub enum Phase {
@@ -177,7 +176,7 @@ async fn fetch(
             let next = match body.next().now_or_never() {
                 Some(n) => n,
                 None => {
-                    publish(&mut writer, &mut batch, tx).await.map_err(storage_err)?;
+                    publish(&mut writer, &mut batch, tx, true).await.map_err(storage_err)?;
                     body.next().await
                 }
             };
@@ -185,7 +184,7 @@ async fn fetch(
                 Some(Ok(chunk)) => {
                     batch.extend_from_slice(&chunk);
                     if batch.len() >= WRITE_BATCH {
-                        publish(&mut writer, &mut batch, tx).await.map_err(storage_err)?;
+                        publish(&mut writer, &mut batch, tx, false).await.map_err(storage_err)?;
                     }
                 }
                 Some(Err(e)) => {
@@ -195,7 +194,7 @@ async fn fetch(
                 None => break,
             }
         }
-        publish(&mut writer, &mut batch, tx).await.map_err(storage_err)?;
+        publish(&mut writer, &mut batch, tx, true).await.map_err(storage_err)?;
         let expected = total.unwrap_or(0);
         if writer.written() >= expected {
             break;
@@ -222,19 +221,29 @@ async fn fetch(
     }
 }
 
+/// Write a batch and tell readers how much is on disk. Without `flush`, the write runs in the
+/// background while the next batch arrives; what is published is what the previous write
+/// (finished before this one could start) put on disk.
 async fn publish(
     writer: &mut crate::storage::BlobWriter,
     batch: &mut Vec<u8>,
     tx: &watch::Sender<Progress>,
+    flush: bool,
 ) -> std::io::Result<()> {
-    if batch.is_empty() {
-        return Ok(());
+    let before = writer.written();
+    if !batch.is_empty() {
+        writer.write(batch).await?;
+        batch.clear();
     }
-    writer.write(batch).await?;
-    writer.flush().await?;
-    batch.clear();
-    let written = writer.written();
-    tx.send_modify(|p| p.written = written);
+    let on_disk = if flush {
+        writer.flush().await?;
+        writer.written()
+    } else {
+        before
+    };
+    if tx.borrow().written < on_disk {
+        tx.send_modify(|p| p.written = on_disk);
+    }
     Ok(())
 }
 
@@ -272,11 +281,10 @@ pub fn follow(
         rx: watch::Receiver<Progress>,
         pos: u64,
         end: u64,
-        file: Option<Reader>,
         _waiting: WaiterGauge,
     }
     let waiting = WaiterGauge::new(&state);
-    let follower = Follower { state, digest, rx, pos: start, end, file: None, _waiting: waiting };
+    let follower = Follower { state, digest, rx, pos: start, end, _waiting: waiting };
     futures_util::stream::unfold(follower, |mut f| async move {
         loop {
             if f.pos >= f.end {
@@ -292,23 +300,12 @@ pub fn follow(
                 Phase::Connecting => (0, None),
             };
             if f.pos < available {
-                if f.file.is_none() {
-                    match open(&f.state, &f.digest, staging.as_deref(), f.pos).await {
-                        Ok(file) => f.file = Some(file),
-                        Err(e) => return Some((Err(e), Follower { end: 0, ..f })),
-                    }
-                }
                 let want = (available.min(f.end) - f.pos).min(CHUNK as u64) as usize;
-                let mut buf = vec![0u8; want];
-                let read = match f.file.as_mut() {
-                    Some(file) => file.read_exact(&mut buf).await,
-                    None => Err(std::io::Error::other("fill file not open")),
-                };
-                return match read {
-                    Ok(_) => {
+                return match read(&f.state, &f.digest, staging.as_deref(), f.pos, want).await {
+                    Ok(chunk) => {
                         f.pos += want as u64;
                         f.state.metrics.bytes_served.with_label_values(&["fill"]).inc_by(want as u64);
-                        Some((Ok(Bytes::from(buf)), f))
+                        Some((Ok(chunk), f))
                     }
                     Err(e) => Some((Err(e), Follower { end: 0, ..f })),
                 };
@@ -327,19 +324,31 @@ pub fn follow(
     })
 }
 
-/// Open the staging file at `pos`; once the fill has committed, the staging file is gone and the
-/// blob is read from the store instead.
-async fn open(state: &AppState, digest: &Digest, staging: Option<&str>, pos: u64) -> std::io::Result<Reader> {
-    if let Some(path) = staging {
-        if let Some(r) = state.store.driver().open_read(path, pos).await? {
-            return Ok(r);
-        }
+/// `want` bytes at `pos`, from the staging file or, once the fill has committed and the staging
+/// file is gone, from the store.
+async fn read(
+    state: &AppState,
+    digest: &Digest,
+    staging: Option<&str>,
+    pos: u64,
+    want: usize,
+) -> std::io::Result<Bytes> {
+    let chunk = match staging {
+        Some(path) => state.store.driver().read_at(path, pos, want).await?,
+        None => None,
+    };
+    let chunk = match chunk {
+        Some(c) => c,
+        None => state
+            .store
+            .read_blob_at(digest, pos, want)
+            .await?
+            .ok_or_else(|| std::io::Error::other(format!("blob {digest} vanished during a fill")))?,
+    };
+    if chunk.len() != want {
+        return Err(std::io::Error::other(format!("blob {digest}: {} bytes where {want} were written", chunk.len())));
     }
-    state
-        .store
-        .open_blob(digest, pos)
-        .await?
-        .ok_or_else(|| std::io::Error::other(format!("blob {digest} vanished during a fill")))
+    Ok(chunk)
 }
 
 /// Counts clients streaming from a fill, for the `fill_waiters` gauge.

@@ -6,7 +6,7 @@ use axum::response::Response;
 
 use super::error::{Code, RegistryError, Result};
 use super::names::{Digest, RepoName};
-use super::response::{blob_response, located, parse_range, reader_body};
+use super::response::{blob_body, blob_response, located, parse_range};
 use super::{Ctx, RequestInfo, Target};
 
 pub fn unknown(repo: &RepoName, d: &Digest) -> RegistryError {
@@ -25,11 +25,8 @@ pub async fn serve_stored(ctx: &Ctx, d: &Digest) -> Result<Option<Response>> {
         return Ok(Some(blob_response(status, d, size, range, Body::empty())));
     }
     let (offset, len) = range.map_or((0, size), |r| (r.start, r.len()));
-    let Some(reader) = store.open_blob(d, offset).await? else {
-        return Ok(None);
-    };
     let served = ctx.state.metrics.bytes_served.with_label_values(&["cache"]);
-    let body = reader_body(reader, len, move |n| served.inc_by(n));
+    let body = blob_body(store.clone(), d.clone(), offset, len, move |n| served.inc_by(n));
     Ok(Some(blob_response(status, d, size, range, body)))
 }
 

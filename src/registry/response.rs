@@ -4,11 +4,10 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use futures_util::StreamExt;
-use tokio::io::AsyncReadExt;
 
 use super::error::{Code, RegistryError, Result};
 use super::names::Digest;
-use crate::storage::Reader;
+use crate::storage::Store;
 
 /// Blob bodies are sent in large chunks: close to sendfile speed without sendfile.
 pub const CHUNK: usize = 1 << 20;
@@ -90,23 +89,30 @@ pub fn insert_digest(h: &mut HeaderMap, digest: &Digest) {
     }
 }
 
-/// Stream `len` bytes from `reader` in large chunks.
-pub fn reader_body(reader: Reader, len: u64, on_bytes: impl Fn(u64) + Send + 'static) -> Body {
-    let stream = futures_util::stream::unfold((reader, len, on_bytes), |(mut reader, left, on_bytes)| async move {
-        if left == 0 {
-            return None;
-        }
-        let want = left.min(CHUNK as u64) as usize;
-        let mut buf = vec![0u8; want];
-        match reader.read_exact(&mut buf).await {
-            Ok(_) => {
-                on_bytes(want as u64);
-                Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), (reader, left - want as u64, on_bytes)))
+/// Stream bytes `[offset, offset + len)` of a stored blob in large chunks.
+pub fn blob_body(store: Store, digest: Digest, offset: u64, len: u64, on_bytes: impl Fn(u64) + Send + 'static) -> Body {
+    let end = offset + len;
+    let stream = futures_util::stream::unfold(
+        (offset, store, digest, on_bytes),
+        move |(pos, store, digest, on_bytes)| async move {
+            if pos >= end {
+                return None;
             }
-            // The file ended early: abort the response rather than complete it short.
-            Err(e) => Some((Err(e), (reader, 0, on_bytes))),
-        }
-    });
+            let want = (end - pos).min(CHUNK as u64) as usize;
+            match store.read_blob_at(&digest, pos, want).await {
+                Ok(Some(chunk)) if chunk.len() == want => {
+                    on_bytes(want as u64);
+                    Some((Ok(chunk), (pos + want as u64, store, digest, on_bytes)))
+                }
+                // The file ended early or vanished: abort the response rather than complete it short.
+                Ok(_) => Some((
+                    Err(std::io::Error::other(format!("blob {digest} ended early"))),
+                    (end, store, digest, on_bytes),
+                )),
+                Err(e) => Some((Err(e), (end, store, digest, on_bytes))),
+            }
+        },
+    );
     Body::from_stream(stream)
 }
 

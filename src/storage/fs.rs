@@ -112,6 +112,28 @@ impl Driver for FsDriver {
         Ok(Some(Box::new(f)))
     }
 
+    async fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>> {
+        use std::os::unix::fs::FileExt;
+        let full = self.full(path);
+        tokio::task::spawn_blocking(move || {
+            let Some(file) = not_found_is_none(std::fs::File::open(full))? else { return Ok(None) };
+            let mut buf = vec![0u8; len];
+            let mut filled = 0;
+            while filled < len {
+                match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            buf.truncate(filled);
+            Ok(Some(bytes::Bytes::from(buf)))
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
     async fn open_append(&self, path: &str) -> io::Result<Writer> {
         let full = self.full(path);
         if let Some(parent) = full.parent() {

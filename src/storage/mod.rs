@@ -43,6 +43,9 @@ pub trait Driver: Send + Sync + 'static {
     async fn size(&self, path: &str) -> io::Result<Option<u64>>;
     /// A reader positioned at `offset`, `None` when the file does not exist.
     async fn open_read(&self, path: &str, offset: u64) -> io::Result<Option<Reader>>;
+    /// Up to `len` bytes at `offset` (fewer only where the file ends); `None` when the file does
+    /// not exist. The fast path for serving blobs: one read per chunk, no intermediate buffer.
+    async fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>>;
     /// A writer appending to a (possibly new) file.
     async fn open_append(&self, path: &str) -> io::Result<Writer>;
     /// Make a staged file durable and move it to `to`, atomically.
@@ -202,6 +205,10 @@ impl Store {
 
     pub async fn open_blob(&self, d: &Digest, offset: u64) -> io::Result<Option<Reader>> {
         self.driver.open_read(&blob_path(d), offset).await
+    }
+
+    pub async fn read_blob_at(&self, d: &Digest, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>> {
+        self.driver.read_at(&blob_path(d), offset, len).await
     }
 
     pub async fn read_blob(&self, d: &Digest) -> io::Result<Option<Vec<u8>>> {
