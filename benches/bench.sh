@@ -16,8 +16,20 @@
 # Environment (defaults in brackets):
 #   REGMIRROR_BIN [target/release/regmirror]   BENCH_BLOB_MIB [256]   BENCH_COLD_RUNS [2]
 #   BENCH_WARM_RUNS [5]   BENCH_FANOUT [16]   BENCH_WRK_SECS [5]   BENCH_STIME_SECS [5]
+#   BENCH_IDLE_WAIT [60]  seconds to wait at most for the machine to go idle before starting
+#   BENCH_SETTLE_WAIT [8]  seconds to wait at most, before each timed measurement, for the
+#                 daemons' background work to end and the machine to go quiet
+#   BENCH_PREFAULT_MIB [auto]  fresh memory to touch once before measuring (0: none); see below
 #   BENCH_KEEP=1  keep the temp dir (logs, configs, nginx access log)
 #   RUST_LOG      passed to regmirror (unset: its default, info — one line per request)
+#
+# Fairness measures: every timed measurement starts once the daemons' own background work (the
+# reference stores a blob after serving it) has stopped and dirty pages are synced; CPU used by
+# processes outside this script is measured per phase and reported (on a shared machine, re-run
+# when it is high). On VMs that back guest memory lazily, the first write to a never-used page is
+# a host fault (~2-3 s of system time per GiB on Firecracker); it lands on whichever process
+# writes new page-cache pages (a mirror filling its cache), so the script touches enough fresh
+# memory once, up front, and frees it.
 
 set -uo pipefail
 
@@ -30,6 +42,9 @@ WARM_RUNS=${BENCH_WARM_RUNS:-5}
 FANOUT=${BENCH_FANOUT:-16}
 WRK_SECS=${BENCH_WRK_SECS:-5}
 STIME_SECS=${BENCH_STIME_SECS:-5}
+IDLE_WAIT=${BENCH_IDLE_WAIT:-60}
+PREFAULT_MIB=${BENCH_PREFAULT_MIB:-auto}
+SETTLE_WAIT=${BENCH_SETTLE_WAIT:-8}
 KEEP=${BENCH_KEEP:-0}
 RESULTS=$HERE/results.txt
 LIB=$HERE/benchlib.py
@@ -68,15 +83,35 @@ fi
 for n in BLOB_MIB COLD_RUNS WARM_RUNS FANOUT WRK_SECS STIME_SECS; do
     [[ ${!n} =~ ^[1-9][0-9]*$ ]] || die "$n must be a positive integer (got '${!n}')"
 done
+[[ $IDLE_WAIT =~ ^[0-9]+$ ]] || die "BENCH_IDLE_WAIT must be a number of seconds (got '$IDLE_WAIT')"
+[[ $SETTLE_WAIT =~ ^[0-9]+$ ]] || die "BENCH_SETTLE_WAIT must be a number of seconds (got '$SETTLE_WAIT')"
+NBLOBS=$((1 + 2 * COLD_RUNS + 2))
+# Written during a run: every blob once upstream, each mirror's cold and fan-out blobs once more.
+WRITE_MIB=$(((NBLOBS + 2 * (COLD_RUNS + 1)) * BLOB_MIB))
+if [ "$PREFAULT_MIB" = auto ]; then PREFAULT_MIB=$((WRITE_MIB * 5 / 4)); fi
+[[ $PREFAULT_MIB =~ ^[0-9]+$ ]] || die "BENCH_PREFAULT_MIB must be auto or a number (got '$PREFAULT_MIB')"
+AVAIL_MIB=$(awk '/MemAvailable/ { print int($2 / 1024) }' /proc/meminfo)
+[ "$PREFAULT_MIB" -le $((AVAIL_MIB / 2)) ] || PREFAULT_MIB=$((AVAIL_MIB / 2))
+FREE_DISK_MIB=$(df -Pm /tmp | awk 'NR == 2 { print $4 }')
+[ "$FREE_DISK_MIB" -gt $((WRITE_MIB + 1024)) ] || die "need about $((WRITE_MIB + 1024)) MiB free in /tmp, have $FREE_DISK_MIB"
 
 T=$(mktemp -d /tmp/regmirror-bench.XXXXXX)
 LOG=$T/logs
 FIG=$T/figures
 mkdir -p "$LOG" "$T/nginx" "$T/up" "$T/ref" "$T/rm" "$T/fan"
+# A private copy: the binary may be rebuilt while we run (the TLS step restarts it).
+BIN_SRC=$BIN
+BIN=$T/regmirror
+cp "$BIN_SRC" "$BIN" || die "cannot copy $BIN_SRC"
 : >"$FIG"
 fig() { printf '%s=%s\n' "$1" "$2" >>"$FIG"; }
-NOTE_N=0
-note() { NOTE_N=$((NOTE_N + 1)); fig "$(printf 'note%02d' "$NOTE_N")" "$*"; say "note: $*"; }
+note() {
+    local text
+    text=$(printf '%s' "$*" | sed 's/\x1b\[[0-9;]*m//g' | tr '\n' ' ')
+    NOTE_N=$(($(grep -c '^note' "$FIG") + 1)) # notes may come from subshells
+    fig "$(printf 'note%02d' "$NOTE_N")" "$text"
+    say "note: $text"
+}
 
 # ---------------------------------------------------------------------------------------------
 # Daemons and cleanup
@@ -146,6 +181,34 @@ explain() { # label url [curl args...]
         head -1 | tr -d '\r') $(head -c 200 "$T/body" 2>/dev/null | tr '\n' ' ')"
 }
 median() { $PY "$LIB" median "$@"; }
+
+# CPU bookkeeping per phase: the daemons' CPU seconds, and CPU used by processes not ours.
+declare -A CPU=()
+snap() {
+    $PY "$LIB" cpu-snap $$ "rm=${PID[regmirror_tls]:-${PID[regmirror]:-x}}" "ref=${PID[reference]:-x}" \
+        "up=${PID[upstream]:-x}" "ngx=${PID[nginx]:-x}"
+}
+phase_begin() { PHASE=$1; SNAP0=$(snap); }
+phase_end() {
+    local kv
+    CPU=()
+    for kv in $($PY "$LIB" cpu-diff "$SNAP0" "$(snap)"); do CPU[${kv%%=*}]=${kv#*=}; done
+    fig "foreign_${PHASE}_pct" "${CPU[foreign_pct]:-?}"
+    fig "foreign_${PHASE}_s" "${CPU[foreign]:-?}"
+    say "  [$PHASE: ${CPU[wall]:-?}s; CPU s: regmirror ${CPU[rm]:-?}, reference ${CPU[ref]:-?}, upstream ${CPU[up]:-?}, nginx ${CPU[ngx]:-?}, other processes ${CPU[foreign]:-?} (${CPU[foreign_pct]:-?}% of the machine)]"
+    alive "$(rm_name)" && fig "hwm_${PHASE}_rm" "$(hwm "${PID[$(rm_name)]}")"
+    alive reference && fig "hwm_${PHASE}_ref" "$(hwm "${PID[reference]}")"
+}
+rm_name() { if alive regmirror_tls; then echo regmirror_tls; else echo regmirror; fi; }
+per() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b > 0) printf "%.3f", a / b }'; }
+hwm() { awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null; }
+# Before a timed measurement: the daemons' background work done, dirty pages written.
+settle() {
+    local p pids=()
+    for p in "${PID[@]}"; do [ -n "$p" ] && pids+=("$p"); done
+    sync
+    $PY "$LIB" settle "$SETTLE_WAIT" "${pids[@]}" >/dev/null
+}
 mbs() { awk -v b="$1" 'BEGIN { if (b == "") print ""; else printf "%.1f", b / 1e6 }'; }
 
 PORTS=($($PY "$LIB" ports 9))
@@ -160,8 +223,8 @@ RM=http://127.0.0.1:$P_RM
 NGX_LOG=$LOG/upstream-access.log
 
 fig date "$(date -u '+%F %T UTC')"
-fig bin "$BIN"
-fig bin_mtime "$(date -r "$BIN" '+%F %T')"
+fig bin "$BIN_SRC"
+fig bin_mtime "$(date -r "$BIN_SRC" '+%F %T'), sha256 $(sha256sum "$BIN" | cut -c1-12)"
 fig ref_version "$(docker-registry --version 2>&1 | awk '{print $NF}')"
 fig nginx_version "$(nginx -v 2>&1 | sed 's|.*/||')"
 fig cpus "$(nproc)"
@@ -171,7 +234,18 @@ fig cold_runs "$COLD_RUNS"
 fig warm_runs "$WARM_RUNS"
 fig fanout "$FANOUT"
 fig wrk_args "$WRK_ARGS"
-say "temp dir $T; binary $BIN"
+say "temp dir $T; binary $BIN_SRC"
+
+if [ "$IDLE_WAIT" -gt 0 ]; then
+    busy=$($PY "$LIB" wait-idle "$IDLE_WAIT")
+    fig busy_at_start_pct "$busy"
+    [ "${busy:-100}" -lt 15 ] || note "the machine was ${busy}% busy when the run started (waited ${IDLE_WAIT}s for it to go idle); figures may be low"
+fi
+if [ "$PREFAULT_MIB" -gt 0 ]; then
+    say "touching $PREFAULT_MIB MiB of fresh memory once"
+    pf=$($PY "$LIB" prefault "$PREFAULT_MIB")
+    note "prefault: touched $PREFAULT_MIB MiB of memory in ${pf}s before measuring ($(per "$pf" "$((PREFAULT_MIB))" | awk '{ printf "%.1f", $1 * 1024 }') s/GiB; about 0.1 s/GiB means the pages were already backed)"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 1. Setup: upstream registry, counting nginx + static nginx, seed, both mirrors
@@ -235,6 +309,9 @@ http {
             proxy_set_header Connection "";
             proxy_set_header Host \$http_host;
             proxy_buffering off;
+            proxy_buffer_size 256k;
+            proxy_buffers 4 256k;
+            proxy_busy_buffers_size 256k;
             proxy_request_buffering off;
             proxy_read_timeout 120s;
         }
@@ -366,16 +443,23 @@ check_fetch() { # label expected-size "code size secs speed" url [curl args...];
     fi
 }
 direct=() direct_raw=() cold_rm=() cold_ref=()
+timed() { # label url : settle, then one checked download; echoes seconds or ""
+    settle
+    check_fetch "$1" "$BLOB_BYTES" "$(fetch "$2")" "$2"
+}
 fetch "$(blob_url "$NGX" "${HEX[layer]}")" >/dev/null # warm the upstream's file cache path once
+phase_begin cold
 for ((i = 1; i <= COLD_RUNS; i++)); do
-    direct+=("$(check_fetch direct "$BLOB_BYTES" "$(fetch "$(blob_url "$NGX" "${HEX[layer]}")")" "$(blob_url "$NGX" "${HEX[layer]}")")")
-    direct_raw+=("$(check_fetch direct-raw "$BLOB_BYTES" "$(fetch "$(blob_url "$UP" "${HEX[layer]}")")" "$(blob_url "$UP" "${HEX[layer]}")")")
-    h=${HEX[cold_rm_$i]}
-    cold_rm+=("$(check_fetch "regmirror cold $i" "$BLOB_BYTES" "$(fetch "$(blob_url "$RM" "$h")")" "$(blob_url "$RM" "$h")")")
-    h=${HEX[cold_ref_$i]}
-    cold_ref+=("$(check_fetch "reference cold $i" "$BLOB_BYTES" "$(fetch "$(blob_url "$REF" "$h")")" "$(blob_url "$REF" "$h")")")
+    direct+=("$(timed direct "$(blob_url "$NGX" "${HEX[layer]}")")")
+    direct_raw+=("$(timed direct-raw "$(blob_url "$UP" "${HEX[layer]}")")")
+    cold_rm+=("$(timed "regmirror cold $i" "$(blob_url "$RM" "${HEX[cold_rm_$i]}")")")
+    cold_ref+=("$(timed "reference cold $i" "$(blob_url "$REF" "${HEX[cold_ref_$i]}")")")
 done
-direct+=("$(check_fetch direct "$BLOB_BYTES" "$(fetch "$(blob_url "$NGX" "${HEX[layer]}")")" "$(blob_url "$NGX" "${HEX[layer]}")")")
+direct+=("$(timed direct "$(blob_url "$NGX" "${HEX[layer]}")")")
+settle
+phase_end
+fig cpu_cold_rm "$(per "${CPU[rm]}" "$COLD_RUNS")"
+fig cpu_cold_ref "$(per "${CPU[ref]}" "$COLD_RUNS")"
 say "  direct ${direct[*]} | raw ${direct_raw[*]} | regmirror ${cold_rm[*]} | reference ${cold_ref[*]}"
 fig direct_s "$(median "${direct[@]}")"
 fig direct_raw_s "$(median "${direct_raw[@]}")"
@@ -396,7 +480,6 @@ note "upstream requests per cold pull (GET HEAD): regmirror ${cold_up_rm% *}, re
 # ---------------------------------------------------------------------------------------------
 
 say "warm throughput, $WARM_RUNS rounds"
-sleep 1 # let a mirror finish committing what it just fetched
 WRM=$(blob_url "$RM" "${HEX[cold_rm_1]}")
 WREF=$(blob_url "$REF" "${HEX[cold_ref_1]}")
 WNGX=$(static_url "${HEX[cold_rm_1]}")
@@ -404,9 +487,11 @@ fetch "$WRM" >/dev/null
 fetch "$WREF" >/dev/null
 fetch "$WNGX" >/dev/null
 warm_rm=() warm_ref=() warm_ngx=()
+phase_begin warm
 for ((i = 1; i <= WARM_RUNS; i++)); do
     for which in rm ref ngx; do
         case $which in rm) u=$WRM ;; ref) u=$WREF ;; ngx) u=$WNGX ;; esac
+        settle
         res=$(fetch "$u")
         read -r c s _ b <<<"$res"
         if [ "$c" = 200 ] && [ "$s" = "$BLOB_BYTES" ]; then
@@ -416,6 +501,9 @@ for ((i = 1; i <= WARM_RUNS; i++)); do
         fi
     done
 done
+phase_end
+fig cpu_warm_rm "$(per "${CPU[rm]}" "$WARM_RUNS")"
+fig cpu_warm_ref "$(per "${CPU[ref]}" "$WARM_RUNS")"
 fig warm_rm_mbs "$(mbs "$(median "${warm_rm[@]}")")"
 fig warm_ref_mbs "$(mbs "$(median "${warm_ref[@]}")")"
 fig warm_nginx_mbs "$(mbs "$(median "${warm_ngx[@]}")")"
@@ -441,8 +529,16 @@ for which in rm ref; do
     fi
     [ "$dg" = "$MANIFEST_DIGEST" ] || note "manifest via $which: Docker-Content-Digest '$dg', expected $MANIFEST_DIGEST"
     before=$(grep -c "manifests/latest\"" "$NGX_LOG")
+    before_all=$(wc -l <"$NGX_LOG")
+    settle
+    phase_begin "man_$which"
     timeout $((WRK_SECS + 30)) wrk $WRK_ARGS --latency -H "Accept: $ACCEPT" "$base$MAN_PATH" >"$LOG/wrk-$which.txt" 2>&1
     after=$(grep -c "manifests/latest\"" "$NGX_LOG")
+    after_all=$(wc -l <"$NGX_LOG")
+    fig "man_${which}_upstream_all" "$((after_all - before_all))"
+    sed -n "$((before_all + 1)),${after_all}p" "$NGX_LOG" | awk '{ print $2, $3 }' | tr -d '"' |
+        sort | uniq -c | sort -rn | awk '{ $1 = $1; print }' >"$LOG/upstream-during-wrk-$which.txt"
+    phase_end
     read -r rps non2xx errs reqs <<<"$($PY "$LIB" wrk-parse "$LOG/wrk-$which.txt")"
     fig "man_${which}_rps" "$rps"
     fig "man_${which}_non2xx" "$non2xx"
@@ -450,7 +546,7 @@ for which in rm ref; do
     fig "man_${which}_upstream" "$((after - before))"
     say "  $which: $rps req/s ($reqs requests, $non2xx non-2xx, $errs socket errors, $((after - before)) upstream requests)"
 done
-note "manifest upstream requests during wrk: regmirror $(grep '^man_rm_upstream=' "$FIG" | cut -d= -f2), reference $(grep '^man_ref_upstream=' "$FIG" | cut -d= -f2)"
+note "upstream requests during the manifest wrk runs (for the manifest / all paths): regmirror $(grep '^man_rm_upstream=' "$FIG" | cut -d= -f2) / $(grep '^man_rm_upstream_all=' "$FIG" | cut -d= -f2), reference $(grep '^man_ref_upstream=' "$FIG" | cut -d= -f2) / $(grep '^man_ref_upstream_all=' "$FIG" | cut -d= -f2) (reference: $(head -3 "$LOG/upstream-during-wrk-ref.txt" | tr '\n' ',' | sed 's/,$//; s/,/, /g'))"
 
 # ---------------------------------------------------------------------------------------------
 # 5. Fan-out: N concurrent clients on one uncached blob
@@ -459,6 +555,8 @@ note "manifest upstream requests during wrk: regmirror $(grep '^man_rm_upstream=
 fanout() { # label url -> sets FAN_WALL, FAN_OK
     local label=$1 url=$2 i start end pids=()
     rm -f "$T/fan/$label".*
+    settle
+    phase_begin "fan_$label"
     start=$(date +%s.%N)
     for ((i = 1; i <= FANOUT; i++)); do
         curl -sS -o /dev/null --max-time 180 -w '%{http_code} %{size_download} %{time_total}\n' "$url" \
@@ -467,6 +565,8 @@ fanout() { # label url -> sets FAN_WALL, FAN_OK
     done
     wait "${pids[@]}"
     end=$(date +%s.%N)
+    settle # the reference keeps storing after its clients are served: count that CPU too
+    phase_end
     FAN_WALL=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }')
     FAN_OK=$(cat "$T/fan/$label".* | awk -v n="$BLOB_BYTES" '$1 == 200 && $2 == n' | wc -l)
     if [ "$FAN_OK" != "$FANOUT" ]; then
@@ -479,15 +579,15 @@ say "fan-out: $FANOUT clients"
 fanout rm "$(blob_url "$RM" "${HEX[fan_rm]}")"
 fig fan_rm_s "$FAN_WALL"
 fig fan_rm_ok "$FAN_OK"
-sleep 1
+fig cpu_fan_rm "${CPU[rm]}"
 fanout ref "$(blob_url "$REF" "${HEX[fan_ref]}")"
 fig fan_ref_s "$FAN_WALL"
 fig fan_ref_ok "$FAN_OK"
-sleep 1
+fig cpu_fan_ref "${CPU[ref]}"
 fanout nginx "$(static_url "${HEX[fan_rm]}")"
 fig fan_nginx_s "$FAN_WALL"
 fig fan_nginx_ok "$FAN_OK"
-sleep 1 # requests still logged after the last byte
+fig cpu_fan_nginx "${CPU[ngx]}"
 read -r g hd by <<<"$(upstream_count "${HEX[fan_rm]}")"
 fig fan_rm_gets "$g"
 fig fan_rm_up_mib "$(awk -v b="$by" 'BEGIN { printf "%.0f", b / 1048576 }')"
@@ -503,7 +603,6 @@ verify "reference fan-out blob" "$(blob_url "$REF" "${HEX[fan_ref]}")" "${HEX[fa
 # 6. Peak RSS
 # ---------------------------------------------------------------------------------------------
 
-hwm() { awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null; }
 alive regmirror || note "regmirror is no longer running: $(tail -3 "$LOG/regmirror.log")"
 alive reference || note "reference is no longer running: $(tail -3 "$LOG/reference.log")"
 fig rss_rm_mib "$(hwm "${PID[regmirror]}")"
@@ -511,8 +610,10 @@ fig rss_ref_mib "$(hwm "${PID[reference]}")"
 say "  VmHWM regmirror $(hwm "${PID[regmirror]}") MiB, reference $(hwm "${PID[reference]}") MiB"
 metric() { $PY "$LIB" metric "$@" 2>/dev/null || echo "?"; }
 note "regmirror metrics: upstream requests $(metric "http://127.0.0.1:$P_RMM/metrics" regmirror_upstream_requests_total), upstream failures $(metric "http://127.0.0.1:$P_RMM/metrics" regmirror_upstream_failures_total)"
+note "peak RSS (VmHWM, MiB) after each phase, regmirror / reference: $(for p in cold warm man_rm man_ref fan_rm fan_ref fan_nginx; do printf '%s %s/%s; ' "$p" "$(grep "^hwm_${p}_rm=" "$FIG" | cut -d= -f2)" "$(grep "^hwm_${p}_ref=" "$FIG" | cut -d= -f2)"; done)"
 ERRS=$(grep -ciE '\b(ERROR|WARN)\b' "$LOG/regmirror.log")
-[ "$ERRS" = 0 ] || note "regmirror logged $ERRS WARN/ERROR lines, e.g.: $(grep -iE '\b(ERROR|WARN)\b' "$LOG/regmirror.log" | head -3 | tr '\n' ' ')"
+[ "$ERRS" = 0 ] || note "regmirror logged $ERRS WARN/ERROR lines, e.g.: $(grep -iE '\b(ERROR|WARN)\b' "$LOG/regmirror.log" | head -3)"
+grep -q $'\x1b\\[' "$LOG/regmirror.log" && note "regmirror writes ANSI colour codes into its log even though stderr is a file, not a terminal"
 
 # ---------------------------------------------------------------------------------------------
 # 7. TLS: restart regmirror on the same store with [tls] mode = "self-signed"
@@ -527,19 +628,32 @@ TLS=https://127.0.0.1:$P_TLS
 if wait_until 30 regmirror_tls http_ok --cacert "$CA" "$TLS/v2/"; then
     TM=http://127.0.0.1:$P_TLSM/metrics
     hs0=$(metric "$TM" regmirror_tls_handshakes_total)
+    hf0=$(metric "$TM" regmirror_tls_handshake_failures_total)
+    settle
+    phase_begin tls_hs
     timeout $((STIME_SECS + 30)) openssl s_time -connect "127.0.0.1:$P_TLS" -new -time "$STIME_SECS" \
         -CAfile "$CA" >"$LOG/s_time.txt" 2>&1
+    phase_end
     hs1=$(metric "$TM" regmirror_tls_handshakes_total)
-    read -r conns secs <<<"$($PY "$LIB" stime-parse "$LOG/s_time.txt")"
-    fig tls_hs_per_s "$(awk -v c="$conns" -v s="$secs" 'BEGIN { if (s > 0) printf "%.1f", c / s }')"
-    fig tls_hs_metric "$(awk -v a="$hs0" -v b="$hs1" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/) printf "%d", b - a; else print "?" }')"
-    say "  s_time: $conns handshakes in $secs s (server counted $(grep '^tls_hs_metric=' "$FIG" | cut -d= -f2))"
-    [ "$conns" != 0 ] || note "openssl s_time made no connections: $(tail -3 "$LOG/s_time.txt" | tr '\n' ' ')"
+    hf1=$(metric "$TM" regmirror_tls_handshake_failures_total)
+    read -r conns _ <<<"$($PY "$LIB" stime-parse "$LOG/s_time.txt")"
+    # s_time's own "real seconds" is a whole number; use the measured wall time instead.
+    fig tls_hs_per_s "$(per "$conns" "${CPU[wall]}")"
+    delta() { awk -v a="$1" -v b="$2" 'BEGIN { if (a ~ /^[0-9.]+$/ && b ~ /^[0-9.]+$/) printf "%d", b - a; else print "?" }'; }
+    fig tls_hs_metric "$(delta "$hs0" "$hs1")"
+    fig tls_hs_failed "$(delta "$hf0" "$hf1")"
+    fig tls_hs_cpu_ms "$(awk -v c="${CPU[rm]}" -v n="$conns" 'BEGIN { if (n > 0) printf "%.3f", 1000 * c / n }')"
+    if [ "$(delta "$hf0" "$hf1")" != 0 ]; then
+        note "TLS: regmirror counted $(delta "$hf0" "$hf1") of the $conns s_time connections as failed handshakes (regmirror_tls_handshake_failures_total). s_time closes each connection as soon as its side of the handshake is done; with RUST_LOG=debug regmirror logs these as 'TLS handshake failed ... Connection reset by peer' (its accept also flushes the TLS 1.3 session tickets, which meets the reset). The key exchange was done either way: the rate above counts every connection."
+    fi
+    say "  s_time: $conns handshakes in ${CPU[wall]}s; server counted $(delta "$hs0" "$hs1") completed, $(delta "$hf0" "$hf1") failed; regmirror CPU ${CPU[rm]}s"
+    [ "$conns" != 0 ] || note "openssl s_time made no connections: $(tail -3 "$LOG/s_time.txt")"
 
     WTLS=$(blob_url "$TLS" "${HEX[cold_rm_1]}")
     fetch "$WTLS" --cacert "$CA" >/dev/null
     warm_tls=()
     for ((i = 1; i <= WARM_RUNS; i++)); do
+        settle
         read -r c s _ b <<<"$(fetch "$WTLS" --cacert "$CA")"
         if [ "$c" = 200 ] && [ "$s" = "$BLOB_BYTES" ]; then warm_tls+=("$b"); else note "TLS warm round $i: HTTP $c, $s bytes"; fi
     done
@@ -548,13 +662,14 @@ if wait_until 30 regmirror_tls http_ok --cacert "$CA" "$TLS/v2/"; then
     read -r g _ <<<"$(upstream_count "${HEX[cold_rm_1]}")"
     [ "$g" = 1 ] || note "after the restart, regmirror fetched the cached blob again ($g upstream GETs in all)"
 
+    settle
     timeout $((WRK_SECS + 30)) wrk $WRK_ARGS -H "Accept: $ACCEPT" "$TLS$MAN_PATH" >"$LOG/wrk-tls.txt" 2>&1
     read -r rps non2xx errs _ <<<"$($PY "$LIB" wrk-parse "$LOG/wrk-tls.txt")"
     fig man_tls_rps "$rps"
     [ "$non2xx" = 0 ] && [ "$errs" = 0 ] || note "wrk over TLS: $non2xx non-2xx, $errs socket errors"
     say "  manifest over TLS: $rps req/s"
 else
-    note "regmirror with TLS did not answer on $TLS/v2/: $(tail -5 "$LOG/regmirror-tls.log" | tr '\n' ' ')"
+    note "regmirror with TLS did not answer on $TLS/v2/: $(tail -5 "$LOG/regmirror-tls.log")"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +677,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 
 fig total_seconds "$SECONDS"
+note "CPU used by other processes per phase (% of the machine): $(grep '^foreign_.*_pct=' "$FIG" | sed 's/^foreign_//; s/_pct=/ /' | tr '\n' ';' | sed 's/;/%; /g')"
 note "whole run took ${SECONDS}s"
 cp "$FIG" "$LOG/figures.txt"
 $PY "$LIB" report "$FIG" "$RESULTS"

@@ -7,14 +7,23 @@
     benchlib.py wrk-parse FILE                "RPS NON2XX ERRORS REQUESTS" from wrk's output
     benchlib.py stime-parse FILE              "CONNS SECONDS" from `openssl s_time` output
     benchlib.py metric URL NAME [LABEL=V...]  sum of a Prometheus sample (0 when absent)
+    benchlib.py cpu-snap ROOT NAME=PID...     "wall=S busy=S ours=S NAME=S..." CPU seconds so far
+    benchlib.py cpu-diff "SNAP1" "SNAP2"      deltas, plus foreign= (CPU used by processes not ours)
+    benchlib.py settle SECS PID...            wait (at most SECS) until those trees and the machine idle
+    benchlib.py wait-idle SECS                wait (at most SECS) until the machine is idle
+    benchlib.py prefault MIB                  touch MIB of fresh memory once, then free it
     benchlib.py report FIGURES RESULTS        print the table, write it to RESULTS
 """
 
+import os
 import re
 import socket
 import statistics
 import sys
+import time
 import urllib.request
+
+HZ = os.sysconf("SC_CLK_TCK")
 
 
 def ports(n):
@@ -94,6 +103,126 @@ def metric(url, name, labels):
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU accounting: who used the machine while we measured
+# ---------------------------------------------------------------------------------------------
+
+
+def proc_table():
+    """pid -> (ppid, utime+stime+cutime+cstime in ticks) for every live process."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                raw = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        fields = raw[raw.rfind(")") + 2 :].split()
+        # fields[0] is state (field 3); utime..cstime are fields 14..17
+        table[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    return table
+
+
+def tree_ticks(table, root):
+    children = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack, seen = 0, [root], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen or pid not in table:
+            continue
+        seen.add(pid)
+        total += table[pid][1]
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def busy_ticks():
+    with open("/proc/stat") as f:
+        cpu = f.readline().split()[1:]
+    return int(cpu[0]) + int(cpu[1]) + int(cpu[2])  # user + nice + system
+
+
+def cpu_snap(root, named):
+    table = proc_table()
+    out = [f"wall={time.time():.3f}", f"busy={busy_ticks() / HZ:.2f}", f"ours={tree_ticks(table, int(root)) / HZ:.2f}"]
+    for kv in named:
+        name, pid = kv.split("=", 1)
+        out.append(f"{name}={tree_ticks(table, int(pid)) / HZ:.2f}" if pid.isdigit() else f"{name}=0")
+    print(" ".join(out))
+
+
+def cpu_diff(a, b):
+    da = dict(kv.split("=", 1) for kv in a.split())
+    db = dict(kv.split("=", 1) for kv in b.split())
+    d = {k: float(db[k]) - float(da[k]) for k in db if k in da}
+    wall = max(d.pop("wall", 0.0), 1e-6)
+    busy, ours = d.pop("busy", 0.0), d.pop("ours", 0.0)
+    foreign = max(0.0, busy - ours)
+    out = [f"wall={wall:.2f}", f"foreign={foreign:.2f}", f"foreign_pct={100 * foreign / (wall * os.cpu_count()):.0f}"]
+    out += [f"{k}={max(0.0, v):.2f}" for k, v in d.items()]
+    print(" ".join(out))
+
+
+def settle(secs, pids):
+    """Wait until the given process trees use (almost) no CPU for 0.4 s — a mirror's background
+    work (the reference stores a blob after the client is served) must not leak into the next
+    measurement — and the machine as a whole is under 15% busy (other tenants). Bounded by secs;
+    prints the machine's busy percentage over the last window."""
+    deadline = time.monotonic() + float(secs)
+    last, quiet, frac = None, 0, 1.0
+    b0, t0 = busy_ticks(), time.monotonic()
+    while True:
+        time.sleep(0.2)
+        table = proc_table()
+        now = sum(tree_ticks(table, int(p)) for p in pids if p.isdigit())
+        b1, t1 = busy_ticks(), time.monotonic()
+        frac = (b1 - b0) / HZ / ((t1 - t0) * os.cpu_count())
+        b0, t0 = b1, t1
+        if last is not None and now - last <= 1 and frac < 0.15:
+            quiet += 1
+            if quiet >= 2:
+                break
+        else:
+            quiet = 0
+        last = now
+        if time.monotonic() >= deadline:
+            break
+    print(f"{100 * frac:.0f}")
+
+
+def wait_idle(secs):
+    """Wait (bounded) until the whole machine is under 15% busy over one second; print the last
+    busy fraction seen."""
+    deadline = time.monotonic() + float(secs)
+    frac = 1.0
+    while True:
+        b0, t0 = busy_ticks(), time.monotonic()
+        time.sleep(1)
+        frac = (busy_ticks() - b0) / HZ / ((time.monotonic() - t0) * os.cpu_count())
+        if frac < 0.15 or time.monotonic() >= deadline:
+            break
+    print(f"{100 * frac:.0f}")
+
+
+def prefault(mib):
+    """Touch `mib` MiB of fresh anonymous memory, then free it. On a VM whose guest memory is
+    backed lazily (Firecracker and the like), the first write to a never-used page costs a host
+    fault (~2-3 s per GiB here); whoever writes new page-cache pages pays it. Touching the pages
+    once up front gives every contender the same, reused pages."""
+    n = int(mib) << 20
+    if n <= 0:
+        return
+    t = time.monotonic()
+    b = bytearray(n)
+    b[:: 4096] = bytes(len(range(0, n, 4096)))
+    del b
+    print(f"{time.monotonic() - t:.1f}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -159,11 +288,14 @@ def report(figures, results):
         f"baseline = curl via the counting nginx (raw upstream {fmt(g('direct_raw_s'), 's')})")
     row("", "  ratio to direct", fmt(ratio(g("cold_rm_s"), g("direct_s")), "x"),
         fmt(ratio(g("cold_ref_s"), g("direct_s")), "x"), "1 x", "")
+    row("", "  server CPU s per pull", fmt(g("cpu_cold_rm"), "s"), fmt(g("cpu_cold_ref"), "s"), "",
+        "the reference's includes its separate background fetch that stores the blob")
     # 3. warm
     row("warm blob", f"MB/s (median of {f.get('warm_runs', '?')})", fmt(g("warm_rm_mbs")),
         fmt(g("warm_ref_mbs")), fmt(g("warm_nginx_mbs")), "baseline = nginx static, sendfile on")
     row("", "  ratio to nginx", fmt(ratio(g("warm_rm_mbs"), g("warm_nginx_mbs")), "x"),
         fmt(ratio(g("warm_ref_mbs"), g("warm_nginx_mbs")), "x"), "1 x", "")
+    row("", "  server CPU s per download", fmt(g("cpu_warm_rm"), "s"), fmt(g("cpu_warm_ref"), "s"), "", "")
     # 4. manifests
     row("manifest by tag", f"req/s, wrk {f.get('wrk_args', '')}", fmt(g("man_rm_rps")), fmt(g("man_ref_rps")), "",
         f"non-2xx: {f.get('man_rm_non2xx', '?')} / {f.get('man_ref_non2xx', '?')}; "
@@ -178,11 +310,14 @@ def report(figures, results):
     row("", "  wall ratio to nginx", fmt(ratio(g("fan_rm_s"), g("fan_nginx_s")), "x"),
         fmt(ratio(g("fan_ref_s"), g("fan_nginx_s")), "x"), "1 x", "")
     row("", "  clients ok (200, full size)", f.get("fan_rm_ok", "?"), f.get("fan_ref_ok", "?"), f.get("fan_nginx_ok", "?"), "")
+    row("", "  server CPU s, all clients", fmt(g("cpu_fan_rm"), "s"), fmt(g("cpu_fan_ref"), "s"), fmt(g("cpu_fan_nginx"), "s"), "")
     # 6. RSS
     row("peak RSS", "VmHWM after steps 2-5, MiB", fmt(g("rss_rm_mib")), fmt(g("rss_ref_mib")), "", "")
     # 7. TLS
     row("TLS (regmirror)", "new handshakes/s, openssl s_time -new", fmt(g("tls_hs_per_s")), "", "",
-        f"1 client, sequential; server counted {f.get('tls_hs_metric', '?')} handshakes")
+        f"1 client, sequential; server counted {f.get('tls_hs_metric', '?')} completed, "
+        f"{f.get('tls_hs_failed', '?')} failed")
+    row("", "  server CPU ms per handshake", fmt(g("tls_hs_cpu_ms"), "ms"), "", "", "")
     row("", "warm blob MB/s over TLS", fmt(g("warm_tls_mbs")), "", fmt(g("warm_rm_mbs")),
         "baseline = same blob, plain HTTP (step 3)")
     row("", "  TLS / plain", fmt(ratio(g("warm_tls_mbs"), g("warm_rm_mbs")), "x"), "", "", "")
@@ -229,6 +364,11 @@ def report(figures, results):
         p(f"  {'PASS' if ok else 'MISS'}  {name.ljust(w)}  {detail}")
         results_ok += ok
     p(f"  {results_ok}/{len(checks)} targets met")
+    busy = [(k[len("foreign_"):-len("_pct")], num(f, k)) for k in f if k.startswith("foreign_") and k.endswith("_pct")]
+    busy = [(k, v) for k, v in busy if v is not None and v >= 10]
+    if busy:
+        p("  WARNING other processes used the machine during: "
+          + ", ".join(f"{k} ({v:.0f}%)" for k, v in busy) + " - re-run on a quiet machine")
     notes = [v for k, v in sorted(f.items()) if k.startswith("note")]
     if notes:
         p("")
@@ -258,6 +398,16 @@ def main(argv):
         stime_parse(args[0])
     elif cmd == "metric":
         metric(args[0], args[1], args[2:])
+    elif cmd == "cpu-snap":
+        cpu_snap(args[0], args[1:])
+    elif cmd == "cpu-diff":
+        cpu_diff(args[0], args[1])
+    elif cmd == "settle":
+        settle(args[0], args[1:])
+    elif cmd == "wait-idle":
+        wait_idle(args[0])
+    elif cmd == "prefault":
+        prefault(args[0])
     elif cmd == "report":
         report(args[0], args[1])
     else:

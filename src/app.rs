@@ -29,6 +29,11 @@ pub struct Shared {
     pub sessions: Sessions,
     pub metrics: Metrics,
     pub access: Access,
+    pub lru: std::sync::Arc<crate::cache::lru::Lru>,
+    /// Wakes the eviction task (a fill finished).
+    pub evict_wakeup: tokio::sync::Notify,
+    /// The eviction index is loaded.
+    pub loaded: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -51,14 +56,18 @@ impl AppState {
         let upstreams = Upstreams::new(&config, &metrics).map_err(|e| format!("building upstream clients: {e}"))?;
         let upstream_names = config.upstreams.iter().map(|u| u.name.clone()).collect();
         let access = Access::new(config.auth.clone(), upstream_names, metrics.clone())?;
+        let lru = Arc::new(crate::cache::lru::Lru::new(&config.storage_root));
         Ok(AppState(Arc::new(Shared {
             config,
             store: Store::new(driver),
             upstreams,
             fills: Fills::default(),
             sessions: Sessions::default(),
+            lru,
             metrics,
             access,
+            evict_wakeup: tokio::sync::Notify::new(),
+            loaded: std::sync::atomic::AtomicBool::new(false),
         })))
     }
 }

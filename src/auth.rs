@@ -40,6 +40,8 @@ pub struct Authn {
     pub principal: Principal,
     /// Credentials were presented and were wrong (or expired).
     pub rejected: bool,
+    /// Valid credentials or one of our tokens (an anonymous token included) came with it.
+    pub authenticated: bool,
 }
 
 /// Whether the connection is TLS, and the peer: set by the server on every request.
@@ -133,7 +135,8 @@ impl Access {
     async fn failed(&self, user: &str, peer: Option<SocketAddr>) {
         self.metrics.auth_failures.inc();
         let ip = peer.map(|p| p.ip());
-        tracing::warn!(user, address = ?ip, "authentication failed");
+        let address = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+        tracing::warn!(user, address, "authentication failed");
         let Some(ip) = ip else { return };
         let n = self.failures.get(&ip).unwrap_or(0) + 1;
         self.failures.insert(ip, n);
@@ -146,23 +149,23 @@ impl Access {
     /// Who sent this request. Our own tokens and valid Basic credentials name a user; anything
     /// else (no header, a token another registry issued) is anonymous.
     pub async fn authenticate(&self, headers: &HeaderMap, conn: Option<ConnInfo>) -> Authn {
-        let anonymous = Authn { principal: Principal::Anonymous, rejected: false };
+        let anonymous = Authn { principal: Principal::Anonymous, rejected: false, authenticated: false };
         if !self.enabled() {
             return anonymous;
         }
         let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return anonymous };
         if let Some(token) = value.strip_prefix("Bearer ") {
             return match self.verify_token(token.trim()) {
-                Some(p) => Authn { principal: p, rejected: false },
+                Some(p) => Authn { principal: p, rejected: false, authenticated: true },
                 None => anonymous,
             };
         }
         if let Some((user, password)) = basic_credentials(value) {
             if self.check_password(&user, &password) {
-                return Authn { principal: Principal::User(user), rejected: false };
+                return Authn { principal: Principal::User(user), rejected: false, authenticated: true };
             }
             self.failed(&user, conn.map(|c| c.peer)).await;
-            return Authn { principal: Principal::Anonymous, rejected: true };
+            return Authn { principal: Principal::Anonymous, rejected: true, authenticated: false };
         }
         anonymous
     }
@@ -255,7 +258,8 @@ impl Access {
             "token": token,
             "access_token": token,
             "expires_in": config.token_ttl.as_secs(),
-            "issued_at": httpdate::fmt_http_date(SystemTime::now()),
+            // Go clients (dockerd, podman, skopeo) parse this as RFC 3339 and fail on anything else.
+            "issued_at": time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         });
         let mut resp = axum::Json(body).into_response();
         resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -302,10 +306,20 @@ fn basic_credentials(value: &str) -> Option<(String, String)> {
     Some((user.to_string(), password.to_string()))
 }
 
-/// The token endpoint's absolute URL, as the client reached us.
+/// The token endpoint's absolute URL, as the client reached us (through a TLS-terminating proxy
+/// too: `X-Forwarded-Proto` / `X-Forwarded-Host` win).
 fn realm(headers: &HeaderMap, conn: Option<ConnInfo>) -> String {
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("localhost");
-    let scheme = if conn.is_some_and(|c| c.tls) { "https" } else { "http" };
+    let header = |name: &str| {
+        headers.get(name).and_then(|v| v.to_str().ok()).map(|v| v.split(',').next().unwrap_or(v).trim().to_string())
+    };
+    let host = header("x-forwarded-host").or_else(|| header("host")).unwrap_or_else(|| "localhost".into());
+    let scheme = header("x-forwarded-proto").filter(|p| p == "http" || p == "https").unwrap_or_else(|| {
+        if conn.is_some_and(|c| c.tls) {
+            "https".into()
+        } else {
+            "http".into()
+        }
+    });
     format!("{scheme}://{host}/auth/token")
 }
 

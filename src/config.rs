@@ -58,6 +58,7 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawStorage {
     root: Option<PathBuf>,
+    max_size: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +83,9 @@ struct RawCache {
     tag_ttl: Option<String>,
     serve_stale: Option<bool>,
     upstream_timeout: Option<String>,
+    #[serde(default)]
+    pin: Vec<String>,
+    pin_refresh: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,11 +118,15 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub max_manifest_size: u64,
     pub storage_root: PathBuf,
+    /// Mirrored content above this is evicted, least recently used first.
+    pub max_size: Option<u64>,
     pub private_namespaces: Vec<String>,
     pub upstreams: Vec<UpstreamConfig>,
     pub tag_ttl: Duration,
     pub serve_stale: bool,
     pub upstream_timeout: Duration,
+    pub pins: Vec<Pin>,
+    pub pin_refresh: Duration,
     pub tls: TlsConfig,
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -188,6 +196,15 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .finish()
     }
+}
+
+/// A pinned image: `docker.io/library/alpine:3.20`, or every cached tag with `:*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pin {
+    pub upstream: String,
+    pub repository: String,
+    /// `None` for `*`: every tag the cache holds.
+    pub tag: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -311,6 +328,25 @@ impl Config {
         let tag_ttl = v.duration("cache.tag_ttl", raw.cache.tag_ttl.as_deref().unwrap_or("5m"));
         let upstream_timeout =
             v.duration("cache.upstream_timeout", raw.cache.upstream_timeout.as_deref().unwrap_or("30s"));
+        let pin_refresh = v.duration("cache.pin_refresh", raw.cache.pin_refresh.as_deref().unwrap_or("1h"));
+        let max_size = raw.storage.max_size.as_deref().map(|s| v.size("storage.max_size", s));
+        let mut pins = Vec::new();
+        for (i, p) in raw.cache.pin.iter().enumerate() {
+            let parsed = p.rsplit_once(':').and_then(|(name, tag)| {
+                let (upstream, repository) = name.split_once('/')?;
+                let known = upstreams.iter().any(|u| u.name == upstream);
+                let valid_tag = tag == "*" || crate::registry::names::valid_tag(tag);
+                (known && valid_tag && crate::registry::names::RepoName::parse(repository).is_ok()).then(|| Pin {
+                    upstream: upstream.to_string(),
+                    repository: repository.to_string(),
+                    tag: (tag != "*").then(|| tag.to_string()),
+                })
+            });
+            match parsed {
+                Some(pin) => pins.push(pin),
+                None => v.problem(format!("cache.pin[{i}] = {p:?} is not a pinnable image: use UPSTREAM/REPOSITORY:TAG (or :*) with a configured upstream name, such as \"docker.io/library/alpine:3.20\"")),
+            }
+        }
 
         let tls = match raw.tls {
             None => TlsConfig::Off,
@@ -402,11 +438,14 @@ impl Config {
             shutdown_timeout,
             max_manifest_size,
             storage_root: resolve(raw.storage.root.unwrap_or_else(|| "data".into())),
+            max_size,
             private_namespaces: namespaces,
             upstreams,
             tag_ttl,
             serve_stale: raw.cache.serve_stale.unwrap_or(true),
             upstream_timeout,
+            pins,
+            pin_refresh,
             tls,
             metrics_listen,
             log_format,
@@ -560,6 +599,25 @@ mod tests {
                 "tls.cert = \"/etc/regmirror/missing.pem\": no such file",
                 "tls.key = \"/nonexistent/key.pem\": no such file"
             ]
+        );
+    }
+
+    #[test]
+    fn pins_and_max_size() {
+        let c = Config::parse(
+            "[storage]\nmax_size = \"200GiB\"\n[cache]\npin = [\"docker.io/library/alpine:3.20\", \"docker.io/org/tool:*\"]\npin_refresh = \"1h\"\n",
+            Path::new("/x"),
+        )
+        .unwrap();
+        assert_eq!(c.max_size, Some(200 << 30));
+        assert_eq!(
+            c.pins[0],
+            Pin { upstream: "docker.io".into(), repository: "library/alpine".into(), tag: Some("3.20".into()) }
+        );
+        assert_eq!(c.pins[1].tag, None);
+        assert_eq!(
+            problems("[cache]\npin = [\"quay.io/x:1\"]\n"),
+            vec!["cache.pin[0] = \"quay.io/x:1\" is not a pinnable image: use UPSTREAM/REPOSITORY:TAG (or :*) with a configured upstream name, such as \"docker.io/library/alpine:3.20\""]
         );
     }
 

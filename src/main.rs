@@ -208,12 +208,8 @@ async fn serve(config: Config) -> Result<(), String> {
     use regmirror::server::{run, shutdown_signal, Listener};
     let drain = config.shutdown_timeout;
     let state = AppState::new(config.clone())?;
-    let counting = state.clone();
-    tokio::spawn(async move {
-        if let Err(e) = counting.store.count_blobs().await {
-            tracing::warn!(error = %e, "could not count the store's blobs for the metrics");
-        }
-    });
+    regmirror::cache::evict::spawn(state.clone());
+    regmirror::cache::pins::spawn(state.clone());
     match (&config.auth, &config.tls) {
         (None, _) => tracing::warn!("no [auth] section: this is an open registry; anyone who can reach it may pull and push to the private namespace"),
         (Some(_), TlsConfig::Off) => tracing::warn!("[auth] is on but TLS is off: passwords and tokens cross the network in clear text unless a TLS-terminating proxy is in front"),
@@ -256,5 +252,9 @@ async fn serve(config: Config) -> Result<(), String> {
         });
         tracing::info!(address = %addr, "metrics on /metrics");
     }
-    run(listeners, state.metrics.clone(), shutdown_signal(), drain).await.map_err(|e| e.to_string())
+    let result = run(listeners, state.metrics.clone(), shutdown_signal(), drain).await.map_err(|e| e.to_string());
+    if let Err(e) = state.lru.persist() {
+        tracing::warn!(error = %e, "could not persist access times");
+    }
+    result
 }

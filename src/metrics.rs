@@ -23,6 +23,13 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounter,
     pub auth_failures: IntCounter,
     pub fill_duration: Histogram,
+    pub store_max_bytes: IntGauge,
+    pub pinned_bytes: IntGauge,
+    pub evictions: IntCounter,
+    pub evicted_bytes: IntCounter,
+    pub over_limit: IntGauge,
+    pub gc_runs: IntGauge,
+    pub gc_freed_bytes: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -115,6 +122,25 @@ impl Metrics {
             ),
             auth_failures: counter(&r, "regmirror_auth_failures_total", "Failed authentication attempts."),
             fill_duration,
+            store_max_bytes: gauge(&r, "regmirror_store_max_bytes", "storage.max_size (0 when unbounded)."),
+            pinned_bytes: gauge(&r, "regmirror_pinned_bytes", "Bytes of pinned images in the store."),
+            evictions: counter(
+                &r,
+                "regmirror_evictions_total",
+                "Blobs evicted to keep the store under storage.max_size.",
+            ),
+            evicted_bytes: counter(
+                &r,
+                "regmirror_evicted_bytes_total",
+                "Bytes evicted to keep the store under storage.max_size.",
+            ),
+            over_limit: gauge(
+                &r,
+                "regmirror_store_over_limit",
+                "1 when private and pinned content alone exceed storage.max_size.",
+            ),
+            gc_runs: gauge(&r, "regmirror_gc_runs", "Completed `regmirror gc` runs on this store."),
+            gc_freed_bytes: gauge(&r, "regmirror_gc_freed_bytes", "Bytes freed by `regmirror gc` runs on this store."),
             registry: r,
         }
     }

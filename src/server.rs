@@ -112,6 +112,12 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        // HTTP/2 carries the host in the URI, not in a Host header; handlers read one place.
+        if !req.headers().contains_key(hyper::header::HOST) {
+            if let Some(v) = req.uri().authority().and_then(|a| hyper::header::HeaderValue::from_str(a.as_str()).ok()) {
+                req.headers_mut().insert(hyper::header::HOST, v);
+            }
+        }
         req.extensions_mut().insert(ConnectInfo(conn.peer));
         req.extensions_mut().insert(conn);
         app.clone().oneshot(req.map(axum::body::Body::new))

@@ -30,7 +30,7 @@ pub async fn get(ctx: &Ctx, target: &Target, d: &Digest, info: &mut RequestInfo)
             Ok(_) => {
                 state.store.link_blob(local, d).await?;
                 outcome("hit");
-                if let Some(resp) = serve_stored(ctx, d).await? {
+                if let Some(resp) = serve_stored(ctx, d, true).await? {
                     return Ok(resp);
                 }
             }

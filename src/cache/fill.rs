@@ -109,6 +109,7 @@ async fn run(
         Ok(total) => {
             tracing::info!(upstream = upstream.name(), repository = %local, %digest, bytes = total, seconds = started.elapsed().as_secs_f64(), "fill finished");
             state.metrics.fill_duration.observe(started.elapsed().as_secs_f64());
+            state.lru.touch(&digest, *total);
             tx.send_modify(|p| p.phase = Phase::Done { total: *total });
         }
         Err(e) => {
@@ -118,6 +119,7 @@ async fn run(
     }
     state.fills.finished(&digest);
     state.metrics.fills_in_flight.dec();
+    state.evict_wakeup.notify_one();
 }
 
 /// Stream the blob into a staging file, resuming on broken connections, then commit it.
@@ -282,9 +284,12 @@ pub fn follow(
         pos: u64,
         end: u64,
         _waiting: WaiterGauge,
+        /// Keeps the committed blob from eviction while this client reads it.
+        _hold: Option<super::lru::InUse>,
     }
     let waiting = WaiterGauge::new(&state);
-    let follower = Follower { state, digest, rx, pos: start, end, _waiting: waiting };
+    let hold = state.lru.hold(&digest);
+    let follower = Follower { state, digest, rx, pos: start, end, _waiting: waiting, _hold: hold };
     futures_util::stream::unfold(follower, |mut f| async move {
         loop {
             if f.pos >= f.end {

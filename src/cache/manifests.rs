@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use reqwest::Method;
 
 use super::{count, to_registry_error};
+use crate::app::AppState;
 use crate::registry::error::{Code, RegistryError, Result};
 use crate::registry::listing::tags_page;
 use crate::registry::manifests::{describe, load, manifest_response};
@@ -29,14 +30,14 @@ pub async fn get(ctx: &Ctx, target: &Target, reference: &Reference, info: &mut R
         Reference::Digest(d) => {
             if let Some((meta, bytes)) = load(store, local, d).await? {
                 outcome("hit");
-                return Ok(manifest_response(d, &meta, bytes, head));
+                return Ok(serve(state, d, &meta, bytes, head));
             }
-            let fetched = fetch(ctx, upstream, remote, &d.to_string(), Some(d))
+            let fetched = fetch(&ctx.state, upstream, remote, &d.to_string(), Some(d))
                 .await
                 .map_err(|e| to_registry_error(&e, Code::ManifestUnknown))?;
             store.put_manifest(local, &fetched.digest, &fetched.meta, &fetched.bytes).await?;
             outcome("miss");
-            Ok(manifest_response(&fetched.digest, &fetched.meta, fetched.bytes, head))
+            Ok(serve(state, &fetched.digest, &fetched.meta, fetched.bytes, head))
         }
         Reference::Tag(tag) => {
             let known = match store.tag(local, tag).await? {
@@ -50,30 +51,30 @@ pub async fn get(ctx: &Ctx, target: &Target, reference: &Reference, info: &mut R
             if let Some((rec, d, meta, bytes)) = &known {
                 if unix_now().saturating_sub(rec.fetched_at) < ttl {
                     outcome("hit");
-                    return Ok(manifest_response(d, meta, bytes.clone(), head));
+                    return Ok(serve(state, d, meta, bytes.clone(), head));
                 }
             }
             let result = match &known {
-                Some((_, d, _, _)) => revalidate(ctx, upstream, remote, tag, d).await,
-                None => fetch(ctx, upstream, remote, tag, None).await.map(Some),
+                Some((_, d, _, _)) => revalidate(&ctx.state, upstream, remote, tag, d).await,
+                None => fetch(&ctx.state, upstream, remote, tag, None).await.map(Some),
             };
             match (result, known) {
                 // Unchanged upstream: no GET, just a fresh timestamp.
                 (Ok(None), Some((_, d, meta, bytes))) => {
                     store.set_tag(local, tag, &TagRecord::now(&d)).await?;
                     outcome("revalidated");
-                    Ok(manifest_response(&d, &meta, bytes, head))
+                    Ok(serve(state, &d, &meta, bytes, head))
                 }
                 (Ok(Some(f)), _) => {
                     store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await?;
                     store.set_tag(local, tag, &TagRecord::now(&f.digest)).await?;
                     outcome("miss");
-                    Ok(manifest_response(&f.digest, &f.meta, f.bytes, head))
+                    Ok(serve(state, &f.digest, &f.meta, f.bytes, head))
                 }
                 (Err(e), Some((_, d, meta, bytes))) if state.config.serve_stale && e.is_outage() => {
                     tracing::warn!(upstream = upstream.name(), repository = %local, tag, error = %e, "upstream failed; serving the last known digest");
                     outcome("stale");
-                    Ok(manifest_response(&d, &meta, bytes, head))
+                    Ok(serve(state, &d, &meta, bytes, head))
                 }
                 (Err(e), _) => {
                     outcome("error");
@@ -85,6 +86,12 @@ pub async fn get(ctx: &Ctx, target: &Target, reference: &Reference, info: &mut R
     }
 }
 
+/// Answer with a mirrored manifest, which counts as a use for the eviction order.
+fn serve(state: &AppState, d: &Digest, meta: &ManifestMeta, bytes: Vec<u8>, head: bool) -> Response {
+    state.lru.touch(d, bytes.len() as u64);
+    manifest_response(d, meta, bytes, head)
+}
+
 pub struct Fetched {
     pub digest: Digest,
     pub meta: ManifestMeta,
@@ -93,7 +100,7 @@ pub struct Fetched {
 
 /// `None` when the upstream still points the tag at `current`; otherwise the new manifest.
 async fn revalidate(
-    ctx: &Ctx,
+    state: &AppState,
     upstream: &Upstream,
     remote: &RepoName,
     tag: &str,
@@ -108,12 +115,12 @@ async fn revalidate(
     if advertised.as_ref() == Some(current) {
         return Ok(None);
     }
-    fetch(ctx, upstream, remote, tag, None).await.map(Some)
+    fetch(state, upstream, remote, tag, None).await.map(Some)
 }
 
 /// GET a manifest from upstream and verify its digest. Bytes are kept exactly as sent.
 pub async fn fetch(
-    ctx: &Ctx,
+    state: &AppState,
     upstream: &Upstream,
     remote: &RepoName,
     reference: &str,
@@ -126,7 +133,7 @@ pub async fn fetch(
         .get("docker-content-digest")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<Digest>().ok());
-    let limit = ctx.state.config.max_manifest_size;
+    let limit = state.config.max_manifest_size;
     if resp.content_length().is_some_and(|l| l > limit) {
         return Err(upstream.failed(UpstreamError::Status { upstream: upstream.name().to_string(), status: 413 }));
     }

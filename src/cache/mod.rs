@@ -2,8 +2,11 @@
 //! (one shared fill per digest, streamed to every waiting client).
 
 pub mod blobs;
+pub mod evict;
 pub mod fill;
+pub mod lru;
 pub mod manifests;
+pub mod pins;
 
 use axum::http::header;
 

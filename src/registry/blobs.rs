@@ -14,11 +14,18 @@ pub fn unknown(repo: &RepoName, d: &Digest) -> RegistryError {
 }
 
 /// Serve a blob from the store, honouring `Range`. `None` when the store does not have it.
-pub async fn serve_stored(ctx: &Ctx, d: &Digest) -> Result<Option<Response>> {
+/// Mirrored content counts as used (eviction order); every blob is kept from eviction while served.
+pub async fn serve_stored(ctx: &Ctx, d: &Digest, mirrored: bool) -> Result<Option<Response>> {
     let store = &ctx.state.store;
+    let Some(guard) = ctx.state.lru.hold(d) else {
+        return Ok(None);
+    };
     let Some(size) = store.blob_size(d).await? else {
         return Ok(None);
     };
+    if mirrored {
+        ctx.state.lru.touch(d, size);
+    }
     let range = parse_range(&ctx.headers, size)?;
     let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
     if ctx.is_head() {
@@ -26,7 +33,7 @@ pub async fn serve_stored(ctx: &Ctx, d: &Digest) -> Result<Option<Response>> {
     }
     let (offset, len) = range.map_or((0, size), |r| (r.start, r.len()));
     let served = ctx.state.metrics.bytes_served.with_label_values(&["cache"]);
-    let body = blob_body(store.clone(), d.clone(), offset, len, move |n| served.inc_by(n));
+    let body = blob_body(store.clone(), d.clone(), offset, len, move |n| served.inc_by(n), guard);
     Ok(Some(blob_response(status, d, size, range, body)))
 }
 
@@ -34,7 +41,7 @@ pub async fn get(ctx: Ctx, target: Target, digest: &str, info: &mut RequestInfo)
     let d: Digest = digest.parse()?;
     let repo = target.local();
     if ctx.state.store.is_blob_linked(repo, &d).await? {
-        if let Some(resp) = serve_stored(&ctx, &d).await? {
+        if let Some(resp) = serve_stored(&ctx, &d, target.upstream_name().is_some()).await? {
             if target.upstream_name().is_some() {
                 info.cache = Some("hit");
                 crate::cache::count(&ctx.state, &target, "blob", "hit");

@@ -187,6 +187,11 @@ pub async fn put(ctx: Ctx, target: Target, reference: &str) -> Result<Response> 
         }
     }
     store.put_manifest(&repo, &digest, &described.meta, &bytes).await?;
+    // Private content is never evicted, mirrored blobs it uses included.
+    ctx.state.lru.protect(&digest);
+    for b in described.blobs.iter().chain(&described.children) {
+        ctx.state.lru.protect(b);
+    }
     if let Reference::Tag(t) = &reference {
         store.set_tag(&repo, t, &TagRecord::now(&digest)).await?;
     }

@@ -18,7 +18,7 @@ use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::app::AppState;
-use crate::auth::{ConnInfo, Principal};
+use crate::auth::{Authn, ConnInfo, Principal};
 use crate::config::Action;
 use crate::upstream::Upstream;
 use error::{Code, RegistryError, Result};
@@ -226,7 +226,7 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
         method,
         headers: parts.headers,
         query,
-        principal: authn.principal,
+        principal: authn.principal.clone(),
         body: std::sync::Mutex::new(body),
     };
     let result = async {
@@ -238,7 +238,7 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
             info.upstream = t.upstream_name().map(str::to_string);
             info.repository = Some(t.local().to_string());
         }
-        authorize(&ctx, &route, target.as_ref(), conn, authn.rejected)?;
+        authorize(&ctx, &route, target.as_ref(), conn, &authn)?;
         dispatch(ctx, &route, target, &mut info).await
     }
     .await;
@@ -264,7 +264,7 @@ fn authorize(
     route: &Route<'_>,
     target: Option<&Target>,
     conn: Option<ConnInfo>,
-    rejected: bool,
+    authn: &Authn,
 ) -> Result<()> {
     let access = &ctx.state.access;
     if !access.enabled() {
@@ -273,7 +273,7 @@ fn authorize(
     let anonymous = ctx.principal == Principal::Anonymous;
     match route {
         // `docker login` and the first request of every pull learn the token realm here.
-        Route::Base if anonymous => Err(access.challenge(&ctx.headers, conn, None)),
+        Route::Base if !authn.authenticated => Err(access.challenge(&ctx.headers, conn, None)),
         Route::Base | Route::Catalog => Ok(()),
         _ => {
             let (Some(name), Some(target)) = (route.name(), target) else { return Ok(()) };
@@ -281,7 +281,7 @@ fn authorize(
             let action = required_action(route, &ctx.method);
             if access.allowed(&ctx.principal, target.local().as_str(), mirrored, action) {
                 Ok(())
-            } else if anonymous || rejected {
+            } else if anonymous || authn.rejected {
                 let actions =
                     if action == Action::Pull { "pull".to_string() } else { format!("pull,{}", action.as_str()) };
                 Err(access.challenge(&ctx.headers, conn, Some(format!("repository:{name}:{actions}"))))

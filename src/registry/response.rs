@@ -90,8 +90,20 @@ pub fn insert_digest(h: &mut HeaderMap, digest: &Digest) {
 }
 
 /// Stream bytes `[offset, offset + len)` of a stored blob in large chunks.
-pub fn blob_body(store: Store, digest: Digest, offset: u64, len: u64, on_bytes: impl Fn(u64) + Send + 'static) -> Body {
+/// `keep` lives as long as the response body (a guard that keeps the blob from eviction).
+pub fn blob_body(
+    store: Store,
+    digest: Digest,
+    offset: u64,
+    len: u64,
+    on_bytes: impl Fn(u64) + Send + 'static,
+    keep: impl Send + Sync + 'static,
+) -> Body {
     let end = offset + len;
+    let on_bytes = move |n| {
+        let _ = &keep;
+        on_bytes(n)
+    };
     let stream = futures_util::stream::unfold(
         (offset, store, digest, on_bytes),
         move |(pos, store, digest, on_bytes)| async move {

@@ -82,6 +82,7 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
                 let readable = ctx.state.access.may_pull(&ctx.principal, &from);
                 if readable && store.is_blob_linked(&from, &d).await? && store.blob_size(&d).await?.is_some() {
                     store.link_blob(&repo, &d).await?;
+                    ctx.state.lru.protect(&d);
                     return Ok(created(&repo, &d));
                 }
             }
@@ -102,6 +103,7 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
         }
         writer.commit(&d, expected).await.map_err(commit_error)?;
         store.link_blob(&repo, &d).await?;
+        ctx.state.lru.protect(&d);
         return Ok(created(&repo, &d));
     }
     let id = store.create_upload(&repo).await?;
@@ -216,6 +218,7 @@ pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> 
     ctx.state.sessions.forget(id);
     outcome.map_err(commit_error)?;
     store.link_blob(&repo, &d).await?;
+    ctx.state.lru.protect(&d);
     Ok(created(&repo, &d))
 }
 

@@ -100,6 +100,13 @@ impl Driver for FsDriver {
         Ok(not_found_is_none(tokio::fs::metadata(self.full(path)).await)?.filter(|m| m.is_file()).map(|m| m.len()))
     }
 
+    async fn stat(&self, path: &str) -> io::Result<Option<(u64, u64)>> {
+        let Some(m) = not_found_is_none(tokio::fs::metadata(self.full(path)).await)? else { return Ok(None) };
+        let mtime =
+            m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
+        Ok(m.is_file().then_some((m.len(), mtime)))
+    }
+
     async fn open_read(&self, path: &str, offset: u64) -> io::Result<Option<Reader>> {
         let Some(mut f) = not_found_is_none(tokio::fs::File::open(self.full(path)).await)? else {
             return Ok(None);

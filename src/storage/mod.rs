@@ -41,6 +41,8 @@ pub trait Driver: Send + Sync + 'static {
     async fn list(&self, path: &str) -> io::Result<Vec<String>>;
     /// Size of a file, `None` when it does not exist.
     async fn size(&self, path: &str) -> io::Result<Option<u64>>;
+    /// Size and modification time (Unix seconds) of a file, `None` when it does not exist.
+    async fn stat(&self, path: &str) -> io::Result<Option<(u64, u64)>>;
     /// A reader positioned at `offset`, `None` when the file does not exist.
     async fn open_read(&self, path: &str, offset: u64) -> io::Result<Option<Reader>>;
     /// Up to `len` bytes at `offset` (fewer only where the file ends); `None` when the file does
@@ -176,21 +178,57 @@ impl Store {
         &self.stats
     }
 
-    /// Count what the blob tree holds (once, at start; later writes keep the figures current).
-    pub async fn count_blobs(&self) -> io::Result<()> {
-        let (mut bytes, mut objects) = (0i64, 0i64);
+    /// Every blob in the store with its size and modification time, and the totals counted
+    /// into the store's figures (once, at start; later writes keep them current).
+    pub async fn scan_blobs(&self) -> io::Result<Vec<(Digest, u64, u64)>> {
+        let mut out = Vec::new();
         for alg in self.driver.list("blobs").await? {
             for prefix in self.driver.list(&format!("blobs/{alg}")).await? {
                 for hex in self.driver.list(&format!("blobs/{alg}/{prefix}")).await? {
-                    if let Some(size) = self.driver.size(&format!("blobs/{alg}/{prefix}/{hex}/data")).await? {
-                        bytes += size as i64;
-                        objects += 1;
+                    let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() else { continue };
+                    if let Some((size, mtime)) = self.driver.stat(&blob_path(&d)).await? {
+                        out.push((d, size, mtime));
                     }
                 }
             }
         }
-        self.stats.add(bytes, objects);
-        Ok(())
+        let bytes: u64 = out.iter().map(|b| b.1).sum();
+        self.stats.add(bytes as i64, out.len() as i64);
+        Ok(out)
+    }
+
+    /// Size and modification time of a blob.
+    pub async fn blob_stat(&self, d: &Digest) -> io::Result<Option<(u64, u64)>> {
+        self.driver.stat(&blob_path(d)).await
+    }
+
+    /// Every digest a repository links: its blobs and its manifests.
+    pub async fn repository_digests(&self, repo: &RepoName) -> io::Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for dir in [format!("{}/_layers", repo_path(repo)), format!("{}/_manifests/revisions", repo_path(repo))] {
+            for alg in self.driver.list(&dir).await? {
+                for hex in self.driver.list(&format!("{dir}/{alg}")).await? {
+                    if let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() {
+                        out.push(d);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The manifests of a repository (digests).
+    pub async fn manifest_digests(&self, repo: &RepoName) -> io::Result<Vec<Digest>> {
+        let dir = format!("{}/_manifests/revisions", repo_path(repo));
+        let mut out = Vec::new();
+        for alg in self.driver.list(&dir).await? {
+            for hex in self.driver.list(&format!("{dir}/{alg}")).await? {
+                if let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn driver(&self) -> &dyn Driver {
@@ -404,18 +442,31 @@ impl Store {
 
     /// Every repository that holds at least one manifest, in lexical order.
     pub async fn list_repositories(&self) -> io::Result<Vec<String>> {
+        self.walk_repositories(true).await
+    }
+
+    /// Every repository with anything in it (blobs pushed without a manifest yet included).
+    pub async fn list_repositories_all(&self) -> io::Result<Vec<String>> {
+        self.walk_repositories(false).await
+    }
+
+    async fn walk_repositories(&self, with_manifests_only: bool) -> io::Result<Vec<String>> {
         let mut out = Vec::new();
         let mut pending = vec![String::new()];
         while let Some(prefix) = pending.pop() {
             let dir = if prefix.is_empty() { "repositories".to_string() } else { format!("repositories/{prefix}") };
+            let mut is_repo = false;
             for child in self.driver.list(&dir).await? {
                 if child == "_manifests" {
-                    if !self.driver.list(&format!("{dir}/_manifests/revisions")).await?.is_empty() {
-                        out.push(prefix.clone());
-                    }
-                } else if !child.starts_with('_') {
+                    is_repo |= !self.driver.list(&format!("{dir}/_manifests/revisions")).await?.is_empty();
+                } else if child.starts_with('_') {
+                    is_repo |= !with_manifests_only;
+                } else {
                     pending.push(if prefix.is_empty() { child } else { format!("{prefix}/{child}") });
                 }
+            }
+            if is_repo {
+                out.push(prefix);
             }
         }
         out.sort();

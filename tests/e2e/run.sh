@@ -20,6 +20,7 @@
 #                    pulls log in with README's login snippets, anonymous ones must be refused
 #   E2E_AUTH=0       open registry (no [auth]); the login/refusal cases are skipped
 #   E2E_KEEP=1       keep the temp dir (logs, configs) instead of deleting it
+#   E2E_RUST_LOG     regmirror's RUST_LOG (default info; `trace` makes no-secrets-in-log stricter)
 #   E2E_CMD_TIMEOUT  seconds allowed per client command (default 120)
 #   REGMIRROR_E2E=skip   exit 0 with a skip line when the machine cannot run the suite
 #   REGMIRROR_BIN    the regmirror binary to test
@@ -347,6 +348,7 @@ expect_mirrored() { # upstream [min manifest lookups] [min blob lookups]
     expect ge "${2:-1}" regmirror_cache_requests_total kind=manifest "upstream=$1" 'outcome=~hit|miss|revalidated|stale'
     expect ge "${3:-1}" regmirror_cache_requests_total kind=blob "upstream=$1" 'outcome=~hit|miss|revalidated|stale'
     expect eq 0 regmirror_cache_requests_total "upstream=$1" outcome=error
+    expect eq 0 regmirror_requests_total status=403
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -676,12 +678,15 @@ case_client_isolation() {
 
 # Login commands from README.md (Pushing to the private namespace), run verbatim by sh with the
 # suite's user in MIRROR_USER / MIRROR_PASSWORD and $T/bin (the podman and skopeo wrappers) first
-# on PATH. Extra arguments go to sh's environment (VAR=value).
+# on PATH. Extra arguments (VAR=value) are added to sh's environment. All of it is passed in the
+# environment, never on a command line, so the password shows in no log and no `ps`.
 run_snippet() { # description snippet-name [VAR=value]...
-    local desc=$1 cmds
+    local desc=$1 cmds a
     cmds=$(snippet "$2") || { fail "$desc: no snippet e2e=$2 in README.md"; return 1; }
     shift 2
-    step "$desc" env PATH="$T/bin:$PATH" MIRROR_USER="$AUTH_USER" MIRROR_PASSWORD="$AUTH_PASSWORD" "$@" sh -ec "$cmds"
+    local -x PATH="$T/bin:$PATH" MIRROR_USER="$AUTH_USER" MIRROR_PASSWORD="$AUTH_PASSWORD"
+    for a in "$@"; do local -x "$a"; done
+    "${SNIPPET_STEP:-step}" "$desc" sh -ec "$cmds"
 }
 
 # Where a case needs [auth]: SKIP it with E2E_AUTH=0.
@@ -691,7 +696,9 @@ need_auth() {
     return 1
 }
 
-# The pull went through the token flow: an anonymous token from /auth/token.
+# The pull went through the token flow: an anonymous token from /auth/token. For the clients
+# that ping /v2/ first (dockerd, podman, skopeo) and so meet the challenge; containerd asks for
+# the manifest straight away, which pull-mirror serves without a token.
 expect_token_flow() {
     [ "$E2E_AUTH" = 1 ] || return 0
     expect ge 1 regmirror_requests_total method=GET route=/auth/token status=200
@@ -701,21 +708,45 @@ expect_token_flow() {
 case_auth_token_flow() {
     need_auth || return 0
     local h tok code
-    # Anonymous GET /v2/: 401 with the Bearer challenge every client follows.
-    echo "+ GET $MIRROR_URL/v2/ (anonymous)"
-    h=$(curlm -sS -o /dev/null -D - "$MIRROR_URL/v2/" | tr -d '\r')
-    echo "$h"
-    grep -q '^HTTP/[0-9.]* 401' <<<"$h" || fail "anonymous GET /v2/ is not a 401"
-    grep -qi "^www-authenticate: Bearer realm=\"$MIRROR_URL/auth/token\",service=\"regmirror\"" <<<"$h" ||
-        fail "anonymous GET /v2/: no WWW-Authenticate: Bearer realm=\"$MIRROR_URL/auth/token\",service=\"regmirror\""
+    # Anonymous GET /v2/: 401 with the Bearer challenge every client follows, naming the address
+    # the client used, over HTTP/1.1 and (TLS, ALPN) HTTP/2, which has no Host header.
+    local proto protos=--http1.1
+    [ "$SCHEME" = https ] && protos="--http1.1 --http2"
+    for proto in $protos; do
+        echo "+ GET $MIRROR_URL/v2/ (anonymous, $proto)"
+        h=$(curlm -sS "$proto" -o /dev/null -D - "$MIRROR_URL/v2/" | tr -d '\r')
+        echo "$h"
+        grep -q '^HTTP/[0-9.]* 401' <<<"$h" || fail "anonymous GET /v2/ ($proto) is not a 401"
+        grep -qi "^www-authenticate: Bearer realm=\"$MIRROR_URL/auth/token\",service=\"regmirror\"" <<<"$h" ||
+            fail "anonymous GET /v2/ ($proto): want WWW-Authenticate: Bearer realm=\"$MIRROR_URL/auth/token\",service=\"regmirror\", got: $(grep -i '^www-authenticate:' <<<"$h")"
+    done
     token_of() { "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])' 2>/dev/null; }
     # An anonymous token pulls a mirrored manifest.
-    echo "+ GET $MIRROR_URL/auth/token?service=regmirror&scope=repository:library/hello:pull (anonymous)"
-    tok=$(curlm -fsS "$MIRROR_URL/auth/token?service=regmirror&scope=repository:library/hello:pull" | token_of)
-    [ -n "$tok" ] || fail "no anonymous token for repository:library/hello:pull"
-    code=$(curlm -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tok" -H "Accept: $ACCEPT" "$MIRROR_URL/v2/library/hello/manifests/latest")
-    echo "GET /v2/library/hello/manifests/latest with the anonymous token: $code"
-    [ "$code" = 200 ] || fail "mirrored manifest with an anonymous token: $code, want 200"
+    echo "+ GET $MIRROR_URL/auth/token?service=regmirror&scope=repository:library/e2e-absent:pull (anonymous)"
+    curlm -fsS "$MIRROR_URL/auth/token?service=regmirror&scope=repository:library/e2e-absent:pull" >"$T/token.json"
+    tok=$(token_of <"$T/token.json")
+    [ -n "$tok" ] || fail "no anonymous token for repository:library/e2e-absent:pull"
+    # The fields Go clients (docker/distribution, containers/image) decode: issued_at is an
+    # RFC 3339 time (another format fails the whole token fetch), expires_in seconds.
+    local bad
+    bad=$("$PY" - "$T/token.json" <<'PY'
+import json, re, sys
+t = json.load(open(sys.argv[1]))
+bad = []
+if "issued_at" in t and not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", str(t["issued_at"])):
+    bad.append("issued_at %r is not RFC 3339" % t["issued_at"])
+if "expires_in" in t and not isinstance(t["expires_in"], int):
+    bad.append("expires_in %r is not an integer" % t["expires_in"])
+print("; ".join(bad))
+PY
+)
+    echo "token response: $(cut -c1-300 "$T/token.json" | sed -E 's/"(access_)?token":"[^"]*"/"\1token":"…"/g')"
+    [ -z "$bad" ] || fail "token response: $bad"
+    # (a repository the upstream lacks: its 404 proves the token was taken, and nothing is
+    # cached that the client cases expect to miss)
+    code=$(curlm -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $tok" -H "Accept: $ACCEPT" "$MIRROR_URL/v2/library/e2e-absent/manifests/latest")
+    echo "GET /v2/library/e2e-absent/manifests/latest with the anonymous token: $code"
+    [ "$code" = 404 ] || fail "mirrored manifest the upstream lacks, anonymous token: $code, want the upstream's 404"
     # Anonymous: no push to private/.
     code=$(curlm -sS -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $tok" "$MIRROR_URL/v2/private/app/blobs/uploads/")
     echo "POST /v2/private/app/blobs/uploads/ with the anonymous token: $code"
@@ -737,6 +768,59 @@ case_auth_token_flow() {
     if [ "$METRICS_SOURCE" = metrics ]; then
         expect ge 1 regmirror_auth_failures_total
     fi
+}
+
+# No secret in what regmirror writes: the password, the base64 "user:password" the clients' auth
+# files hold (and send as HTTP Basic), the bcrypt hash, a wrong password tried at a login.
+case_no_secrets_in_log() {
+    need_auth || return 0
+    alive dockerd-B || { fail "dockerd B is not running"; return 1; }
+    local wrong basic_wrong hash f s name found=0
+    wrong=$(head -c 48 /dev/urandom | base64 -w0 | tr -dc 'A-Za-z0-9' | cut -c1-24)
+    basic_wrong=$(printf '%s' "$AUTH_USER:$wrong" | base64 -w0)
+    SNIPPET_STEP=step_fails run_snippet "docker login (README) with a wrong password" docker-login \
+        DOCKER_HOST="$DOCKER_HOST" DOCKER_CONFIG="$DOCKER_CONFIG" MIRROR_PASSWORD="$wrong"
+    grep -qiE 'unauthorized|authentication required|denied|incorrect' "$T/last.out" ||
+        fail "docker login with a wrong password: output does not say unauthorized"
+    if [ "$METRICS_SOURCE" = metrics ]; then
+        expect ge 1 regmirror_auth_failures_total
+    fi
+    grep 'authentication failed' "$LOG/regmirror.log" | tail -n 2 | cut -c1-300
+    grep 'authentication failed' "$LOG/regmirror.log" | grep -q "$AUTH_USER" ||
+        fail "no 'authentication failed' log line naming user $AUTH_USER"
+    # What the clients stored (checked against the expected string, then searched for).
+    local docker_auth podman_auth
+    docker_auth=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["auths"][sys.argv[2]]["auth"])' "$DOCKER_CONFIG/config.json" "$MIRROR" 2>/dev/null)
+    podman_auth=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["auths"][sys.argv[2]]["auth"])' "$PODMAN_DIR/auth.json" "$MIRROR" 2>/dev/null)
+    echo "docker config.json auth for $MIRROR: ${docker_auth:+present}, podman auth.json: ${podman_auth:+present}"
+    [ "$docker_auth" = "$AUTH_BASIC" ] || fail "docker's config.json does not hold base64($AUTH_USER:password) for $MIRROR"
+    [ "$podman_auth" = "$AUTH_BASIC" ] || fail "podman's auth.json does not hold base64($AUTH_USER:password) for $MIRROR"
+    hash=$(sed -n "s/^$AUTH_USER://p" "$T/htpasswd")
+    for f in "$LOG/regmirror.log" "$LOG/passwd.out" "$LOG/check-config.out"; do
+        for name in password base64-credentials docker-auth podman-auth wrong-password base64-wrong bcrypt-hash; do
+            case $name in
+                password) s=$AUTH_PASSWORD ;;
+                base64-credentials) s=$AUTH_BASIC ;;
+                docker-auth) s=$docker_auth ;;
+                podman-auth) s=$podman_auth ;;
+                wrong-password) s=$wrong ;;
+                base64-wrong) s=$basic_wrong ;;
+                bcrypt-hash) s=$hash ;;
+            esac
+            [ -n "$s" ] || continue
+            if grep -qF -- "$s" "$f"; then
+                fail "${f#"$T"/} contains the $name (lines $(grep -nF -- "$s" "$f" | cut -d: -f1 | head -n 5 | tr '\n' ' '))"
+                found=1
+            fi
+        done
+    done
+    echo "searched $(wc -l <"$LOG/regmirror.log") log lines; secrets found: $found"
+    # The clients' and the suite's own logs: reported, not judged (not regmirror's doing).
+    for f in "$LOG"/*; do
+        case $f in "$LOG/regmirror.log" | "$LOG/passwd.out" | "$LOG/check-config.out") continue ;; esac
+        grep -qF -e "$AUTH_PASSWORD" -e "$AUTH_BASIC" "$f" 2>/dev/null && echo "NOTE: ${f#"$T"/} holds the password or the base64 credentials"
+    done
+    return 0
 }
 
 case_metrics_endpoint() {
@@ -801,6 +885,15 @@ PY
     wait_until 60 "dockerd-$name" "$DOCKER_CLI" version || { fail "dockerd $name did not start"; return 1; }
 }
 
+# dockerd leaves a failing mirror for Docker Hub and reports Hub's error; its log says why.
+dockerd_mark() { echo $(($(wc -l <"$LOG/dockerd-$1.log") + 1)); } # first log line of this case
+expect_no_mirror_fallback() { # dockerd-name first-log-line
+    local why
+    why=$(tail -n +"$2" "$LOG/dockerd-$1.log" | grep -m 1 "Attempting next endpoint for pull after error: .*$MIRROR" |
+        sed -e 's/.*after error: //' -e 's/\\"/"/g' | cut -c1-300)
+    [ -z "$why" ] || fail "dockerd $1 left the mirror for Docker Hub after: $why"
+}
+
 docker_repo_digest() { # image -> "repo@sha256:..." list
     "$DOCKER_CLI" image inspect --format '{{join .RepoDigests " "}}' "$1" 2>/dev/null
 }
@@ -811,6 +904,7 @@ case_dockerd_pull() {
     start_dockerd A || return 1
     cat "$T/docker-A/daemon.json"
     step "docker pull hello" "$DOCKER_CLI" pull hello
+    expect_no_mirror_fallback A 1
     docker_repo_digest hello | grep -qw "hello@$UP_HELLO" ||
         fail "hello has RepoDigests '$(docker_repo_digest hello)', want hello@$UP_HELLO"
     expect ge 1 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=miss
@@ -827,7 +921,10 @@ case_dockerd_pull() {
 
 case_dockerd_platform() {
     alive dockerd-A || { fail "dockerd A is not running"; return 1; }
+    local mark
+    mark=$(dockerd_mark A)
     step "docker pull --platform linux/arm64 multi" "$DOCKER_CLI" pull --platform linux/arm64 multi
+    expect_no_mirror_fallback A "$mark"
     local arch
     arch=$("$DOCKER_CLI" image inspect --format '{{.Architecture}}' multi 2>&1)
     [ "$arch" = arm64 ] || fail "multi has architecture '$arch', want arm64"
@@ -837,10 +934,13 @@ case_dockerd_platform() {
     expect ge 2 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=miss
     expect ge 2 regmirror_cache_requests_total kind=blob upstream=docker.io outcome=miss
     expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=error
+    expect_token_flow
 }
 
 case_dockerd_digest() {
     alive dockerd-A || { fail "dockerd A is not running"; return 1; }
+    local mark
+    mark=$(dockerd_mark A)
     # dockerd 20.10 keeps the manifests it has seen in its own content store, so hello@digest
     # (seen by tag above) asks the mirror for its blobs only; a fresh daemon asks for the
     # manifest too (see dockerd-stale-upstream-down).
@@ -851,9 +951,11 @@ case_dockerd_digest() {
     # The amd64 manifest of multi was never pulled: by digest, through the mirror, from upstream.
     step "docker pull multi@amd64-manifest-digest" "$DOCKER_CLI" pull "multi@$UP_MULTI_AMD64"
     docker_repo_digest "multi@$UP_MULTI_AMD64" | grep -qw "multi@$UP_MULTI_AMD64" || fail "multi@$UP_MULTI_AMD64 not in the image store"
+    expect_no_mirror_fallback A "$mark"
     expect ge 1 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=miss
     expect ge 1 regmirror_upstream_requests_total upstream=docker.io kind=manifest status=200
     expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=error
+    expect_token_flow
 }
 
 # Anonymous pushes to private/ are refused (auth on), before anything is stored.
@@ -928,12 +1030,16 @@ case_dockerd_x509() {
 
 case_dockerd_manifest_list() {
     alive dockerd-A || { fail "dockerd A is not running"; return 1; }
+    local mark
+    mark=$(dockerd_mark A)
     step "docker pull multilist (Docker manifest list)" "$DOCKER_CLI" pull multilist
+    expect_no_mirror_fallback A "$mark"
     docker_repo_digest multilist | grep -qw "multilist@$UP_MULTILIST" ||
         fail "multilist has RepoDigests '$(docker_repo_digest multilist)', want multilist@$UP_MULTILIST"
     expect ge 2 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=miss
     expect ge 2 regmirror_cache_requests_total kind=blob upstream=docker.io outcome=miss
     expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=error
+    expect_token_flow
 }
 
 case_dockerd_stale() {
@@ -946,6 +1052,7 @@ case_dockerd_stale() {
     step "docker pull hello@digest (upstream down)" "$DOCKER_CLI" pull "hello@$UP_HELLO"
     step "docker pull hello (upstream down)" "$DOCKER_CLI" pull hello
     step "docker pull --platform linux/arm64 multi (upstream down)" "$DOCKER_CLI" pull --platform linux/arm64 multi
+    expect_no_mirror_fallback B 1
     docker_repo_digest hello | grep -qw "hello@$UP_HELLO" || fail "hello has RepoDigests '$(docker_repo_digest hello)'"
     docker_repo_digest multi | grep -qw "multi@$UP_MULTI" || fail "multi has RepoDigests '$(docker_repo_digest multi)'"
     expect ge 2 regmirror_cache_requests_total kind=manifest upstream=docker.io outcome=stale
@@ -953,6 +1060,7 @@ case_dockerd_stale() {
     expect ge 3 regmirror_cache_requests_total kind=blob upstream=docker.io outcome=hit
     expect eq 0 regmirror_cache_requests_total upstream=docker.io outcome=miss
     expect eq 0 regmirror_upstream_requests_total upstream=docker.io status=200
+    expect_token_flow
 }
 
 case_dockerd_private_pull() {
@@ -1043,6 +1151,7 @@ case_containerd_ghcr() {
     expect ge 2 regmirror_cache_requests_total kind=blob upstream=ghcr.io outcome=miss
     expect ge 1 regmirror_upstream_requests_total upstream=ghcr.io kind=manifest status=200
     expect eq 0 regmirror_cache_requests_total upstream=docker.io
+    expect eq 0 regmirror_requests_total status=403
 }
 
 case_containerd_all_platforms() {
@@ -1060,19 +1169,29 @@ case_containerd_all_platforms() {
 PODMAN_ETC=$T/etc-podman
 PODMAN_DIR=$T/podman
 
+# podman and skopeo in the client namespace with podman's /etc (CA in certs.d) and
+# registries.conf; podman keeps its login in REGISTRY_AUTH_FILE (its default lives in /run, a
+# fresh tmpfs per command here). The skopeo wrapper has no auth file: only --dest-creds counts.
+# Absolute paths: the wrappers are first on PATH for the README snippets.
 cat >"$T/bin/podman" <<EOF
 #!/bin/sh
 exec $CLIENT $PODMAN_ETC env -u DOCKER_CONFIG -u DOCKER_HOST CONTAINERS_STORAGE_CONF=$PODMAN_DIR/storage.conf \\
     CONTAINERS_REGISTRIES_CONF=$PODMAN_DIR/registries.conf CONTAINERS_CONF=$PODMAN_DIR/containers.conf \\
-    podman "\$@"
+    REGISTRY_AUTH_FILE=$PODMAN_DIR/auth.json $(command -v podman) "\$@"
 EOF
-chmod +x "$T/bin/podman"
+cat >"$T/bin/skopeo" <<EOF
+#!/bin/sh
+exec $CLIENT $PODMAN_ETC env -u DOCKER_CONFIG -u DOCKER_HOST -u REGISTRY_AUTH_FILE \\
+    CONTAINERS_REGISTRIES_CONF=$PODMAN_DIR/registries.conf $(command -v skopeo) "\$@"
+EOF
+chmod +x "$T/bin/podman" "$T/bin/skopeo"
 podman_=$T/bin/podman
 
 case_podman_pull() {
     make_etc "$PODMAN_ETC"
     apply_ca_snippet "$PODMAN_ETC" podman-ca || { fail "podman-ca snippet"; return 1; }
     mkdir -p "$PODMAN_DIR/tmp"
+    [ -e "$PODMAN_DIR/auth.json" ] || echo '{"auths": {}}' >"$PODMAN_DIR/auth.json" # REGISTRY_AUTH_FILE must exist
     snippet registries.conf >"$PODMAN_DIR/registries.conf" || return 1
     cat >"$PODMAN_DIR/storage.conf" <<EOF
 [storage]
@@ -1092,13 +1211,20 @@ EOF
     digest=$("$podman_" image inspect --format '{{.Digest}}' docker.io/library/hello:latest 2>&1)
     [ "$digest" = "$UP_HELLO" ] || fail "podman has hello as '$digest', want $UP_HELLO"
     expect_mirrored docker.io 1 2
+    expect_token_flow
 }
 
 case_podman_push() {
+    if [ "$E2E_AUTH" = 1 ]; then
+        run_snippet "podman login (README)" podman-login || return 1
+        grep -q "\"$AUTH_BASIC\"" "$PODMAN_DIR/auth.json" ||
+            fail "podman login stored no credentials for $MIRROR in REGISTRY_AUTH_FILE"
+    fi
     step "podman push to the private namespace" "$podman_" push docker.io/library/hello:latest "$MIRROR/private/podman-app:1" || return 1
-    curlm -fsS -o /dev/null -H "Accept: $ACCEPT" "$MIRROR_URL/v2/private/podman-app/manifests/1" ||
+    curlm_user -fsS -o /dev/null -H "Accept: $ACCEPT" "$MIRROR_URL/v2/private/podman-app/manifests/1" ||
         fail "private/podman-app:1 is not served by the mirror after the push"
     expect ge 1 regmirror_requests_total method=PUT 'route=/v2/{name}/manifests/{reference}' status=201
+    expect eq 0 regmirror_requests_total status=403
     expect eq 0 regmirror_upstream_requests_total
 }
 
@@ -1132,6 +1258,27 @@ case_skopeo_copy_all() {
     got=$(mirror_digest library/multilist:latest)
     [ "$got" = "$UP_MULTILIST" ] || fail "Docker manifest list through the mirror: $got, upstream: $UP_MULTILIST"
     expect_mirrored docker.io 3 4
+    expect_token_flow
+}
+
+case_skopeo_push() {
+    [ -d "$PODMAN_ETC" ] || { fail "podman's /etc copy is missing (podman-pull did not run)"; return 1; }
+    # The README pushes oci:app:2 from the current directory.
+    mkdir -p "$T/skopeo-push"
+    "$HOSTNS" skopeo copy "oci:$T/images/tool:1.0" "oci:$T/skopeo-push/app:2" >"$LOG/skopeo-push-layout.out" 2>&1 ||
+        { fail "cannot make the oci:app:2 layout: $(tail -n 2 "$LOG/skopeo-push-layout.out")"; return 1; }
+    local here=$PWD rc got
+    cd "$T/skopeo-push" || return 1
+    run_snippet "skopeo copy --dest-creds (README)" skopeo-push # (without [auth] the creds go unused)
+    rc=$?
+    cd "$here" || return 1
+    [ $rc = 0 ] || return 1
+    got=$(curlm_user -fsS -H "Accept: $ACCEPT" "$MIRROR_URL/v2/private/app/manifests/2" | sha256sum)
+    got=sha256:${got%% *}
+    [ "$got" = "$UP_TOOL" ] || fail "private/app:2 through the mirror: $got, pushed: $UP_TOOL"
+    expect ge 1 regmirror_requests_total method=PUT 'route=/v2/{name}/manifests/{reference}' status=201
+    expect eq 0 regmirror_requests_total status=403
+    expect eq 0 regmirror_upstream_requests_total
 }
 
 case_skopeo_ghcr_path() {
@@ -1142,6 +1289,7 @@ case_skopeo_ghcr_path() {
     [ "$got" = "$UP_TOOL" ] || fail "tool through the mirror: $got, upstream: $UP_TOOL"
     expect_mirrored ghcr.io 1 2
     expect eq 0 regmirror_cache_requests_total upstream=docker.io
+    expect_token_flow
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -1149,11 +1297,13 @@ case_skopeo_ghcr_path() {
 # ---------------------------------------------------------------------------------------------
 
 run_case client-isolation case_client_isolation
+run_case auth-token-flow case_auth_token_flow
 run_case dockerd-pull case_dockerd_pull "$LOG/dockerd-A.log" "$LOG/upstream-docker.io.log"
 run_case dockerd-platform-arm64 case_dockerd_platform "$LOG/dockerd-A.log"
 run_case dockerd-pull-by-digest case_dockerd_digest "$LOG/dockerd-A.log"
 run_case dockerd-x509-without-ca case_dockerd_x509 "$LOG/dockerd-A.log"
 run_case dockerd-manifest-list case_dockerd_manifest_list "$LOG/dockerd-A.log"
+run_case dockerd-push-anonymous-refused case_dockerd_push_anonymous "$LOG/dockerd-A.log"
 run_case dockerd-push-private case_dockerd_push "$LOG/dockerd-A.log"
 run_case containerd-start case_containerd_setup "$LOG/containerd.log"
 run_case containerd-pull-docker.io case_containerd_pull "$LOG/containerd.log"
@@ -1164,10 +1314,12 @@ run_case podman-pull case_podman_pull
 run_case podman-push-private case_podman_push
 run_case skopeo-copy-all case_skopeo_copy_all
 run_case skopeo-ghcr.io-path case_skopeo_ghcr_path
+run_case skopeo-push-private case_skopeo_push
 run_case dockerd-stale-upstream-down case_dockerd_stale "$LOG/dockerd-B.log"
 run_case dockerd-private-fresh-daemon case_dockerd_private_pull "$LOG/dockerd-B.log"
+run_case no-secrets-in-log case_no_secrets_in_log "$LOG/dockerd-B.log"
 run_case metrics-endpoint case_metrics_endpoint
 
-echo "regmirror e2e: $((SECONDS - RUN_START))s, E2E_TLS=$E2E_TLS, counters from $METRICS_SOURCE"
+echo "regmirror e2e: $((SECONDS - RUN_START))s, E2E_TLS=$E2E_TLS, E2E_AUTH=$E2E_AUTH, counters from $METRICS_SOURCE"
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]

@@ -1,0 +1,277 @@
+//! The bound on mirrored content: least-recently-used order kept by regmirror itself (not
+//! filesystem atime), persisted as an append-only access log, and an eviction pass whose cost is
+//! proportional to what it evicts.
+//!
+//! Never evicted: private content (every blob linked into, or manifest stored in, a private
+//! repository is *protected*), pinned images, and blobs being served or filled right now.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use crate::registry::names::Digest;
+use crate::storage::unix_now;
+
+/// Where the access log lives, relative to the storage root.
+pub const ACCESS_LOG: &str = "meta/access.log";
+
+#[derive(Clone, Copy)]
+struct Entry {
+    atime: u64,
+    seq: u64,
+    size: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<Digest, Entry>,
+    /// (access time, sequence) → digest: the front is the least recently used.
+    order: BTreeMap<(u64, u64), Digest>,
+    protected: HashSet<Digest>,
+    pinned: HashSet<Digest>,
+    in_use: HashMap<Digest, usize>,
+    /// Taken as victims, being deleted: nobody may start reading them.
+    evicting: HashSet<Digest>,
+    /// Accesses not yet appended to the log.
+    dirty: Vec<(Digest, u64)>,
+    log_lines: u64,
+    next_seq: u64,
+}
+
+impl Index {
+    fn remove(&mut self, d: &Digest) -> Option<Entry> {
+        let e = self.entries.remove(d)?;
+        self.order.remove(&(e.atime, e.seq));
+        Some(e)
+    }
+
+    fn insert(&mut self, d: Digest, atime: u64, size: u64) {
+        self.remove(&d);
+        self.next_seq += 1;
+        let e = Entry { atime, seq: self.next_seq, size };
+        self.order.insert((atime, e.seq), d.clone());
+        self.entries.insert(d, e);
+    }
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Evicted {
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+pub struct Lru {
+    index: Mutex<Index>,
+    log_path: PathBuf,
+}
+
+/// Keeps a blob from eviction while it is being served.
+pub struct InUse {
+    lru: std::sync::Arc<Lru>,
+    digest: Digest,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut idx = self.lru.lock();
+        if let Some(n) = idx.in_use.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                idx.in_use.remove(&self.digest);
+            }
+        }
+    }
+}
+
+impl Lru {
+    pub fn new(storage_root: &std::path::Path) -> Lru {
+        Lru { index: Mutex::default(), log_path: storage_root.join(ACCESS_LOG) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Record that mirrored content was used now.
+    pub fn touch(&self, d: &Digest, size: u64) {
+        let mut idx = self.lock();
+        if idx.protected.contains(d) {
+            return;
+        }
+        let now = unix_now();
+        idx.insert(d.clone(), now, size);
+        idx.dirty.push((d.clone(), now));
+    }
+
+    /// Mark content as private: it leaves the eviction order for good.
+    pub fn protect(&self, d: &Digest) {
+        let mut idx = self.lock();
+        idx.remove(d);
+        idx.protected.insert(d.clone());
+    }
+
+    /// Replace the set of pinned digests (after a pin refresh).
+    pub fn set_pinned(&self, pinned: HashSet<Digest>) {
+        self.lock().pinned = pinned;
+    }
+
+    pub fn pinned_bytes(&self) -> u64 {
+        let idx = self.lock();
+        idx.pinned.iter().filter_map(|d| idx.entries.get(d)).map(|e| e.size).sum()
+    }
+
+    /// Keep `d` from eviction until the guard drops; `None` when it is being evicted right now
+    /// (the caller treats it as not stored).
+    pub fn hold(self: &std::sync::Arc<Self>, d: &Digest) -> Option<InUse> {
+        let mut idx = self.lock();
+        if idx.evicting.contains(d) {
+            return None;
+        }
+        *idx.in_use.entry(d.clone()).or_default() += 1;
+        Some(InUse { lru: self.clone(), digest: d.clone() })
+    }
+
+    /// A victim is gone (or was given back).
+    pub fn evicted(&self, d: &Digest) {
+        self.lock().evicting.remove(d);
+    }
+
+    /// Bytes of mirrored content the index knows of.
+    pub fn mirrored_bytes(&self) -> u64 {
+        self.lock().entries.values().map(|e| e.size).sum()
+    }
+
+    /// Load state at start: protected digests (private content), access times from the log, and
+    /// every other blob of the store (size, and its file time when the log has no access).
+    pub fn load(&self, protected: HashSet<Digest>, blobs: Vec<(Digest, u64, u64)>) {
+        let mut atimes: HashMap<Digest, u64> = HashMap::new();
+        let mut lines = 0;
+        if let Ok(text) = std::fs::read_to_string(&self.log_path) {
+            for line in text.lines() {
+                lines += 1;
+                let Some((d, t)) = line.split_once(' ') else { continue };
+                if let (Ok(d), Ok(t)) = (d.parse::<Digest>(), t.parse::<u64>()) {
+                    atimes.insert(d, t);
+                }
+            }
+        }
+        let mut idx = self.lock();
+        idx.protected.extend(protected);
+        idx.log_lines = lines;
+        for (d, size, mtime) in blobs {
+            if idx.protected.contains(&d) || idx.entries.contains_key(&d) {
+                continue;
+            }
+            let atime = atimes.get(&d).copied().unwrap_or(mtime);
+            idx.insert(d, atime, size);
+        }
+    }
+
+    /// Append pending accesses to the log; rewrite it compactly once it holds far more lines
+    /// than entries. Called periodically and at shutdown.
+    pub fn persist(&self) -> std::io::Result<()> {
+        let (dirty, compact) = {
+            let mut idx = self.lock();
+            let dirty = std::mem::take(&mut idx.dirty);
+            idx.log_lines += dirty.len() as u64;
+            let compact = idx.log_lines > 4 * (idx.entries.len() as u64).max(1000);
+            let snapshot: Option<Vec<(Digest, u64)>> = compact
+                .then(|| idx.order.values().filter_map(|d| idx.entries.get(d).map(|e| (d.clone(), e.atime))).collect());
+            if compact {
+                idx.log_lines = snapshot.as_ref().map_or(0, |s| s.len() as u64);
+            }
+            (dirty, snapshot)
+        };
+        if let Some(dir) = self.log_path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if let Some(all) = compact {
+            let tmp = self.log_path.with_extension("tmp");
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            for (d, t) in all {
+                writeln!(f, "{d} {t}")?;
+            }
+            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&tmp, &self.log_path)?;
+            return Ok(());
+        }
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        let mut f =
+            std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?);
+        for (d, t) in dirty {
+            writeln!(f, "{d} {t}")?;
+        }
+        f.flush()
+    }
+
+    /// Take least-recently-used candidates totalling at least `bytes`, skipping pinned and
+    /// in-use content. They leave the index; the caller deletes them (or gives them back).
+    pub fn take_victims(&self, bytes: u64) -> Vec<(Digest, u64)> {
+        let mut idx = self.lock();
+        let mut out = Vec::new();
+        let mut skipped = Vec::new();
+        let mut total = 0;
+        while total < bytes {
+            let Some((key, d)) = idx.order.pop_first() else { break };
+            let Some(e) = idx.entries.get(&d).copied() else { continue };
+            if idx.pinned.contains(&d) || idx.in_use.contains_key(&d) {
+                skipped.push((key, d));
+                continue;
+            }
+            idx.entries.remove(&d);
+            idx.evicting.insert(d.clone());
+            total += e.size;
+            out.push((d, e.size));
+        }
+        for (key, d) in skipped {
+            idx.order.insert(key, d);
+        }
+        out
+    }
+
+    /// Put a candidate back (it could not be deleted).
+    pub fn give_back(&self, d: Digest, size: u64) {
+        let mut idx = self.lock();
+        idx.evicting.remove(&d);
+        let atime = unix_now();
+        idx.insert(d, atime, size);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(n: u8) -> Digest {
+        Digest::sha256_of(&[n])
+    }
+
+    #[test]
+    fn least_recently_used_first_skipping_pinned_protected_and_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let lru = std::sync::Arc::new(Lru::new(dir.path()));
+        lru.load(HashSet::from([d(9)]), vec![(d(1), 10, 100), (d(2), 10, 50), (d(3), 10, 200), (d(9), 10, 1)]);
+        lru.set_pinned(HashSet::from([d(2)]));
+        let _held = lru.hold(&d(3));
+        // d(2) is oldest but pinned, d(3) in use, d(9) protected: only d(1) can go.
+        assert_eq!(lru.take_victims(100), vec![(d(1), 10)]);
+        lru.touch(&d(4), 5);
+        assert_eq!(lru.take_victims(1), vec![]);
+    }
+
+    #[test]
+    fn access_order_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let lru = Lru::new(dir.path());
+        lru.load(HashSet::new(), vec![(d(1), 1, 100), (d(2), 1, 100)]);
+        lru.touch(&d(1), 1);
+        lru.persist().unwrap();
+        let again = Lru::new(dir.path());
+        again.load(HashSet::new(), vec![(d(1), 1, 100), (d(2), 1, 100)]);
+        assert_eq!(again.take_victims(1), vec![(d(2), 1)]);
+    }
+}
