@@ -188,11 +188,20 @@ snap() {
     $PY "$LIB" cpu-snap $$ "rm=${PID[regmirror_tls]:-${PID[regmirror]:-x}}" "ref=${PID[reference]:-x}" \
         "up=${PID[upstream]:-x}" "ngx=${PID[nginx]:-x}"
 }
-phase_begin() { PHASE=$1; SNAP0=$(snap); }
+# Timed windows inside a phase (fg_begin/fg_end; they may run in subshells, hence the file): the
+# CPU other processes used while we were actually measuring.
+fg_begin() { FG0=$(snap); }
+fg_end() { $PY "$LIB" cpu-diff "$FG0" "$(snap)" | awk '{ for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "wall" || kv[1] == "foreign") printf "%s ", kv[2] } print "" }' >>"$T/fg"; }
+phase_begin() { PHASE=$1; : >"$T/fg"; SNAP0=$(snap); }
 phase_end() {
-    local kv
+    local kv fgw fgf
     CPU=()
     for kv in $($PY "$LIB" cpu-diff "$SNAP0" "$(snap)"); do CPU[${kv%%=*}]=${kv#*=}; done
+    read -r fgw fgf <<<"$(awk '{ w += $1; f += $2 } END { printf "%.2f %.2f", w, f }' "$T/fg")"
+    if awk -v w="$fgw" 'BEGIN { exit !(w > 0) }'; then # report only what overlapped measurements
+        CPU[foreign]=$fgf
+        CPU[foreign_pct]=$(awk -v w="$fgw" -v f="$fgf" -v n="$(nproc)" 'BEGIN { printf "%.0f", 100 * f / (w * n) }')
+    fi
     fig "foreign_${PHASE}_pct" "${CPU[foreign_pct]:-?}"
     fig "foreign_${PHASE}_s" "${CPU[foreign]:-?}"
     say "  [$PHASE: ${CPU[wall]:-?}s; CPU s: regmirror ${CPU[rm]:-?}, reference ${CPU[ref]:-?}, upstream ${CPU[up]:-?}, nginx ${CPU[ngx]:-?}, other processes ${CPU[foreign]:-?} (${CPU[foreign_pct]:-?}% of the machine)]"
@@ -445,7 +454,11 @@ check_fetch() { # label expected-size "code size secs speed" url [curl args...];
 direct=() direct_raw=() cold_rm=() cold_ref=()
 timed() { # label url : settle, then one checked download; echoes seconds or ""
     settle
-    check_fetch "$1" "$BLOB_BYTES" "$(fetch "$2")" "$2"
+    fg_begin
+    local res
+    res=$(fetch "$2")
+    fg_end
+    check_fetch "$1" "$BLOB_BYTES" "$res" "$2"
 }
 fetch "$(blob_url "$NGX" "${HEX[layer]}")" >/dev/null # warm the upstream's file cache path once
 phase_begin cold
@@ -492,7 +505,9 @@ for ((i = 1; i <= WARM_RUNS; i++)); do
     for which in rm ref ngx; do
         case $which in rm) u=$WRM ;; ref) u=$WREF ;; ngx) u=$WNGX ;; esac
         settle
+        fg_begin
         res=$(fetch "$u")
+        fg_end
         read -r c s _ b <<<"$res"
         if [ "$c" = 200 ] && [ "$s" = "$BLOB_BYTES" ]; then
             eval "warm_$which+=(\"$b\")"
@@ -532,7 +547,9 @@ for which in rm ref; do
     before_all=$(wc -l <"$NGX_LOG")
     settle
     phase_begin "man_$which"
+    fg_begin
     timeout $((WRK_SECS + 30)) wrk $WRK_ARGS --latency -H "Accept: $ACCEPT" "$base$MAN_PATH" >"$LOG/wrk-$which.txt" 2>&1
+    fg_end
     after=$(grep -c "manifests/latest\"" "$NGX_LOG")
     after_all=$(wc -l <"$NGX_LOG")
     fig "man_${which}_upstream_all" "$((after_all - before_all))"
@@ -557,6 +574,7 @@ fanout() { # label url -> sets FAN_WALL, FAN_OK
     rm -f "$T/fan/$label".*
     settle
     phase_begin "fan_$label"
+    fg_begin
     start=$(date +%s.%N)
     for ((i = 1; i <= FANOUT; i++)); do
         curl -sS -o /dev/null --max-time 180 -w '%{http_code} %{size_download} %{time_total}\n' "$url" \
@@ -565,6 +583,7 @@ fanout() { # label url -> sets FAN_WALL, FAN_OK
     done
     wait "${pids[@]}"
     end=$(date +%s.%N)
+    fg_end
     settle # the reference keeps storing after its clients are served: count that CPU too
     phase_end
     FAN_WALL=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.3f", b - a }')
@@ -652,18 +671,26 @@ if wait_until 30 regmirror_tls http_ok --cacert "$CA" "$TLS/v2/"; then
     WTLS=$(blob_url "$TLS" "${HEX[cold_rm_1]}")
     fetch "$WTLS" --cacert "$CA" >/dev/null
     warm_tls=()
+    phase_begin tls_warm
     for ((i = 1; i <= WARM_RUNS; i++)); do
         settle
-        read -r c s _ b <<<"$(fetch "$WTLS" --cacert "$CA")"
+        fg_begin
+        res=$(fetch "$WTLS" --cacert "$CA")
+        fg_end
+        read -r c s _ b <<<"$res"
         if [ "$c" = 200 ] && [ "$s" = "$BLOB_BYTES" ]; then warm_tls+=("$b"); else note "TLS warm round $i: HTTP $c, $s bytes"; fi
     done
+    phase_end
+    fig cpu_warm_tls "$(per "${CPU[rm]}" "$WARM_RUNS")"
     fig warm_tls_mbs "$(mbs "$(median "${warm_tls[@]}")")"
     say "  warm TLS $(mbs "$(median "${warm_tls[@]}")") MB/s"
     read -r g _ <<<"$(upstream_count "${HEX[cold_rm_1]}")"
     [ "$g" = 1 ] || note "after the restart, regmirror fetched the cached blob again ($g upstream GETs in all)"
 
     settle
+    phase_begin tls_man
     timeout $((WRK_SECS + 30)) wrk $WRK_ARGS -H "Accept: $ACCEPT" "$TLS$MAN_PATH" >"$LOG/wrk-tls.txt" 2>&1
+    phase_end
     read -r rps non2xx errs _ <<<"$($PY "$LIB" wrk-parse "$LOG/wrk-tls.txt")"
     fig man_tls_rps "$rps"
     [ "$non2xx" = 0 ] && [ "$errs" = 0 ] || note "wrk over TLS: $non2xx non-2xx, $errs socket errors"
@@ -677,7 +704,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 
 fig total_seconds "$SECONDS"
-note "CPU used by other processes per phase (% of the machine): $(grep '^foreign_.*_pct=' "$FIG" | sed 's/^foreign_//; s/_pct=/ /' | tr '\n' ';' | sed 's/;/%; /g')"
+note "CPU used by other processes during the timed windows of each phase (% of the machine): $(grep '^foreign_.*_pct=' "$FIG" | sed 's/^foreign_//; s/_pct=/ /' | tr '\n' ';' | sed 's/;/%; /g')"
 note "whole run took ${SECONDS}s"
 cp "$FIG" "$LOG/figures.txt"
 $PY "$LIB" report "$FIG" "$RESULTS"

@@ -321,6 +321,7 @@ def report(figures, results):
     row("", "warm blob MB/s over TLS", fmt(g("warm_tls_mbs")), "", fmt(g("warm_rm_mbs")),
         "baseline = same blob, plain HTTP (step 3)")
     row("", "  TLS / plain", fmt(ratio(g("warm_tls_mbs"), g("warm_rm_mbs")), "x"), "", "", "")
+    row("", "  server CPU s per download", fmt(g("cpu_warm_tls"), "s"), "", fmt(g("cpu_warm_rm"), "s"), "")
     row("", "manifest req/s over TLS (keep-alive)", fmt(g("man_tls_rps")), "", fmt(g("man_rm_rps")),
         "baseline = plain HTTP (step 4)")
 

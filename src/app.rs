@@ -92,6 +92,12 @@ pub fn metrics_router(state: AppState) -> Router {
                 let stats = state.store.stats();
                 state.metrics.store_bytes.set(stats.bytes.load(std::sync::atomic::Ordering::Relaxed));
                 state.metrics.store_objects.set(stats.objects.load(std::sync::atomic::Ordering::Relaxed));
+                let gc: crate::gc::GcRecord = match state.store.driver().get(crate::gc::GC_RECORD).await {
+                    Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
+                    _ => Default::default(),
+                };
+                state.metrics.gc_runs.set(gc.runs as i64);
+                state.metrics.gc_freed_bytes.set(gc.freed_bytes as i64);
                 ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
             }),
         )

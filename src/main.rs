@@ -42,6 +42,32 @@ enum Command {
         #[arg(long)]
         htpasswd: Option<PathBuf>,
     },
+    /// Pull images through a running mirror so its cache is warm before a rollout.
+    Prefetch {
+        /// Images, e.g. docker.io/library/nginx:1.27 or ghcr.io/org/tool:2.0.
+        #[arg(required = true)]
+        images: Vec<String>,
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The mirror's URL (default: https://localhost:PORT from the configuration).
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Only this platform of multi-platform images, e.g. linux/arm64 (default: all).
+        #[arg(long)]
+        platform: Option<String>,
+    },
+    /// Remove blobs no manifest references any more (after private manifests were deleted).
+    /// Safe while the server runs.
+    Gc {
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Blobs younger than this are kept (uploads in progress, blobs pushed before their manifest).
+        #[arg(long, default_value = "1h")]
+        grace: String,
+    },
     /// Print how docker, containerd, podman and skopeo come to trust and use this mirror.
     ClientSetup {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
@@ -127,6 +153,78 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Prefetch { images, config, mirror, platform } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let tls = !matches!(config.tls, TlsConfig::Off);
+            let base = mirror.unwrap_or_else(|| {
+                format!("{}://localhost:{}", if tls { "https" } else { "http" }, config.listen.port())
+            });
+            let ca = match &config.tls {
+                TlsConfig::SelfSigned { dir, .. } => std::fs::read(dir.join(regmirror::tls::CA_CERT)).ok(),
+                _ => None,
+            };
+            let base = match reqwest::Url::parse(&base) {
+                Ok(u) => u,
+                Err(e) => {
+                    eprintln!("--mirror {base:?}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = tokio::runtime::Runtime::new()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| rt.block_on(regmirror::prefetch::run(base, ca, &images, platform.as_deref())));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("regmirror prefetch: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Gc { config, dry_run, grace } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(grace) = regmirror::config::parse_duration(&grace) else {
+                eprintln!(
+                    "--grace {grace:?} is not a duration: use a number with a unit ms, s, m, h or d, such as \"1h\""
+                );
+                return ExitCode::FAILURE;
+            };
+            let result = tokio::runtime::Runtime::new().map_err(|e| e.to_string()).and_then(|rt| {
+                rt.block_on(async {
+                    let driver =
+                        regmirror::storage::fs::FsDriver::open(&config.storage_root).map_err(|e| e.to_string())?;
+                    let store = regmirror::storage::Store::new(driver);
+                    regmirror::gc::run(&store, &config.private_namespaces, grace, dry_run)
+                        .await
+                        .map_err(|e| e.to_string())
+                })
+            });
+            match result {
+                Ok(report) => {
+                    for (d, size) in &report.removed {
+                        println!("{} {d} {size} bytes", if dry_run { "would remove" } else { "removed" });
+                    }
+                    println!(
+                        "{} {} blob(s), {} bytes{}",
+                        if dry_run { "would free" } else { "freed" },
+                        report.removed.len(),
+                        report.freed_bytes,
+                        if dry_run { " (dry run: nothing removed)" } else { "" }
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("regmirror gc: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::ClientSetup { config, host } => {
             let config = match load(&config) {
                 Ok(c) => c,
@@ -208,6 +306,9 @@ async fn serve(config: Config) -> Result<(), String> {
     use regmirror::server::{run, shutdown_signal, Listener};
     let drain = config.shutdown_timeout;
     let state = AppState::new(config.clone())?;
+    let started = std::time::Instant::now();
+    regmirror::cache::evict::load(&state).await.map_err(|e| format!("indexing the store: {e}"))?;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "store indexed");
     regmirror::cache::evict::spawn(state.clone());
     regmirror::cache::pins::spawn(state.clone());
     match (&config.auth, &config.tls) {

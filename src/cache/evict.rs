@@ -12,12 +12,9 @@ use crate::registry::names::RepoName;
 /// How often access times are persisted and the bound checked when nothing else wakes the task.
 const TICK: Duration = Duration::from_secs(10);
 
+/// Run the eviction loop; call after `load`.
 pub fn spawn(state: AppState) {
     tokio::spawn(async move {
-        if let Err(e) = load(&state).await {
-            tracing::warn!(error = %e, "could not index the store for eviction; eviction is off until restart");
-            return;
-        }
         let mut tick = tokio::time::interval(TICK);
         loop {
             tokio::select! {
@@ -34,9 +31,11 @@ pub fn spawn(state: AppState) {
     });
 }
 
-/// Index the store: private content is protected, everything else is mirrored content in LRU order.
+/// Index the store: private content is protected, everything else is mirrored content in LRU
+/// order; the store's size figures come from the same scan. Once, at start, before serving.
 pub async fn load(state: &AppState) -> std::io::Result<()> {
     let blobs = state.store.scan_blobs().await?;
+    state.store.stats().reset(blobs.iter().map(|b| b.1).sum(), blobs.len() as u64);
     let mut protected = HashSet::new();
     for repo in state.store.list_repositories_all().await? {
         let Ok(name) = RepoName::parse(&repo) else { continue };

@@ -27,6 +27,13 @@ impl FsDriver {
         Ok(FsDriver { root })
     }
 
+    /// Open a store another process may be serving (gc): staged writes are left alone.
+    pub fn open(root: impl Into<PathBuf>) -> io::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join(TMP_DIR))?;
+        Ok(FsDriver { root })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -148,6 +155,17 @@ impl Driver for FsDriver {
         }
         let f = tokio::fs::OpenOptions::new().create(true).append(true).open(full).await?;
         Ok(Box::new(f))
+    }
+
+    async fn touch(&self, path: &str) -> io::Result<()> {
+        let full = self.full(path);
+        tokio::task::spawn_blocking(move || match std::fs::File::options().write(true).open(full) {
+            Ok(f) => f.set_modified(std::time::SystemTime::now()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     async fn commit(&self, from: &str, to: &str) -> io::Result<()> {

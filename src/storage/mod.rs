@@ -50,6 +50,8 @@ pub trait Driver: Send + Sync + 'static {
     async fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>>;
     /// A writer appending to a (possibly new) file.
     async fn open_append(&self, path: &str) -> io::Result<Writer>;
+    /// Set a file's modification time to now (a blob in use again is not garbage).
+    async fn touch(&self, path: &str) -> io::Result<()>;
     /// Make a staged file durable and move it to `to`, atomically.
     async fn commit(&self, from: &str, to: &str) -> io::Result<()>;
     /// A fresh path for staging a write.
@@ -120,6 +122,13 @@ pub struct StoreStats {
 }
 
 impl StoreStats {
+    /// Set the figures from a full scan (at start; later writes keep them current).
+    pub fn reset(&self, bytes: u64, objects: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.bytes.store(bytes as i64, Relaxed);
+        self.objects.store(objects as i64, Relaxed);
+    }
+
     fn add(&self, bytes: i64, objects: i64) {
         use std::sync::atomic::Ordering::Relaxed;
         self.bytes.fetch_add(bytes, Relaxed);
@@ -178,8 +187,7 @@ impl Store {
         &self.stats
     }
 
-    /// Every blob in the store with its size and modification time, and the totals counted
-    /// into the store's figures (once, at start; later writes keep them current).
+    /// Every blob in the store with its size and modification time.
     pub async fn scan_blobs(&self) -> io::Result<Vec<(Digest, u64, u64)>> {
         let mut out = Vec::new();
         for alg in self.driver.list("blobs").await? {
@@ -192,8 +200,6 @@ impl Store {
                 }
             }
         }
-        let bytes: u64 = out.iter().map(|b| b.1).sum();
-        self.stats.add(bytes as i64, out.len() as i64);
         Ok(out)
     }
 
@@ -338,6 +344,8 @@ impl Store {
     // ---- repository links ----
 
     pub async fn link_blob(&self, repo: &RepoName, d: &Digest) -> io::Result<()> {
+        // A fresh link makes the blob young again for gc's grace period.
+        self.driver.touch(&blob_path(d)).await?;
         let path = layer_link(repo, d);
         if self.driver.size(&path).await?.is_none() {
             self.driver.put(&path, d.to_string().as_bytes()).await?;

@@ -1,0 +1,98 @@
+//! `regmirror gc`: remove blobs no manifest references any more (after private manifests were
+//! deleted). Safe while the server runs and pushes continue: only blobs older than a grace period
+//! are candidates (an upload in progress, or a blob pushed moments before its manifest, is young),
+//! and references are marked again right before anything is deleted.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::manifests::describe;
+use crate::registry::names::{Digest, RepoName};
+use crate::storage::{unix_now, Store};
+
+/// Totals over every run, read by the server for its metrics.
+pub const GC_RECORD: &str = "meta/gc.json";
+
+#[derive(Default, Serialize, Deserialize)]
+pub struct GcRecord {
+    pub runs: u64,
+    pub freed_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub removed: Vec<(Digest, u64)>,
+    pub freed_bytes: u64,
+    pub unlinked: usize,
+}
+
+/// Digests in use: every manifest of every repository, with its blobs and children, and every
+/// blob a mirrored repository links (mirrored content is eviction's business, not gc's).
+async fn mark(store: &Store, private: &[String]) -> std::io::Result<HashSet<Digest>> {
+    let mut used = HashSet::new();
+    for repo in store.list_repositories_all().await? {
+        let Ok(name) = RepoName::parse(&repo) else { continue };
+        let is_private = private.iter().any(|ns| name.is_under(ns));
+        if !is_private {
+            used.extend(store.repository_digests(&name).await?);
+            continue;
+        }
+        for m in store.manifest_digests(&name).await? {
+            used.insert(m.clone());
+            if let Some(bytes) = store.read_blob(&m).await? {
+                let media_type = store.manifest_meta(&name, &m).await?.map(|meta| meta.media_type);
+                if let Ok(described) = describe(&bytes, media_type.as_deref()) {
+                    used.extend(described.blobs);
+                    used.extend(described.children);
+                }
+            }
+        }
+    }
+    Ok(used)
+}
+
+pub async fn run(store: &Store, private: &[String], grace: Duration, dry_run: bool) -> std::io::Result<Report> {
+    let used = mark(store, private).await?;
+    let now = unix_now();
+    let young = |mtime: u64| mtime + grace.as_secs() > now;
+    let mut candidates: Vec<(Digest, u64)> = store
+        .scan_blobs()
+        .await?
+        .into_iter()
+        .filter(|(d, _, mtime)| !used.contains(d) && !young(*mtime))
+        .map(|(d, size, _)| (d, size))
+        .collect();
+    // Pushes went on meanwhile: mark again, and keep anything now referenced.
+    let used = mark(store, private).await?;
+    candidates.retain(|(d, _)| !used.contains(d));
+    let mut report = Report::default();
+    for (d, size) in candidates {
+        // Linked again (a push reusing it) since the scan: young again, keep it.
+        if store.blob_stat(&d).await?.is_none_or(|(_, mtime)| young(mtime)) {
+            continue;
+        }
+        if !dry_run {
+            for repo in store.list_repositories_all().await? {
+                if let Ok(name) = RepoName::parse(&repo) {
+                    if private.iter().any(|ns| name.is_under(ns)) && store.is_blob_linked(&name, &d).await? {
+                        store.unlink_blob(&name, &d).await?;
+                        report.unlinked += 1;
+                    }
+                }
+            }
+            store.delete_blob(&d).await?;
+        }
+        report.freed_bytes += size;
+        report.removed.push((d, size));
+    }
+    if !dry_run {
+        let mut record: GcRecord =
+            store.driver().get(GC_RECORD).await?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        record.runs += 1;
+        record.freed_bytes += report.freed_bytes;
+        store.driver().put(GC_RECORD, &serde_json::to_vec(&record).map_err(std::io::Error::other)?).await?;
+    }
+    Ok(report)
+}
