@@ -261,7 +261,8 @@ impl Store {
 
     pub async fn delete_blob(&self, d: &Digest) -> io::Result<()> {
         if let Some(size) = self.blob_size(d).await? {
-            self.driver.delete(&blob_path(d)).await?;
+            let hex = d.hex();
+            self.driver.delete(&format!("blobs/{}/{}/{hex}", d.algorithm().as_str(), &hex[..2])).await?;
             self.stats.add(-(size as i64), -1);
         }
         Ok(())
