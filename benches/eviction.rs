@@ -31,7 +31,11 @@ fn main() {
         println!("store: {blobs} blobs written in {:.1} s", started.elapsed().as_secs_f64());
         let started = Instant::now();
         regmirror::cache::evict::load(&state).await.expect("index");
-        println!("start-up index of {blobs} blobs: {:.2} s, RSS {} MiB", started.elapsed().as_secs_f64(), rss_kib("VmRSS:") / 1024);
+        println!(
+            "start-up index of {blobs} blobs: {:.2} s, RSS {} MiB",
+            started.elapsed().as_secs_f64(),
+            rss_kib("VmRSS:") / 1024
+        );
         let total = state.store.stats().bytes.load(std::sync::atomic::Ordering::Relaxed) as u64;
         for fraction in [100, 10] {
             let total = state.store.stats().bytes.load(std::sync::atomic::Ordering::Relaxed) as u64;
@@ -50,6 +54,10 @@ fn main() {
                 rss_kib("VmRSS:") / 1024
             );
         }
-        println!("store before passes: {} MiB; peak RSS of the whole run: {} MiB", total >> 20, rss_kib("VmHWM:") / 1024);
+        println!(
+            "store before passes: {} MiB; peak RSS of the whole run: {} MiB",
+            total >> 20,
+            rss_kib("VmHWM:") / 1024
+        );
     });
 }

@@ -102,6 +102,7 @@ fn default_client_host(config: &Config) -> String {
 }
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
@@ -292,10 +293,26 @@ fn passwd(user: &str, config: &std::path::Path, htpasswd: Option<PathBuf>) -> Re
     Ok(path)
 }
 
+/// glibc gives every thread that allocates its own arena, and freed 1 MiB blob chunks linger in
+/// each: with many blocking-pool threads that doubles peak memory for nothing. Two arenas keep
+/// fan-out memory flat at no measured cost in throughput.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
+    // rustls warns once per connection about clients that send an IP address as SNI.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

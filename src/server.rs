@@ -92,6 +92,18 @@ async fn accept_loop(
                         metrics.tls_handshakes.inc();
                         serve_connection(s, ConnInfo { tls: true, peer }, app, conn_watcher).await
                     }
+                    // A client that hangs up (often right after its handshake, while session
+                    // tickets are still being sent) is not a failed handshake.
+                    Ok(Err(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionReset
+                                | std::io::ErrorKind::BrokenPipe
+                                | std::io::ErrorKind::UnexpectedEof
+                        ) =>
+                    {
+                        tracing::debug!(%peer, error = %e, "client left during the TLS handshake");
+                    }
                     Ok(Err(e)) => {
                         metrics.tls_handshake_failures.inc();
                         tracing::debug!(%peer, error = %e, "TLS handshake failed");

@@ -234,8 +234,7 @@ async fn publish(
 ) -> std::io::Result<()> {
     let before = writer.written();
     if !batch.is_empty() {
-        writer.write(batch).await?;
-        batch.clear();
+        writer.write(bytes::Bytes::from(std::mem::replace(batch, Vec::with_capacity(WRITE_BATCH)))).await?;
     }
     let on_disk = if flush {
         writer.flush().await?;

@@ -259,7 +259,9 @@ mod tests {
         let _held = lru.hold(&d(3));
         // d(2) is oldest but pinned, d(3) in use, d(9) protected: only d(1) can go.
         assert_eq!(lru.take_victims(100), vec![(d(1), 10)]);
+        // Newly used content is evictable too, after everything older that may go.
         lru.touch(&d(4), 5);
+        assert_eq!(lru.take_victims(1), vec![(d(4), 5)]);
         assert_eq!(lru.take_victims(1), vec![]);
     }
 

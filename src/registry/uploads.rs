@@ -94,7 +94,7 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
         let mut body = ctx.take_body().into_data_stream();
         while let Some(chunk) = body.next().await {
             match chunk {
-                Ok(c) => writer.write(&c).await?,
+                Ok(c) => writer.write(c).await?,
                 Err(e) => {
                     writer.abort().await;
                     return Err(RegistryError::new(Code::BlobUploadInvalid, format!("reading request body: {e}")));

@@ -272,7 +272,7 @@ impl Store {
     pub async fn begin_blob(&self, algorithm: Algorithm) -> io::Result<BlobWriter> {
         let path = self.driver.staging_path();
         let file = self.driver.open_append(&path).await?;
-        Ok(BlobWriter { store: self.clone(), path, file, hasher: Hasher::new(algorithm), written: 0 })
+        Ok(BlobWriter { store: self.clone(), path, file, hasher: BackgroundHasher::new(algorithm), written: 0 })
     }
 
     /// Verify a staged file (an upload session's data) against `expected` and move it into place.
@@ -514,16 +514,48 @@ pub struct BlobWriter {
     store: Store,
     path: String,
     file: Writer,
-    hasher: Hasher,
+    hasher: BackgroundHasher,
     written: u64,
 }
 
+/// Hashes on a thread of its own while the writer writes: hashing is the largest CPU cost of a
+/// fill, and this way it runs on another core, in parallel with receiving and writing.
+struct BackgroundHasher {
+    tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    task: tokio::task::JoinHandle<Digest>,
+}
+
+impl BackgroundHasher {
+    fn new(algorithm: Algorithm) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut h = Hasher::new(algorithm);
+            while let Some(chunk) = rx.blocking_recv() {
+                h.update(&chunk);
+            }
+            h.finish()
+        });
+        BackgroundHasher { tx: Some(tx), task }
+    }
+
+    async fn update(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
+        match &self.tx {
+            Some(tx) => tx.send(chunk).await.map_err(|_| io::Error::other("the hashing thread ended early")),
+            None => Err(io::Error::other("hash already finished")),
+        }
+    }
+
+    async fn finish(mut self) -> io::Result<Digest> {
+        self.tx.take();
+        self.task.await.map_err(io::Error::other)
+    }
+}
+
 impl BlobWriter {
-    pub async fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.file.write_all(chunk).await?;
-        self.hasher.update(chunk);
+    pub async fn write(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
+        self.file.write_all(&chunk).await?;
         self.written += chunk.len() as u64;
-        Ok(())
+        self.hasher.update(chunk).await
     }
 
     pub fn written(&self) -> u64 {
@@ -548,7 +580,7 @@ impl BlobWriter {
         let path = self.path.clone();
         let outcome = async {
             flushed?;
-            let actual = self.hasher.finish();
+            let actual = self.hasher.finish().await?;
             if let Some(size) = expected_size.filter(|&s| s != self.written) {
                 return Err(CommitError::SizeMismatch { expected: size, actual: self.written });
             }
