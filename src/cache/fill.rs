@@ -22,9 +22,6 @@ use crate::upstream::{error_chain, Upstream, UpstreamError};
 
 /// How often a broken upstream connection is resumed before the fill gives up.
 const MAX_RESUMES: u32 = 5;
-/// Bytes gathered before they are written and published to readers (flushed sooner when the
-/// upstream pauses).
-const WRITE_BATCH: usize = 512 << 10;
 
 #[derive(Clone, Debug)]
 pub enum Phase {
@@ -171,23 +168,21 @@ async fn fetch(
             tx.send_modify(|p| p.phase = Phase::Streaming { total: len, staging });
         }
         let mut body = resp.bytes_stream();
-        let mut batch: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
         let mut broken = None;
         loop {
             // Write out what we have whenever the upstream pauses, so readers never wait on a batch.
             let next = match body.next().now_or_never() {
                 Some(n) => n,
                 None => {
-                    publish(&mut writer, &mut batch, tx, true).await.map_err(storage_err)?;
+                    writer.flush().await.map_err(storage_err)?;
+                    publish(&writer, tx);
                     body.next().await
                 }
             };
             match next {
                 Some(Ok(chunk)) => {
-                    batch.extend_from_slice(&chunk);
-                    if batch.len() >= WRITE_BATCH {
-                        publish(&mut writer, &mut batch, tx, false).await.map_err(storage_err)?;
-                    }
+                    writer.write(chunk).await.map_err(storage_err)?;
+                    publish(&writer, tx);
                 }
                 Some(Err(e)) => {
                     broken = Some(e);
@@ -196,7 +191,8 @@ async fn fetch(
                 None => break,
             }
         }
-        publish(&mut writer, &mut batch, tx, true).await.map_err(storage_err)?;
+        writer.flush().await.map_err(storage_err)?;
+        publish(&writer, tx);
         let expected = total.unwrap_or(0);
         if writer.written() >= expected {
             break;
@@ -223,29 +219,12 @@ async fn fetch(
     }
 }
 
-/// Write a batch and tell readers how much is on disk. Without `flush`, the write runs in the
-/// background while the next batch arrives; what is published is what the previous write
-/// (finished before this one could start) put on disk.
-async fn publish(
-    writer: &mut crate::storage::BlobWriter,
-    batch: &mut Vec<u8>,
-    tx: &watch::Sender<Progress>,
-    flush: bool,
-) -> std::io::Result<()> {
-    let before = writer.written();
-    if !batch.is_empty() {
-        writer.write(bytes::Bytes::from(std::mem::replace(batch, Vec::with_capacity(WRITE_BATCH)))).await?;
-    }
-    let on_disk = if flush {
-        writer.flush().await?;
-        writer.written()
-    } else {
-        before
-    };
+/// Tell readers how much of the staging file they may read.
+fn publish(writer: &crate::storage::BlobWriter, tx: &watch::Sender<Progress>) {
+    let on_disk = writer.on_disk();
     if tx.borrow().written < on_disk {
         tx.send_modify(|p| p.written = on_disk);
     }
-    Ok(())
 }
 
 /// Wait until the fill knows the blob's size (or failed).

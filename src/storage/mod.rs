@@ -272,7 +272,16 @@ impl Store {
     pub async fn begin_blob(&self, algorithm: Algorithm) -> io::Result<BlobWriter> {
         let path = self.driver.staging_path();
         let file = self.driver.open_append(&path).await?;
-        Ok(BlobWriter { store: self.clone(), path, file, hasher: BackgroundHasher::new(algorithm), written: 0 })
+        Ok(BlobWriter {
+            store: self.clone(),
+            path,
+            file,
+            hasher: BackgroundHasher::new(algorithm),
+            written: 0,
+            on_disk: 0,
+            batch: Vec::with_capacity(WRITE_BATCH),
+            in_flight: 0,
+        })
     }
 
     /// Verify a staged file (an upload session's data) against `expected` and move it into place.
@@ -515,8 +524,18 @@ pub struct BlobWriter {
     path: String,
     file: Writer,
     hasher: BackgroundHasher,
+    /// Bytes accepted so far.
     written: u64,
+    /// Bytes known to be in the file (readers may read up to here).
+    on_disk: u64,
+    /// Gathers small chunks into large writes; reused, so a fill allocates nothing per batch.
+    batch: Vec<u8>,
+    /// Bytes of the write still in flight.
+    in_flight: u64,
 }
+
+/// Chunks are gathered into writes of this size.
+const WRITE_BATCH: usize = 512 << 10;
 
 /// Hashes on a thread of its own while the writer writes: hashing is the largest CPU cost of a
 /// fill, and this way it runs on another core, in parallel with receiving and writing.
@@ -553,9 +572,28 @@ impl BackgroundHasher {
 
 impl BlobWriter {
     pub async fn write(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
-        self.file.write_all(&chunk).await?;
+        self.batch.extend_from_slice(&chunk);
         self.written += chunk.len() as u64;
-        self.hasher.update(chunk).await
+        self.hasher.update(chunk).await?;
+        if self.batch.len() >= WRITE_BATCH {
+            self.submit().await?;
+        }
+        Ok(())
+    }
+
+    /// Hand the batch to the file. The file runs one write at a time in the background, so
+    /// when this returns the previous write has completed.
+    async fn submit(&mut self) -> io::Result<()> {
+        self.file.write_all(&self.batch).await?;
+        self.on_disk += self.in_flight;
+        self.in_flight = self.batch.len() as u64;
+        self.batch.clear();
+        Ok(())
+    }
+
+    /// Bytes readers can read from the staging file now.
+    pub fn on_disk(&self) -> u64 {
+        self.on_disk
     }
 
     pub fn written(&self) -> u64 {
@@ -567,15 +605,24 @@ impl BlobWriter {
         &self.path
     }
 
-    /// Flush buffered bytes so readers of the staging file see everything written so far.
+    /// Write out everything accepted so far, so readers of the staging file see all of it.
     pub async fn flush(&mut self) -> io::Result<()> {
-        self.file.flush().await
+        if !self.batch.is_empty() {
+            self.submit().await?;
+        }
+        self.file.flush().await?;
+        self.on_disk = self.written;
+        self.in_flight = 0;
+        Ok(())
     }
 
     /// Verify digest (and size, when known) and move the blob into place; on any failure the
     /// staged bytes are deleted.
     pub async fn commit(mut self, expected: &Digest, expected_size: Option<u64>) -> Result<u64, CommitError> {
-        let flushed = self.file.shutdown().await;
+        let flushed = match self.flush().await {
+            Ok(()) => self.file.shutdown().await,
+            Err(e) => Err(e),
+        };
         let store = self.store.clone();
         let path = self.path.clone();
         let outcome = async {
