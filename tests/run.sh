@@ -24,7 +24,7 @@ install_missing() {
   apt-get update -qq
   # dockerd and containerd must not start as system services: the tests start their own.
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt-get install -y -qq "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
 }
 
