@@ -92,10 +92,7 @@ pub fn metrics_router(state: AppState) -> Router {
                 let stats = state.store.stats();
                 state.metrics.store_bytes.set(stats.bytes.load(std::sync::atomic::Ordering::Relaxed));
                 state.metrics.store_objects.set(stats.objects.load(std::sync::atomic::Ordering::Relaxed));
-                let gc: crate::gc::GcRecord = match state.store.driver().get(crate::gc::GC_RECORD).await {
-                    Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
-                    _ => Default::default(),
-                };
+                let gc = crate::gc::record(&state.store).await;
                 state.metrics.gc_runs.set(gc.runs as i64);
                 state.metrics.gc_freed_bytes.set(gc.freed_bytes as i64);
                 ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
@@ -121,8 +118,9 @@ async fn token(State(state): State<AppState>, req: Request) -> Response {
     let requested: Vec<String> = req
         .uri()
         .query()
-        .and_then(|q| reqwest::Url::parse(&format!("http://x/?{q}")).ok())
-        .map(|u| u.query_pairs().filter(|(k, _)| k == "scope").map(|(_, v)| v.into_owned()).collect())
+        .map(|q| {
+            form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == "scope").map(|(_, v)| v.into_owned()).collect()
+        })
         .unwrap_or_default();
     let scopes = requested
         .iter()

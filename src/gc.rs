@@ -21,6 +21,14 @@ pub struct GcRecord {
     pub freed_bytes: u64,
 }
 
+/// The totals so far (zero when gc never ran).
+pub async fn record(store: &Store) -> GcRecord {
+    match store.driver().get(GC_RECORD).await {
+        Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
+        _ => GcRecord::default(),
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Report {
     pub removed: Vec<(Digest, u64)>,
@@ -88,8 +96,7 @@ pub async fn run(store: &Store, private: &[String], grace: Duration, dry_run: bo
         report.removed.push((d, size));
     }
     if !dry_run {
-        let mut record: GcRecord =
-            store.driver().get(GC_RECORD).await?.and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let mut record = record(store).await;
         record.runs += 1;
         record.freed_bytes += report.freed_bytes;
         store.driver().put(GC_RECORD, &serde_json::to_vec(&record).map_err(std::io::Error::other)?).await?;

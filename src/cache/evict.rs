@@ -16,10 +16,20 @@ const TICK: Duration = Duration::from_secs(10);
 pub fn spawn(state: AppState) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
+        let mut gc_runs = crate::gc::record(&state.store).await.runs;
         loop {
             tokio::select! {
                 _ = state.evict_wakeup.notified() => {}
                 _ = tick.tick() => {}
+            }
+            // `regmirror gc` deletes behind the server's back: count the store again after it ran.
+            let runs = crate::gc::record(&state.store).await.runs;
+            if runs != gc_runs {
+                gc_runs = runs;
+                match state.store.scan_blobs().await {
+                    Ok(blobs) => state.store.stats().reset(blobs.iter().map(|b| b.1).sum(), blobs.len() as u64),
+                    Err(e) => tracing::warn!(error = %e, "could not count the store after gc"),
+                }
             }
             if let Err(e) = state.lru.persist() {
                 tracing::warn!(error = %e, "could not persist access times");

@@ -170,7 +170,7 @@ pub async fn tags(ctx: Ctx, target: &Target) -> Result<Response> {
     let mut query: Vec<String> = Vec::new();
     for key in ["n", "last"] {
         if let Some(v) = ctx.query.get(key) {
-            query.push(format!("{key}={}", urlencode(v)));
+            query.push(format!("{key}={}", crate::registry::query_escape(v)));
         }
     }
     match upstream.tags(remote, &query.join("&")).await {
@@ -190,13 +190,4 @@ pub async fn tags(ctx: Ctx, target: &Target) -> Result<Response> {
         Err(e) if e.is_outage() => tags_page(&ctx, local, ctx.state.store.list_tags(local).await?),
         Err(e) => Err(to_registry_error(&e, Code::NameUnknown)),
     }
-}
-
-fn urlencode(s: &str) -> String {
-    reqwest::Url::parse("http://x/")
-        .map(|mut u| {
-            u.query_pairs_mut().append_pair("v", s);
-            u.query().unwrap_or_default().trim_start_matches("v=").to_string()
-        })
-        .unwrap_or_default()
 }

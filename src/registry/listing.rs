@@ -38,13 +38,8 @@ fn paginate(ctx: &Ctx, mut all: Vec<String>) -> Result<(Vec<String>, Next)> {
 
 fn with_link(mut resp: Response, path: &str, next: Next) -> Response {
     if let Some((n, last)) = next {
-        let last: String = reqwest::Url::parse("http://x/")
-            .map(|mut u| {
-                u.query_pairs_mut().append_pair("last", &last);
-                u.query().unwrap_or_default().to_string()
-            })
-            .unwrap_or_default();
-        if let Ok(v) = HeaderValue::from_str(&format!("<{path}?n={n}&{last}>; rel=\"next\"")) {
+        let last = super::query_escape(&last);
+        if let Ok(v) = HeaderValue::from_str(&format!("<{path}?n={n}&last={last}>; rel=\"next\"")) {
             resp.headers_mut().insert(header::LINK, v);
         }
     }

@@ -164,14 +164,12 @@ pub fn resolve_target(state: &AppState, name: &str, ns: Option<&str>) -> Result<
 }
 
 fn query_params(req: &Request) -> HashMap<String, String> {
-    req.uri().query().map(|q| url_pairs(q).collect()).unwrap_or_default()
+    req.uri().query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
 }
 
-fn url_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    reqwest::Url::parse(&format!("http://x/?{q}"))
-        .map(|u| u.query_pairs().map(|(k, v)| (k.into_owned(), v.into_owned())).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
+/// A value made safe for a query string.
+pub fn query_escape(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// Everything a handler needs to know about the request, parsed once.

@@ -209,7 +209,7 @@ pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> 
     let mut state = slot.lock().await;
     let size = append(&mut ctx, &repo, id, &mut state, Some(d.algorithm())).await?;
     let hasher = match state.take() {
-        Some((hashed, h)) if hashed == size && h_algorithm(&h) == d.algorithm() => Some(h),
+        Some((hashed, h)) if hashed == size && h.algorithm() == d.algorithm() => Some(h),
         _ => None,
     };
     let outcome = store.commit_staged(&upload_data(id), &d, hasher).await;
@@ -220,13 +220,6 @@ pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> 
     store.link_blob(&repo, &d).await?;
     ctx.state.lru.protect(&d);
     Ok(created(&repo, &d))
-}
-
-fn h_algorithm(h: &Hasher) -> super::names::Algorithm {
-    match h {
-        Hasher::Sha256(_) => super::names::Algorithm::Sha256,
-        Hasher::Sha512(_) => super::names::Algorithm::Sha512,
-    }
 }
 
 pub async fn status(ctx: Ctx, target: Target, id: &str) -> Result<Response> {
