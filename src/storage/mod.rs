@@ -538,30 +538,41 @@ pub struct BlobWriter {
 const WRITE_BATCH: usize = 512 << 10;
 
 /// Hashes on a thread of its own while the writer writes: hashing is the largest CPU cost of a
-/// fill, and this way it runs on another core, in parallel with receiving and writing.
+/// fill, and this way it runs on another core, in parallel with receiving and writing. It takes
+/// whole batches (one hand-over per 512 KiB, however small the upstream's chunks) and gives the
+/// buffers back for reuse, so a fill allocates no memory per batch.
 struct BackgroundHasher {
-    tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
     task: tokio::task::JoinHandle<Digest>,
 }
 
 impl BackgroundHasher {
     fn new(algorithm: Algorithm) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(16);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
+        let (give_back, spare) = std::sync::mpsc::channel();
         let task = tokio::task::spawn_blocking(move || {
             let mut h = Hasher::new(algorithm);
-            while let Some(chunk) = rx.blocking_recv() {
-                h.update(&chunk);
+            while let Some(mut batch) = rx.blocking_recv() {
+                h.update(&batch);
+                batch.clear();
+                let _ = give_back.send(batch);
             }
             h.finish()
         });
-        BackgroundHasher { tx: Some(tx), task }
+        BackgroundHasher { tx: Some(tx), spare, task }
     }
 
-    async fn update(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
+    async fn update(&mut self, batch: Vec<u8>) -> io::Result<()> {
         match &self.tx {
-            Some(tx) => tx.send(chunk).await.map_err(|_| io::Error::other("the hashing thread ended early")),
+            Some(tx) => tx.send(batch).await.map_err(|_| io::Error::other("the hashing thread ended early")),
             None => Err(io::Error::other("hash already finished")),
         }
+    }
+
+    /// A buffer the hashing thread is done with, or a new one.
+    fn buffer(&self) -> Vec<u8> {
+        self.spare.try_recv().unwrap_or_else(|_| Vec::with_capacity(WRITE_BATCH))
     }
 
     async fn finish(mut self) -> io::Result<Digest> {
@@ -574,21 +585,21 @@ impl BlobWriter {
     pub async fn write(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
         self.batch.extend_from_slice(&chunk);
         self.written += chunk.len() as u64;
-        self.hasher.update(chunk).await?;
         if self.batch.len() >= WRITE_BATCH {
             self.submit().await?;
         }
         Ok(())
     }
 
-    /// Hand the batch to the file. The file runs one write at a time in the background, so
-    /// when this returns the previous write has completed.
+    /// Hand the batch to the file and to the hasher. The file runs one write at a time in the
+    /// background, so when this returns the previous write has completed.
     async fn submit(&mut self) -> io::Result<()> {
         self.file.write_all(&self.batch).await?;
         self.on_disk += self.in_flight;
         self.in_flight = self.batch.len() as u64;
-        self.batch.clear();
-        Ok(())
+        let next = self.hasher.buffer();
+        let full = std::mem::replace(&mut self.batch, next);
+        self.hasher.update(full).await
     }
 
     /// Bytes readers can read from the staging file now.
