@@ -113,6 +113,14 @@ async fn skopeo_pulls_mirrored_images_from_the_reference_registry() {
         &format!("docker://{up}/library/multilist:latest"),
     ]);
     let list_digest = sha256(&raw_manifest(&format!("docker://{up}/library/multilist:latest")));
+    let single = work.path().join("single");
+    let single_digest = write_oci_layout(&single, "latest", &[("linux", "amd64")], "single-mirror");
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:latest", single.display()),
+        &format!("docker://{up}/library/hello:latest"),
+    ]);
 
     let s = TestServer::start(&format!(
         "[storage]\nroot = \"data\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"{}\"\n",
@@ -121,7 +129,14 @@ async fn skopeo_pulls_mirrored_images_from_the_reference_registry() {
     .await;
     let host = s.addr.to_string();
     // All platforms, by tag and by digest, byte-identical to the upstream.
-    for (reference, digest) in [("library/multi:latest", &index_digest), ("library/multilist:latest", &list_digest)] {
+    // Default upstream (dockerd's form), and the path prefix naming the upstream.
+    for (reference, digest) in [
+        ("library/multi:latest", &index_digest),
+        ("library/multilist:latest", &list_digest),
+        ("library/hello:latest", &single_digest),
+        ("docker.io/library/hello:latest", &single_digest),
+        ("docker.io/library/multi:latest", &index_digest),
+    ] {
         let out = work.path().join(reference.replace(['/', ':'], "_"));
         skopeo(&[
             "copy",

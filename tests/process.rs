@@ -228,6 +228,14 @@ async fn self_signed_tls_is_trusted_through_the_ca_only_and_survives_restarts() 
     let r = trusted.get(&url).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let first_leaf = peer_cert(&r);
+    // Push and pull over TLS verified through the CA alone.
+    let base = format!("https://localhost:{port}");
+    let d = sha256(b"over tls");
+    let r =
+        trusted.post(format!("{base}/v2/private/tls/blobs/uploads/?digest={d}")).body("over tls").send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = trusted.get(format!("{base}/v2/private/tls/blobs/{d}")).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "over tls");
     assert_eq!(
         trusted.get(format!("https://127.0.0.1:{port}/ca.crt")).send().await.unwrap().bytes().await.unwrap(),
         std::fs::read(&ca).unwrap()
