@@ -282,6 +282,10 @@ impl Config {
                 ));
             }
             let url = match reqwest::Url::parse(&u.url) {
+                Ok(url) if !url.username().is_empty() || url.password().is_some() => {
+                    v.problem(format!("{key}.url must not carry credentials: use {key}.username with password_file or password_env (the URL would reach logs)"));
+                    None
+                }
                 Ok(url) if (url.scheme() == "http" || url.scheme() == "https") && url.host().is_some() => Some(url),
                 _ => {
                     v.problem(format!("{key}.url = {:?} is not a valid URL: use http:// or https:// followed by a host, such as \"https://registry-1.docker.io\"", u.url));
@@ -588,6 +592,10 @@ mod tests {
         assert_eq!(
             problems("[[upstream]]\nname = \"a.io\"\nurl = \"https://a.io\"\n[[upstream]]\nname = \"a.io\"\nurl = \"https://b.io\"\n"),
             vec!["upstream[1].name = \"a.io\" is a duplicate: each upstream needs its own name"]
+        );
+        assert_eq!(
+            problems("[[upstream]]\nname = \"a.io\"\nurl = \"https://me:secret@a.io\"\n"),
+            vec!["upstream[0].url must not carry credentials: use upstream[0].username with password_file or password_env (the URL would reach logs)"]
         );
         assert_eq!(
             problems("[tls]\nmode = \"on\"\n"),

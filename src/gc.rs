@@ -65,41 +65,53 @@ pub async fn run(store: &Store, private: &[String], grace: Duration, dry_run: bo
     let used = mark(store, private).await?;
     let now = unix_now();
     let young = |mtime: u64| mtime + grace.as_secs() > now;
-    let mut candidates: Vec<(Digest, u64)> = store
+    let candidates: Vec<(Digest, u64)> = store
         .scan_blobs()
         .await?
         .into_iter()
         .filter(|(d, _, mtime)| !used.contains(d) && !young(*mtime))
         .map(|(d, size, _)| (d, size))
         .collect();
-    // Pushes went on meanwhile: mark again, and keep anything now referenced.
-    let used = mark(store, private).await?;
-    candidates.retain(|(d, _)| !used.contains(d));
     let mut report = Report::default();
-    for (d, size) in candidates {
-        // Linked again (a push reusing it) since the scan: young again, keep it.
-        if store.blob_stat(&d).await?.is_none_or(|(_, mtime)| young(mtime)) {
-            continue;
+    let candidates: Vec<(Digest, u64)> = {
+        let mut kept = Vec::new();
+        for (d, size) in candidates {
+            // Linked again (a push reusing it) since the scan: young again, keep it.
+            if store.blob_stat(&d).await?.is_some_and(|(_, mtime)| !young(mtime)) {
+                kept.push((d, size));
+            }
         }
-        if !dry_run {
-            for repo in store.list_repositories_all().await? {
-                if let Ok(name) = RepoName::parse(&repo) {
-                    if private.iter().any(|ns| name.is_under(ns)) && store.is_blob_linked(&name, &d).await? {
-                        store.unlink_blob(&name, &d).await?;
-                        report.unlinked += 1;
-                    }
+        kept
+    };
+    if dry_run {
+        report.freed_bytes = candidates.iter().map(|c| c.1).sum();
+        report.removed = candidates;
+        return Ok(report);
+    }
+    // Unlink first: a manifest pushed from now on cannot reference these blobs (the push checks
+    // the links), then mark once more and delete only what is still unreferenced and old.
+    for (d, _) in &candidates {
+        for repo in store.list_repositories_all().await? {
+            if let Ok(name) = RepoName::parse(&repo) {
+                if private.iter().any(|ns| name.is_under(ns)) && store.is_blob_linked(&name, d).await? {
+                    store.unlink_blob(&name, d).await?;
+                    report.unlinked += 1;
                 }
             }
-            store.delete_blob(&d).await?;
         }
+    }
+    let used = mark(store, private).await?;
+    for (d, size) in candidates {
+        if used.contains(&d) || store.blob_stat(&d).await?.is_none_or(|(_, mtime)| young(mtime)) {
+            continue;
+        }
+        store.delete_blob(&d).await?;
         report.freed_bytes += size;
         report.removed.push((d, size));
     }
-    if !dry_run {
-        let mut record = record(store).await;
-        record.runs += 1;
-        record.freed_bytes += report.freed_bytes;
-        store.driver().put(GC_RECORD, &serde_json::to_vec(&record).map_err(std::io::Error::other)?).await?;
-    }
+    let mut record = record(store).await;
+    record.runs += 1;
+    record.freed_bytes += report.freed_bytes;
+    store.driver().put(GC_RECORD, &serde_json::to_vec(&record).map_err(std::io::Error::other)?).await?;
     Ok(report)
 }

@@ -145,6 +145,12 @@ async fn chunked_upload_checks_ranges_and_digest() {
     assert_eq!(r.status(), 204);
     assert_eq!(r.headers()["range"], "0-4");
 
+    // A backwards or overflowing range is refused, never a panic.
+    for bad in ["5-3", "5-18446744073709551615"] {
+        let r = c.patch(s.url(&loc)).header("content-range", bad).body("xx").send().await.unwrap();
+        assert_eq!(r.status(), 416, "{bad}");
+    }
+
     // A chunk without Content-Range (docker streams this way) appends.
     let r = c.patch(s.url(&loc)).body(" world").send().await.unwrap();
     assert_eq!(r.status(), 202);

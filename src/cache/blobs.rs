@@ -48,6 +48,14 @@ pub async fn get(ctx: &Ctx, target: &Target, d: &Digest, info: &mut RequestInfo)
         outcome("miss");
         return Ok(blob_response(StatusCode::OK, d, size, None, Body::empty()));
     }
+    // Joining a fill another repository started: the upstream decides whether this repository
+    // has the blob, as it does for stored blobs above.
+    if state.fills.running_for(d).is_some_and(|owner| &owner != local) {
+        if let Err(e) = upstream.blob(Method::HEAD, remote, d, 0).await {
+            outcome("error");
+            return Err(to_registry_error(&e, Code::BlobUnknown));
+        }
+    }
     let mut rx = state.fills.join_or_start(state, upstream.clone(), remote.clone(), local.clone(), d.clone());
     let total = match wait_for_size(&mut rx).await {
         Ok(t) => t,

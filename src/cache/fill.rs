@@ -48,7 +48,8 @@ pub struct Progress {
 
 #[derive(Default)]
 pub struct Fills {
-    running: Mutex<HashMap<Digest, watch::Receiver<Progress>>>,
+    /// Fills in progress, with the repository each was started for.
+    running: Mutex<HashMap<Digest, (watch::Receiver<Progress>, RepoName)>>,
 }
 
 impl Fills {
@@ -62,14 +63,19 @@ impl Fills {
         digest: Digest,
     ) -> watch::Receiver<Progress> {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rx) = running.get(&digest) {
+        if let Some((rx, _)) = running.get(&digest) {
             return rx.clone();
         }
         let (tx, rx) = watch::channel(Progress { phase: Phase::Connecting, written: 0 });
-        running.insert(digest.clone(), rx.clone());
+        running.insert(digest.clone(), (rx.clone(), local.clone()));
         drop(running);
         tokio::spawn(run(state.clone(), upstream, remote, local, digest, tx));
         rx
+    }
+
+    /// The repository a running fill of `digest` was started for.
+    pub fn running_for(&self, digest: &Digest) -> Option<RepoName> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(_, repo)| repo.clone())
     }
 
     fn finished(&self, digest: &Digest) {
@@ -277,9 +283,9 @@ pub fn follow(
             let (available, staging) = match progress.phase {
                 Phase::Failed(e) => return Some((Err(std::io::Error::other(e.to_string())), Follower { end: 0, ..f })),
                 Phase::Done { total } => (total, None),
-                // The last byte waits for verification, so a response never completes with
-                // content that turns out not to match its digest.
-                Phase::Streaming { staging, total } => (progress.written.min(total.saturating_sub(1)), Some(staging)),
+                // The last byte of the response (of a range too) waits for verification, so a
+                // response never completes with content that turns out not to match its digest.
+                Phase::Streaming { staging, .. } => (progress.written.min(f.end.saturating_sub(1)), Some(staging)),
                 Phase::Connecting => (0, None),
             };
             if f.pos < available {

@@ -65,6 +65,8 @@ pub struct Evicted {
 pub struct Lru {
     index: Mutex<Index>,
     log_path: PathBuf,
+    /// Woken whenever a victim is gone, for writers waiting to store the same digest again.
+    eviction_done: tokio::sync::Notify,
 }
 
 /// Keeps a blob from eviction while it is being served.
@@ -87,7 +89,11 @@ impl Drop for InUse {
 
 impl Lru {
     pub fn new(storage_root: &std::path::Path) -> Lru {
-        Lru { index: Mutex::default(), log_path: storage_root.join(ACCESS_LOG) }
+        Lru {
+            index: Mutex::default(),
+            log_path: storage_root.join(ACCESS_LOG),
+            eviction_done: tokio::sync::Notify::new(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -136,6 +142,20 @@ impl Lru {
     /// A victim is gone (or was given back).
     pub fn evicted(&self, d: &Digest) {
         self.lock().evicting.remove(d);
+        self.eviction_done.notify_waiters();
+    }
+
+    /// Hold `d` for a write (a push that may find the blob already stored): when it is being
+    /// evicted right now, wait until it is gone, so the writer stores its own copy instead of
+    /// trusting one about to disappear.
+    pub async fn hold_for_write(self: &std::sync::Arc<Self>, d: &Digest) -> InUse {
+        loop {
+            let done = self.eviction_done.notified();
+            if let Some(guard) = self.hold(d) {
+                return guard;
+            }
+            done.await;
+        }
     }
 
     /// Bytes of mirrored content the index knows of.
@@ -235,10 +255,13 @@ impl Lru {
 
     /// Put a candidate back (it could not be deleted).
     pub fn give_back(&self, d: Digest, size: u64) {
-        let mut idx = self.lock();
-        idx.evicting.remove(&d);
-        let atime = unix_now();
-        idx.insert(d, atime, size);
+        {
+            let mut idx = self.lock();
+            idx.evicting.remove(&d);
+            let atime = unix_now();
+            idx.insert(d, atime, size);
+        }
+        self.eviction_done.notify_waiters();
     }
 }
 
@@ -263,6 +286,26 @@ mod tests {
         lru.touch(&d(4), 5);
         assert_eq!(lru.take_victims(1), vec![(d(4), 5)]);
         assert_eq!(lru.take_victims(1), vec![]);
+    }
+
+    #[tokio::test]
+    async fn a_writer_waits_for_an_eviction_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let lru = std::sync::Arc::new(Lru::new(dir.path()));
+        lru.load(HashSet::new(), vec![(d(1), 10, 100)]);
+        assert_eq!(lru.take_victims(1), vec![(d(1), 10)]);
+        assert!(lru.hold(&d(1)).is_none(), "a victim being deleted was handed out");
+        let waiting = tokio::spawn({
+            let lru = lru.clone();
+            async move { lru.hold_for_write(&d(1)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        lru.evicted(&d(1));
+        let _guard = waiting.await.unwrap();
+        // Held now: no later pass may choose it.
+        lru.touch(&d(1), 10);
+        assert_eq!(lru.take_victims(100), vec![]);
     }
 
     #[test]

@@ -186,6 +186,7 @@ pub async fn put(ctx: Ctx, target: Target, reference: &str) -> Result<Response> 
             return Err(RegistryError::new(Code::ManifestBlobUnknown, format!("manifest {c} is not in {repo}")));
         }
     }
+    let _hold = ctx.state.lru.hold_for_write(&digest).await;
     store.put_manifest(&repo, &digest, &described.meta, &bytes).await?;
     // Private content is never evicted, mirrored blobs it uses included.
     ctx.state.lru.protect(&digest);

@@ -78,7 +78,9 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
     if let Some(mount) = ctx.query.get("mount") {
         let d: Digest = mount.parse()?;
         if let Some(from) = ctx.query.get("from") {
-            if let Ok(from) = RepoName::parse(from) {
+            // `from` as the client names it: `library/nginx` is the mirrored docker.io/library/nginx.
+            if let Ok(from) = super::resolve_target(&ctx.state, from, None).map(|t| t.local().clone()) {
+                let _hold = ctx.state.lru.hold_for_write(&d).await;
                 let readable = ctx.state.access.may_pull(&ctx.principal, &from);
                 if readable && store.is_blob_linked(&from, &d).await? && store.blob_size(&d).await?.is_some() {
                     store.link_blob(&repo, &d).await?;
@@ -90,6 +92,7 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
         // Not mountable: fall through to an ordinary upload session, as the spec asks.
     } else if let Some(d) = query_digest(&ctx)? {
         let expected = content_length(&ctx);
+        let _hold = ctx.state.lru.hold_for_write(&d).await;
         let mut writer = store.begin_blob(d.algorithm()).await?;
         let mut body = ctx.take_body().into_data_stream();
         while let Some(chunk) = body.next().await {
@@ -141,7 +144,7 @@ async fn append(
             .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.split('/').next()?.trim().parse::<u64>().ok()?)));
         let in_order = matches!(parsed, Some((start, end)) if start == size && end >= start);
         let length_ok = match (parsed, content_length(ctx)) {
-            (Some((start, end)), Some(len)) => end - start + 1 == len,
+            (Some((start, end)), Some(len)) => end.checked_sub(start).and_then(|n| n.checked_add(1)) == Some(len),
             _ => true,
         };
         if !in_order || !length_ok {
@@ -212,6 +215,7 @@ pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> 
         Some((hashed, h)) if hashed == size && h.algorithm() == d.algorithm() => Some(h),
         _ => None,
     };
+    let _hold = ctx.state.lru.hold_for_write(&d).await;
     let outcome = store.commit_staged(&upload_data(id), &d, hasher).await;
     // Success or digest mismatch, the session is over and nothing of it is kept.
     store.delete_upload(id).await?;

@@ -48,6 +48,30 @@ pub fn unique_name() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// `create_dir_all`, then fsync the parent of every folder it created, so the new entries survive
+/// a power loss as surely as the file renamed into them.
+async fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if tokio::fs::try_exists(d).await? {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        cur = d.parent();
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    tokio::fs::create_dir_all(dir).await?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent() {
+            sync_dir(parent).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn sync_dir(dir: &Path) -> io::Result<()> {
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all()).await.map_err(io::Error::other)?
@@ -172,7 +196,7 @@ impl Driver for FsDriver {
         let (from, to) = (self.full(from), self.full(to));
         tokio::fs::File::open(&from).await?.sync_all().await?;
         let parent = to.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());
-        tokio::fs::create_dir_all(&parent).await?;
+        create_dirs_durably(&parent).await?;
         tokio::fs::rename(&from, &to).await?;
         sync_dir(&parent).await
     }

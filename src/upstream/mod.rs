@@ -213,8 +213,10 @@ impl Upstream {
             }
             q.append_pair("scope", scope);
         }
+        // Credentials go to a realm over TLS, or to the upstream's own host.
+        let trusted_realm = url.scheme() == "https" || url.host_str() == self.base.host_str();
         let mut req = self.client.get(url);
-        if let Some(basic) = self.basic() {
+        if let Some(basic) = self.basic().filter(|_| trusted_realm) {
             req = req.header(AUTHORIZATION, basic);
         }
         let resp = req.send().await.map_err(|e| self.failed(self.err_from(e)))?;
