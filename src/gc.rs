@@ -90,13 +90,18 @@ pub async fn run(store: &Store, private: &[String], grace: Duration, dry_run: bo
     }
     // Unlink first: a manifest pushed from now on cannot reference these blobs (the push checks
     // the links), then mark once more and delete only what is still unreferenced and old.
+    let private_repos: Vec<RepoName> = store
+        .list_repositories_all()
+        .await?
+        .iter()
+        .filter_map(|r| RepoName::parse(r).ok())
+        .filter(|name| private.iter().any(|ns| name.is_under(ns)))
+        .collect();
     for (d, _) in &candidates {
-        for repo in store.list_repositories_all().await? {
-            if let Ok(name) = RepoName::parse(&repo) {
-                if private.iter().any(|ns| name.is_under(ns)) && store.is_blob_linked(&name, d).await? {
-                    store.unlink_blob(&name, d).await?;
-                    report.unlinked += 1;
-                }
+        for name in &private_repos {
+            if store.is_blob_linked(name, d).await? {
+                store.unlink_blob(name, d).await?;
+                report.unlinked += 1;
             }
         }
     }

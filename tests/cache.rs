@@ -152,16 +152,21 @@ async fn tags_are_trusted_for_the_ttl_then_revalidated_with_one_head() {
     assert_eq!(r.headers()["docker-content-digest"], new_digest.as_str());
 }
 
+/// A hub with `library/<name>` holding one blob of `size` bytes, a mirror of it, and the
+/// blob's URL on the mirror.
+async fn fill_fixture(name: &str, size: usize, seed: u8) -> (Hub, TestServer, reqwest::Client, String, String) {
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, name, "latest", blob_of(size, seed));
+    let s = TestServer::start(&config(&hub.url())).await;
+    let url = s.url(&format!("/v2/library/{name}/blobs/{blob_digest}"));
+    (hub, s, client(), url, blob_digest)
+}
+
 #[tokio::test]
 async fn thirty_two_clients_one_upstream_get() {
-    let hub = Hub::start().await;
-    let size = 64 << 20;
-    let (blob_digest, _, _) = hub_image(&hub, "big", "latest", blob_of(size, 5));
-    let s = TestServer::start(&config(&hub.url())).await;
-    let c = client();
+    let (hub, _s, c, url, blob_digest) = fill_fixture("big", 64 << 20, 5).await;
     // Hold the body back until all 32 requests are in, so they truly overlap.
     hub.state.gate.send_replace(1 << 20);
-    let url = s.url(&format!("/v2/library/big/blobs/{blob_digest}"));
     // Every client has its response headers, so has joined the fill, before bytes flow on.
     let (joined_tx, mut joined) = tokio::sync::mpsc::channel::<()>(32);
     let mut tasks = Vec::new();
@@ -187,12 +192,8 @@ async fn thirty_two_clients_one_upstream_get() {
 
 #[tokio::test]
 async fn a_client_arriving_mid_fill_gets_the_whole_blob() {
-    let hub = Hub::start().await;
     let size = 8 << 20;
-    let (blob_digest, _, _) = hub_image(&hub, "join", "latest", blob_of(size, 6));
-    let s = TestServer::start(&config(&hub.url())).await;
-    let c = client();
-    let url = s.url(&format!("/v2/library/join/blobs/{blob_digest}"));
+    let (hub, _s, c, url, blob_digest) = fill_fixture("join", size, 6).await;
     hub.state.gate.send_replace((size / 2) as u64);
 
     // The first client reads half the blob, then a second arrives: it starts at byte 0.
@@ -219,12 +220,8 @@ async fn a_client_arriving_mid_fill_gets_the_whole_blob() {
 
 #[tokio::test]
 async fn a_client_that_leaves_at_ten_percent_does_not_stop_the_fill() {
-    let hub = Hub::start().await;
     let size = 8 << 20;
-    let (blob_digest, _, _) = hub_image(&hub, "leave", "latest", blob_of(size, 7));
-    let s = TestServer::start(&config(&hub.url())).await;
-    let c = client();
-    let url = s.url(&format!("/v2/library/leave/blobs/{blob_digest}"));
+    let (hub, s, c, url, blob_digest) = fill_fixture("leave", size, 7).await;
     hub.state.gate.send_replace((size / 5) as u64);
     let mut only = c.get(&url).send().await.unwrap().bytes_stream();
     let mut n = 0;
@@ -261,11 +258,7 @@ async fn ranges_on_a_blob_being_filled() {
 
 #[tokio::test]
 async fn wrong_bytes_are_never_cached_and_the_next_request_fetches_again() {
-    let hub = Hub::start().await;
-    let (blob_digest, _, _) = hub_image(&hub, "bad", "latest", blob_of(1 << 20, 9));
-    let s = TestServer::start(&config(&hub.url())).await;
-    let c = client();
-    let url = s.url(&format!("/v2/library/bad/blobs/{blob_digest}"));
+    let (hub, s, c, url, blob_digest) = fill_fixture("bad", 1 << 20, 9).await;
     hub.state.corrupt.store(true, Ordering::SeqCst);
     // The response is aborted: before its headers, or (when they were already sent) before the
     // body completes.
@@ -287,11 +280,9 @@ async fn wrong_bytes_are_never_cached_and_the_next_request_fetches_again() {
 
 #[tokio::test]
 async fn a_broken_upstream_connection_is_resumed_with_a_range() {
-    let hub = Hub::start().await;
-    let (blob_digest, _, _) = hub_image(&hub, "reset", "latest", blob_of(4 << 20, 10));
-    let s = TestServer::start(&config(&hub.url())).await;
+    let (hub, _s, c, url, blob_digest) = fill_fixture("reset", 4 << 20, 10).await;
     hub.state.reset_after.store(1 << 20, Ordering::SeqCst);
-    let r = client().get(s.url(&format!("/v2/library/reset/blobs/{blob_digest}"))).send().await.unwrap();
+    let r = c.get(&url).send().await.unwrap();
     assert_eq!(sha256(&r.bytes().await.unwrap()), blob_digest);
     assert_eq!(hub.count(&hub.state.counters.cdn_range_gets), 1);
     assert_eq!(hub.count(&hub.state.counters.cdn_gets), 2);

@@ -42,6 +42,21 @@ fn streamed_body(seed: u64, chunks: u64, chunk_len: usize) -> (reqwest::Body, St
     (reqwest::Body::wrap_stream(stream), digest)
 }
 
+/// Upload a streamed blob monolithically to `repo`; returns its digest.
+async fn upload_streamed(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    seed: u64,
+    chunks: u64,
+    chunk_len: usize,
+) -> String {
+    let (body, digest) = streamed_body(seed, chunks, chunk_len);
+    let r = c.post(format!("{base}/v2/{repo}/blobs/uploads/?digest={digest}")).body(body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    digest
+}
+
 async fn download_digest(resp: reqwest::Response) -> String {
     let mut h = sha2::Sha256::new();
     let mut s = resp.bytes_stream();
@@ -155,9 +170,7 @@ async fn a_1_gib_blob_streams_through_in_constant_memory() {
     let base = format!("http://127.0.0.1:{port}");
     wait_until_up(&format!("{base}/v2/")).await;
     let c = client();
-    let (body, digest) = streamed_body(42, 1024, 1 << 20);
-    let r = c.post(format!("{base}/v2/private/big/blobs/uploads/?digest={digest}")).body(body).send().await.unwrap();
-    assert_eq!(r.status(), 201);
+    let digest = upload_streamed(&c, &base, "private/big", 42, 1024, 1 << 20).await;
     let r = c.get(format!("{base}/v2/private/big/blobs/{digest}")).send().await.unwrap();
     assert_eq!(r.content_length(), Some(1 << 30));
     assert_eq!(download_digest(r).await, digest);
@@ -175,16 +188,7 @@ async fn sigterm_lets_a_256_mib_download_finish_then_exits_0() {
     let base = format!("http://127.0.0.1:{port}");
     wait_until_up(&format!("{base}/v2/")).await;
     let c = client();
-    let (body, digest) = streamed_body(7, 256, 1 << 20);
-    assert_eq!(
-        c.post(format!("{base}/v2/private/term/blobs/uploads/?digest={digest}"))
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        201
-    );
+    let digest = upload_streamed(&c, &base, "private/term", 7, 256, 1 << 20).await;
     let r = c.get(format!("{base}/v2/private/term/blobs/{digest}")).send().await.unwrap();
     let mut stream = r.bytes_stream();
     let mut h = sha2::Sha256::new();
@@ -303,16 +307,7 @@ async fn sighup_swaps_a_files_mode_certificate_without_dropping_a_download() {
     let base = format!("https://localhost:{port}");
     wait_until_up(&format!("{base}/v2/")).await;
     let c = tls_client(&[&a.join("ca.crt"), &b.join("ca.crt")]);
-    let (body, digest) = streamed_body(9, 64, 1 << 20);
-    assert_eq!(
-        c.post(format!("{base}/v2/private/tls/blobs/uploads/?digest={digest}"))
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        201
-    );
+    let digest = upload_streamed(&c, &base, "private/tls", 9, 64, 1 << 20).await;
     let r = c.get(format!("{base}/v2/private/tls/blobs/{digest}")).send().await.unwrap();
     let old_cert = peer_cert(&r);
     let mut download = r.bytes_stream();
