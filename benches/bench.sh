@@ -461,7 +461,7 @@ check_fetch() { # label expected-size "code size secs speed" url [curl args...];
         echo ""
     fi
 }
-direct=() direct_raw=() cold_rm=() cold_ref=()
+direct=() direct_raw=() verified=() cold_rm=() cold_ref=()
 timed() { # label url : settle, then one checked download; echoes seconds or ""
     settle
     fg_begin
@@ -470,11 +470,22 @@ timed() { # label url : settle, then one checked download; echoes seconds or ""
     fg_end
     check_fetch "$1" "$BLOB_BYTES" "$res" "$2"
 }
+# The least any mirror that verifies a blob before its last byte must add: the same download,
+# hashed on a second thread as it arrives (no disk, no second hop).
+timed_verified() { # url hex : settle, then one verified download; echoes seconds or ""
+    settle
+    fg_begin
+    local secs
+    secs=$($PY "$LIB" verified-fetch "$1" "$2") || note "verified download of $1 failed or did not match $2"
+    fg_end
+    echo "$secs"
+}
 fetch "$(blob_url "$NGX" "${HEX[layer]}")" >/dev/null # warm the upstream's file cache path once
 phase_begin cold
 for ((i = 1; i <= COLD_RUNS; i++)); do
     direct+=("$(timed direct "$(blob_url "$NGX" "${HEX[layer]}")")")
     direct_raw+=("$(timed direct-raw "$(blob_url "$UP" "${HEX[layer]}")")")
+    verified+=("$(timed_verified "$(blob_url "$NGX" "${HEX[layer]}")" "${HEX[layer]}")")
     cold_rm+=("$(timed "regmirror cold $i" "$(blob_url "$RM" "${HEX[cold_rm_$i]}")")")
     cold_ref+=("$(timed "reference cold $i" "$(blob_url "$REF" "${HEX[cold_ref_$i]}")")")
 done
@@ -483,9 +494,10 @@ settle
 phase_end
 fig cpu_cold_rm "$(per "${CPU[rm]}" "$COLD_RUNS")"
 fig cpu_cold_ref "$(per "${CPU[ref]}" "$COLD_RUNS")"
-say "  direct ${direct[*]} | raw ${direct_raw[*]} | regmirror ${cold_rm[*]} | reference ${cold_ref[*]}"
+say "  direct ${direct[*]} | raw ${direct_raw[*]} | verified ${verified[*]} | regmirror ${cold_rm[*]} | reference ${cold_ref[*]}"
 fig direct_s "$(median "${direct[@]}")"
 fig direct_raw_s "$(median "${direct_raw[@]}")"
+fig verified_s "$(median "${verified[@]}")"
 fig cold_rm_s "$(median "${cold_rm[@]}")"
 fig cold_ref_s "$(median "${cold_ref[@]}")"
 for ((i = 1; i <= COLD_RUNS; i++)); do
@@ -640,8 +652,10 @@ say "  VmHWM regmirror $(hwm "${PID[regmirror]}") MiB, reference $(hwm "${PID[re
 metric() { $PY "$LIB" metric "$@" 2>/dev/null || echo "?"; }
 note "regmirror metrics: upstream requests $(metric "http://127.0.0.1:$P_RMM/metrics" regmirror_upstream_requests_total), upstream failures $(metric "http://127.0.0.1:$P_RMM/metrics" regmirror_upstream_failures_total)"
 note "peak RSS (VmHWM, MiB) after each phase, regmirror / reference: $(for p in cold warm man_rm man_ref fan_rm fan_ref fan_nginx; do printf '%s %s/%s; ' "$p" "$(grep "^hwm_${p}_rm=" "$FIG" | cut -d= -f2)" "$(grep "^hwm_${p}_ref=" "$FIG" | cut -d= -f2)"; done)"
-ERRS=$(grep -ciE '\b(ERROR|WARN)\b' "$LOG/regmirror.log")
-[ "$ERRS" = 0 ] || note "regmirror logged $ERRS WARN/ERROR lines, e.g.: $(grep -iE '\b(ERROR|WARN)\b' "$LOG/regmirror.log" | head -3)"
+# Level is the second field of a text log line; `error=""` in a request line is not an error.
+LEVELS='^[^ ]+ +(WARN|ERROR) '
+ERRS=$(grep -cE "$LEVELS" "$LOG/regmirror.log")
+[ "$ERRS" = 0 ] || note "regmirror logged $ERRS WARN/ERROR lines, e.g.: $(grep -E "$LEVELS" "$LOG/regmirror.log" | head -3)"
 grep -q $'\x1b\\[' "$LOG/regmirror.log" && note "regmirror writes ANSI colour codes into its log even though stderr is a file, not a terminal"
 
 # ---------------------------------------------------------------------------------------------

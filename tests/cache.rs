@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use common::hub::Hub;
 use common::*;
 use futures_util::StreamExt;
+use regmirror::cache::fill::Phase;
 use regmirror::registry::names::RepoName;
 use regmirror::storage::TagRecord;
 use serde_json::{json, Value};
@@ -192,7 +193,9 @@ async fn thirty_two_clients_one_upstream_get() {
 
 #[tokio::test]
 async fn a_client_arriving_mid_fill_gets_the_whole_blob() {
-    let size = 8 << 20;
+    // Large enough that the start has left the fill's in-memory window: the second client reads
+    // it back from the staging file, then catches up with the bytes in memory.
+    let size = 32 << 20;
     let (hub, _s, c, url, blob_digest) = fill_fixture("join", size, 6).await;
     hub.state.gate.send_replace((size / 2) as u64);
 
@@ -237,6 +240,33 @@ async fn a_client_that_leaves_at_ten_percent_does_not_stop_the_fill() {
     assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
     let repo = RepoName::parse("docker.io/library/leave").unwrap();
     assert!(s.state.store.is_blob_linked(&repo, &blob_digest.parse().unwrap()).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_does_not_hold_the_fill() {
+    let size = 32 << 20;
+    let (hub, s, c, url, blob_digest) = fill_fixture("stall", size, 9).await;
+    // The fill keeps pace with its fastest reader; this one reads a little, then stops reading
+    // but keeps its connection.
+    let mut stalled = c.get(&url).send().await.unwrap().bytes_stream();
+    let mut got = stalled.next().await.unwrap().unwrap().to_vec();
+    let digest = blob_digest.parse().unwrap();
+    if let Some(mut progress) = s.state.fills.progress(&digest) {
+        let done = progress.wait_for(|p| !matches!(p.phase, Phase::Streaming(_) | Phase::Connecting));
+        let phase = tokio::time::timeout(std::time::Duration::from_secs(30), done)
+            .await
+            .expect("the fill finished while its only client was not reading")
+            .map(|p| p.phase.clone());
+        assert!(matches!(phase, Ok(Phase::Done { .. }) | Err(_)), "{phase:?}");
+    }
+    let repo = RepoName::parse("docker.io/library/stall").unwrap();
+    assert!(s.state.store.is_blob_linked(&repo, &digest).await.unwrap());
+    // The client that stalled still gets the whole blob.
+    while let Some(chunk) = stalled.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(sha256(&got), blob_digest);
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
 }
 
 #[tokio::test]

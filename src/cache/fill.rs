@@ -1,37 +1,51 @@
 //! Blob fills: at most one per digest, shared by every repository and client. A fill is a task of
 //! its own that streams the upstream body into a staging file while hashing, publishes how many
-//! bytes are on disk, resumes with `Range` when the connection breaks, and verifies digest and size
+//! bytes have arrived, resumes with `Range` when the connection breaks, and verifies digest and size
 //! before the blob becomes visible. Every requester, the first one included, is a pure reader of the
-//! growing file: a client that disconnects drops only its reader, and N clients cost one upstream
-//! fetch and constant memory.
+//! fill: bytes that arrived recently come from a window kept in memory (so a client that keeps up
+//! with the upstream never waits for the disk), older ones from the growing staging file. A client
+//! that disconnects drops only its reader, and N clients cost one upstream fetch and constant memory.
+//!
+//! While clients are reading, the fill keeps at most `PACE_LEAD` ahead of the fastest one: running
+//! further ahead gains nobody anything (the blob is not visible before its last byte anyway) and
+//! would push that client out of the window onto the disk. A client that stops reading for
+//! `READER_STALL` releases the fill for good.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use tokio::sync::watch;
 
 use crate::app::AppState;
 use crate::registry::names::{Digest, RepoName};
 use crate::registry::response::CHUNK;
-use crate::storage::CommitError;
+use crate::storage::{BlobWriter, CommitError};
 use crate::upstream::{error_chain, Upstream, UpstreamError};
 
 /// How often a broken upstream connection is resumed before the fill gives up.
 const MAX_RESUMES: u32 = 5;
+
+/// Bytes of a fill kept in memory behind the newest one, for clients a little behind.
+const WINDOW_KEEP: usize = 4 << 20;
+
+/// How far a fill may run ahead of its fastest reader; less than `WINDOW_KEEP`, so that reader is
+/// served from memory.
+const PACE_LEAD: u64 = 3 << 20;
+
+/// A fill waiting for its readers gives up pacing when none has read anything for this long.
+const READER_STALL: Duration = Duration::from_millis(250);
 
 #[derive(Clone, Debug)]
 pub enum Phase {
     /// Waiting for the upstream's response headers.
     Connecting,
     /// Bytes are arriving; `total` is the upstream's Content-Length.
-    Streaming {
-        total: u64,
-        staging: String,
-    },
+    Streaming(Staged),
     /// Verified and visible in the store.
     Done {
         total: u64,
@@ -39,11 +53,125 @@ pub enum Phase {
     Failed(UpstreamError),
 }
 
+/// Where a fill's bytes are while it runs: the newest in memory, all older ones in `staging`.
+#[derive(Clone, Debug)]
+pub struct Staged {
+    pub total: u64,
+    staging: Arc<str>,
+    shared: Arc<Shared>,
+}
+
+/// What a fill and its readers share while it runs.
+#[derive(Debug, Default)]
+struct Shared {
+    window: Mutex<Window>,
+    /// A reader moved forward (or left).
+    advanced: tokio::sync::Notify,
+}
+
 #[derive(Clone, Debug)]
 pub struct Progress {
     pub phase: Phase,
-    /// Bytes flushed to the staging file.
-    pub written: u64,
+    /// Bytes received from the upstream.
+    pub received: u64,
+}
+
+/// The newest chunks of a fill. Bytes before `start` are in the staging file: a chunk leaves the
+/// window only once the file has it.
+#[derive(Debug, Default)]
+struct Window {
+    start: u64,
+    chunks: VecDeque<Bytes>,
+    len: usize,
+    /// Where each reader following the fill now has got to.
+    readers: Vec<Arc<AtomicU64>>,
+}
+
+/// Where a reader finds the bytes at its position.
+enum Source {
+    Memory(Bytes),
+    /// In the staging file: at most this many bytes from there on.
+    File(usize),
+}
+
+impl Shared {
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait while readers are following and the furthest is more than `PACE_LEAD` behind
+    /// `received`. False when they stopped reading: the fill should not wait for them again.
+    async fn pace(&self, received: u64) -> bool {
+        loop {
+            let furthest = self.window().readers.iter().map(|r| r.load(Ordering::Relaxed)).max();
+            match furthest {
+                Some(pos) if received.saturating_sub(pos) > PACE_LEAD => {}
+                _ => return true,
+            }
+            if tokio::time::timeout(READER_STALL, self.advanced.notified()).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+/// A reader's place among a fill's readers, given up when it is dropped.
+struct Reader {
+    shared: Arc<Shared>,
+    pos: Arc<AtomicU64>,
+}
+
+impl Reader {
+    fn join(shared: &Arc<Shared>, pos: u64) -> Self {
+        let pos = Arc::new(AtomicU64::new(pos));
+        shared.window().readers.push(pos.clone());
+        Reader { shared: shared.clone(), pos }
+    }
+
+    fn advanced_to(&self, pos: u64) {
+        self.pos.store(pos, Ordering::Relaxed);
+        self.shared.advanced.notify_one();
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.shared.window().readers.retain(|r| !Arc::ptr_eq(r, &self.pos));
+        self.shared.advanced.notify_one();
+    }
+}
+
+impl Window {
+    fn push(&mut self, chunk: Bytes, on_disk: u64) {
+        self.len += chunk.len();
+        self.chunks.push_back(chunk);
+        while let Some(front) = self.chunks.front() {
+            let front_end = self.start + front.len() as u64;
+            if self.len - front.len() < WINDOW_KEEP || front_end > on_disk {
+                break;
+            }
+            self.len -= front.len();
+            self.start = front_end;
+            self.chunks.pop_front();
+        }
+    }
+
+    /// Up to `want` bytes at `pos`, which must be below what has been received.
+    fn locate(&self, pos: u64, want: usize) -> Source {
+        if pos < self.start {
+            return Source::File(want.min((self.start - pos) as usize));
+        }
+        let mut chunk_start = self.start;
+        for chunk in &self.chunks {
+            let chunk_end = chunk_start + chunk.len() as u64;
+            if pos < chunk_end {
+                let from = (pos - chunk_start) as usize;
+                return Source::Memory(chunk.slice(from..chunk.len().min(from + want)));
+            }
+            chunk_start = chunk_end;
+        }
+        Source::Memory(Bytes::new())
+    }
 }
 
 #[derive(Default)]
@@ -66,7 +194,7 @@ impl Fills {
         if let Some((rx, _)) = running.get(&digest) {
             return rx.clone();
         }
-        let (tx, rx) = watch::channel(Progress { phase: Phase::Connecting, written: 0 });
+        let (tx, rx) = watch::channel(Progress { phase: Phase::Connecting, received: 0 });
         running.insert(digest.clone(), (rx.clone(), local.clone()));
         drop(running);
         tokio::spawn(run(state.clone(), upstream, remote, local, digest, tx));
@@ -80,6 +208,11 @@ impl Fills {
 
     fn finished(&self, digest: &Digest) {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
+    }
+
+    /// The progress of the running fill of `digest`, if there is one.
+    pub fn progress(&self, digest: &Digest) -> Option<watch::Receiver<Progress>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(rx, _)| rx.clone())
     }
 
     pub fn in_flight(&self) -> usize {
@@ -138,82 +271,15 @@ async fn fetch(
         detail: format!("storage: {e}"),
     };
     let mut writer = state.store.begin_blob(digest.algorithm()).await.map_err(storage_err)?;
-    let mut total: Option<u64> = None;
-    let mut resumes = 0;
-    loop {
-        let offset = writer.written();
-        let resp = match upstream.blob(Method::GET, remote, digest, offset).await {
-            Ok(r) => r,
-            Err(e) if offset > 0 && resumes < MAX_RESUMES && e.is_outage() => {
-                resumes += 1;
-                continue;
-            }
-            Err(e) => {
-                writer.abort().await;
-                return Err(e);
-            }
-        };
-        if offset > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
-            // The upstream ignored the range; resuming would duplicate bytes.
+    let staged = match receive(upstream, remote, digest, tx, &mut writer).await {
+        Ok(staged) => staged,
+        Err(e) => {
             writer.abort().await;
-            return Err(upstream.failed(UpstreamError::Reset {
-                upstream: upstream.name().to_string(),
-                detail: format!("resume at byte {offset} answered {} instead of 206", resp.status()),
-            }));
+            return Err(e);
         }
-        if total.is_none() {
-            let Some(len) = resp.content_length() else {
-                writer.abort().await;
-                return Err(upstream.failed(UpstreamError::Reset {
-                    upstream: upstream.name().to_string(),
-                    detail: "blob response without Content-Length".into(),
-                }));
-            };
-            total = Some(len);
-            let staging = writer.staging_path().to_string();
-            tx.send_modify(|p| p.phase = Phase::Streaming { total: len, staging });
-        }
-        let mut body = resp.bytes_stream();
-        let mut broken = None;
-        loop {
-            // Write out what we have whenever the upstream pauses, so readers never wait on a batch.
-            let next = match body.next().now_or_never() {
-                Some(n) => n,
-                None => {
-                    writer.flush().await.map_err(storage_err)?;
-                    publish(&writer, tx);
-                    body.next().await
-                }
-            };
-            match next {
-                Some(Ok(chunk)) => {
-                    writer.write(chunk).await.map_err(storage_err)?;
-                    publish(&writer, tx);
-                }
-                Some(Err(e)) => {
-                    broken = Some(e);
-                    break;
-                }
-                None => break,
-            }
-        }
-        writer.flush().await.map_err(storage_err)?;
-        publish(&writer, tx);
-        let expected = total.unwrap_or(0);
-        if writer.written() >= expected {
-            break;
-        }
-        let detail = broken.map_or_else(|| "body ended early".to_string(), |e| error_chain(&e));
-        let err = upstream.failed(UpstreamError::Reset { upstream: upstream.name().to_string(), detail });
-        if resumes >= MAX_RESUMES {
-            writer.abort().await;
-            return Err(err);
-        }
-        resumes += 1;
-        tracing::info!(upstream = upstream.name(), %digest, offset = writer.written(), error = %err, "resuming fill with a range request");
-    }
-    match writer.commit(digest, total).await {
-        Ok(n) => Ok(n),
+    };
+    match writer.commit(digest, Some(staged.total)).await {
+        Ok(total) => Ok(total),
         Err(CommitError::Io(e)) => Err(storage_err(e)),
         Err(e) => {
             tracing::warn!(upstream = upstream.name(), %digest, error = %e, "upstream content rejected");
@@ -225,11 +291,81 @@ async fn fetch(
     }
 }
 
-/// Tell readers how much of the staging file they may read.
-fn publish(writer: &crate::storage::BlobWriter, tx: &watch::Sender<Progress>) {
-    let on_disk = writer.on_disk();
-    if tx.borrow().written < on_disk {
-        tx.send_modify(|p| p.written = on_disk);
+/// Receive the whole body into `writer`, resuming with `Range` when the connection breaks.
+async fn receive(
+    upstream: &Upstream,
+    remote: &RepoName,
+    digest: &Digest,
+    tx: &watch::Sender<Progress>,
+    writer: &mut BlobWriter,
+) -> Result<Staged, UpstreamError> {
+    let storage_err = |e: std::io::Error| UpstreamError::Reset {
+        upstream: upstream.name().to_string(),
+        detail: format!("storage: {e}"),
+    };
+    let mut staged: Option<Staged> = None;
+    let mut resumes = 0;
+    loop {
+        let offset = writer.written();
+        let resp = match upstream.blob(Method::GET, remote, digest, offset).await {
+            Ok(r) => r,
+            Err(e) if offset > 0 && resumes < MAX_RESUMES && e.is_outage() => {
+                resumes += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if offset > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
+            // The upstream ignored the range; resuming would duplicate bytes.
+            return Err(upstream.failed(UpstreamError::Reset {
+                upstream: upstream.name().to_string(),
+                detail: format!("resume at byte {offset} answered {} instead of 206", resp.status()),
+            }));
+        }
+        let staged = match &staged {
+            Some(s) => s.clone(),
+            None => {
+                let Some(total) = resp.content_length() else {
+                    return Err(upstream.failed(UpstreamError::Reset {
+                        upstream: upstream.name().to_string(),
+                        detail: "blob response without Content-Length".into(),
+                    }));
+                };
+                let s = Staged { total, staging: writer.staging_path().into(), shared: Arc::default() };
+                tx.send_modify(|p| p.phase = Phase::Streaming(s.clone()));
+                staged.insert(s).clone()
+            }
+        };
+        let mut body = resp.bytes_stream();
+        let mut broken = None;
+        let mut paced = true;
+        while let Some(next) = body.next().await {
+            match next {
+                Ok(chunk) => {
+                    let received = writer.written() + chunk.len() as u64;
+                    staged.shared.window().push(chunk.clone(), writer.on_disk());
+                    tx.send_modify(|p| p.received = received);
+                    writer.write(chunk).await.map_err(storage_err)?;
+                    if paced {
+                        paced = staged.shared.pace(received).await;
+                    }
+                }
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        if writer.written() >= staged.total {
+            return Ok(staged);
+        }
+        let detail = broken.map_or_else(|| "body ended early".to_string(), |e| error_chain(&e));
+        let err = upstream.failed(UpstreamError::Reset { upstream: upstream.name().to_string(), detail });
+        if resumes >= MAX_RESUMES {
+            return Err(err);
+        }
+        resumes += 1;
+        tracing::info!(upstream = upstream.name(), %digest, offset = writer.written(), error = %err, "resuming fill with a range request");
     }
 }
 
@@ -238,7 +374,7 @@ pub async fn wait_for_size(rx: &mut watch::Receiver<Progress>) -> Result<u64, Up
     loop {
         let phase = rx.borrow_and_update().phase.clone();
         match phase {
-            Phase::Streaming { total, .. } | Phase::Done { total } => return Ok(total),
+            Phase::Streaming(Staged { total, .. }) | Phase::Done { total } => return Ok(total),
             Phase::Failed(e) => return Err(e),
             Phase::Connecting => {
                 if rx.changed().await.is_err() {
@@ -270,32 +406,51 @@ pub fn follow(
         _waiting: WaiterGauge,
         /// Keeps the committed blob from eviction while this client reads it.
         _hold: Option<super::lru::InUse>,
+        /// Counts this client among the fill's readers, once bytes flow.
+        reader: Option<Reader>,
     }
     let waiting = WaiterGauge::new(&state);
     let hold = state.lru.hold(&digest);
-    let follower = Follower { state, digest, rx, pos: start, end, _waiting: waiting, _hold: hold };
+    let follower = Follower { state, digest, rx, pos: start, end, _waiting: waiting, _hold: hold, reader: None };
     futures_util::stream::unfold(follower, |mut f| async move {
         loop {
             if f.pos >= f.end {
                 return None;
             }
             let progress = f.rx.borrow_and_update().clone();
-            let (available, staging) = match progress.phase {
+            let (available, staged) = match progress.phase {
                 Phase::Failed(e) => return Some((Err(std::io::Error::other(e.to_string())), Follower { end: 0, ..f })),
                 Phase::Done { total } => (total, None),
-                // The last byte of the response (of a range too) waits for verification, so a
-                // response never completes with content that turns out not to match its digest.
-                Phase::Streaming { staging, .. } => (progress.written.min(f.end.saturating_sub(1)), Some(staging)),
+                // The last byte of the response (of a range too) waits until the blob is verified
+                // and stored: a response never completes with content that turns out not to match
+                // its digest, and a client that has the whole blob finds it cached.
+                Phase::Streaming(s) => (progress.received.min(f.end.saturating_sub(1)), Some(s)),
                 Phase::Connecting => (0, None),
             };
             if f.pos < available {
                 let want = (available.min(f.end) - f.pos).min(CHUNK as u64) as usize;
-                return match read(&f.state, &f.digest, staging.as_deref(), f.pos, want).await {
-                    Ok(chunk) => {
-                        f.pos += want as u64;
-                        f.state.metrics.bytes_served.with_label_values(&["fill"]).inc_by(want as u64);
+                let chunk = match staged {
+                    Some(s) => {
+                        let reader = f.reader.get_or_insert_with(|| Reader::join(&s.shared, f.pos));
+                        reader.advanced_to(f.pos);
+                        let source = s.shared.window().locate(f.pos, want);
+                        match source {
+                            Source::Memory(bytes) => Ok(bytes),
+                            Source::File(n) => read(&f.state, &f.digest, Some(&s.staging), f.pos, n).await,
+                        }
+                    }
+                    None => read(&f.state, &f.digest, None, f.pos, want).await,
+                };
+                return match chunk {
+                    Ok(chunk) if !chunk.is_empty() => {
+                        f.pos += chunk.len() as u64;
+                        f.state.metrics.bytes_served.with_label_values(&["fill"]).inc_by(chunk.len() as u64);
                         Some((Ok(chunk), f))
                     }
+                    Ok(_) => Some((
+                        Err(std::io::Error::other(format!("blob {}: no bytes at {}", f.digest, f.pos))),
+                        Follower { end: 0, ..f },
+                    )),
                     Err(e) => Some((Err(e), Follower { end: 0, ..f })),
                 };
             }

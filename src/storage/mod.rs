@@ -15,6 +15,9 @@
 //! Repository components never start with `_`, so the `_` directories cannot collide with names.
 
 pub mod fs;
+mod writer;
+
+pub use writer::BlobWriter;
 
 use std::io;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -50,12 +53,24 @@ pub trait Driver: Send + Sync + 'static {
     async fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>>;
     /// A writer appending to a (possibly new) file.
     async fn open_append(&self, path: &str) -> io::Result<Writer>;
+    /// A new file to stage a blob in. It is written from a blocking thread of its own (see
+    /// `BlobWriter`), so a backend may write it however is fastest.
+    async fn create_staged(&self, path: &str) -> io::Result<Box<dyn StagedFile>>;
     /// Set a file's modification time to now (a blob in use again is not garbage).
     async fn touch(&self, path: &str) -> io::Result<()>;
     /// Make a staged file durable and move it to `to`, atomically.
     async fn commit(&self, from: &str, to: &str) -> io::Result<()>;
     /// A fresh path for staging a write.
     fn staging_path(&self) -> String;
+}
+
+/// A staged blob file, written front to back by one thread.
+pub trait StagedFile: Send {
+    /// Append `bytes`. Returns how many bytes others can read from the file now: a backend may
+    /// hold some back to write them in larger blocks.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<u64>;
+    /// Write out everything appended; returns the file's length.
+    fn finish(&mut self) -> io::Result<u64>;
 }
 
 /// How a manifest is recorded in a repository.
@@ -271,17 +286,8 @@ impl Store {
     /// Start a staged blob write; nothing is visible until `BlobWriter::commit` verifies it.
     pub async fn begin_blob(&self, algorithm: Algorithm) -> io::Result<BlobWriter> {
         let path = self.driver.staging_path();
-        let file = self.driver.open_append(&path).await?;
-        Ok(BlobWriter {
-            store: self.clone(),
-            path,
-            file,
-            hasher: BackgroundHasher::new(algorithm),
-            written: 0,
-            on_disk: 0,
-            batch: Vec::with_capacity(WRITE_BATCH),
-            in_flight: 0,
-        })
+        let file = self.driver.create_staged(&path).await?;
+        Ok(BlobWriter::new(self.clone(), path, file, algorithm))
     }
 
     /// Verify a staged file (an upload session's data) against `expected` and move it into place.
@@ -515,149 +521,5 @@ impl Store {
 
     pub async fn delete_upload(&self, id: &str) -> io::Result<()> {
         self.driver.delete(&upload_dir(id)).await
-    }
-}
-
-/// A blob being written: hashed as it streams into a staging file.
-pub struct BlobWriter {
-    store: Store,
-    path: String,
-    file: Writer,
-    hasher: BackgroundHasher,
-    /// Bytes accepted so far.
-    written: u64,
-    /// Bytes known to be in the file (readers may read up to here).
-    on_disk: u64,
-    /// Gathers small chunks into large writes; reused, so a fill allocates nothing per batch.
-    batch: Vec<u8>,
-    /// Bytes of the write still in flight.
-    in_flight: u64,
-}
-
-/// Chunks are gathered into writes of this size.
-const WRITE_BATCH: usize = 512 << 10;
-
-/// Hashes on a thread of its own while the writer writes: hashing is the largest CPU cost of a
-/// fill, and this way it runs on another core, in parallel with receiving and writing. It takes
-/// whole batches (one hand-over per 512 KiB, however small the upstream's chunks) and gives the
-/// buffers back for reuse, so a fill allocates no memory per batch.
-struct BackgroundHasher {
-    tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
-    spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    task: tokio::task::JoinHandle<Digest>,
-}
-
-impl BackgroundHasher {
-    fn new(algorithm: Algorithm) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
-        let (give_back, spare) = std::sync::mpsc::channel();
-        let task = tokio::task::spawn_blocking(move || {
-            let mut h = Hasher::new(algorithm);
-            while let Some(mut batch) = rx.blocking_recv() {
-                h.update(&batch);
-                batch.clear();
-                let _ = give_back.send(batch);
-            }
-            h.finish()
-        });
-        BackgroundHasher { tx: Some(tx), spare, task }
-    }
-
-    async fn update(&mut self, batch: Vec<u8>) -> io::Result<()> {
-        match &self.tx {
-            Some(tx) => tx.send(batch).await.map_err(|_| io::Error::other("the hashing thread ended early")),
-            None => Err(io::Error::other("hash already finished")),
-        }
-    }
-
-    /// A buffer the hashing thread is done with, or a new one.
-    fn buffer(&self) -> Vec<u8> {
-        self.spare.try_recv().unwrap_or_else(|_| Vec::with_capacity(WRITE_BATCH))
-    }
-
-    async fn finish(mut self) -> io::Result<Digest> {
-        self.tx.take();
-        self.task.await.map_err(io::Error::other)
-    }
-}
-
-impl BlobWriter {
-    pub async fn write(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
-        self.batch.extend_from_slice(&chunk);
-        self.written += chunk.len() as u64;
-        if self.batch.len() >= WRITE_BATCH {
-            self.submit().await?;
-        }
-        Ok(())
-    }
-
-    /// Hand the batch to the file and to the hasher. The file runs one write at a time in the
-    /// background, so when this returns the previous write has completed.
-    async fn submit(&mut self) -> io::Result<()> {
-        self.file.write_all(&self.batch).await?;
-        self.on_disk += self.in_flight;
-        self.in_flight = self.batch.len() as u64;
-        let next = self.hasher.buffer();
-        let full = std::mem::replace(&mut self.batch, next);
-        self.hasher.update(full).await
-    }
-
-    /// Bytes readers can read from the staging file now.
-    pub fn on_disk(&self) -> u64 {
-        self.on_disk
-    }
-
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    /// The staging path, for readers that follow a fill as it grows.
-    pub fn staging_path(&self) -> &str {
-        &self.path
-    }
-
-    /// Write out everything accepted so far, so readers of the staging file see all of it.
-    pub async fn flush(&mut self) -> io::Result<()> {
-        if !self.batch.is_empty() {
-            self.submit().await?;
-        }
-        self.file.flush().await?;
-        self.on_disk = self.written;
-        self.in_flight = 0;
-        Ok(())
-    }
-
-    /// Verify digest (and size, when known) and move the blob into place; on any failure the
-    /// staged bytes are deleted.
-    pub async fn commit(mut self, expected: &Digest, expected_size: Option<u64>) -> Result<u64, CommitError> {
-        let flushed = match self.flush().await {
-            Ok(()) => self.file.shutdown().await,
-            Err(e) => Err(e),
-        };
-        let store = self.store.clone();
-        let path = self.path.clone();
-        let outcome = async {
-            flushed?;
-            let actual = self.hasher.finish().await?;
-            if let Some(size) = expected_size.filter(|&s| s != self.written) {
-                return Err(CommitError::SizeMismatch { expected: size, actual: self.written });
-            }
-            if &actual != expected {
-                return Err(CommitError::DigestMismatch { expected: expected.clone(), actual });
-            }
-            store.publish(&path, expected).await?;
-            Ok(self.written)
-        }
-        .await;
-        if outcome.is_err() {
-            let _ = store.driver.delete(&path).await;
-        }
-        outcome
-    }
-
-    /// Give up: the staged bytes are deleted.
-    pub async fn abort(self) {
-        drop(self.file);
-        let _ = self.store.driver.delete(&self.path).await;
     }
 }
