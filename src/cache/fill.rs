@@ -6,10 +6,11 @@
 //! with the upstream never waits for the disk), older ones from the growing staging file. A client
 //! that disconnects drops only its reader, and N clients cost one upstream fetch and constant memory.
 //!
-//! While clients are reading, the fill keeps at most `PACE_LEAD` ahead of the fastest one: running
-//! further ahead gains nobody anything (the blob is not visible before its last byte anyway) and
-//! would push that client out of the window onto the disk. A client that stops reading for
-//! `READER_STALL` releases the fill for good.
+//! While clients are reading from memory, the fill keeps at most `PACE_LEAD` ahead of the fastest
+//! one: running further ahead gains nobody much (the blob is not visible before its last byte) and
+//! would push that client out of the window onto the disk. Pacing is bounded: a fill stops waiting
+//! for good when its readers make no progress for `READER_STALL`, or once it has waited
+//! `MAX_PACING` in all, so a slow or stuck client never holds the upstream transfer for long.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +38,11 @@ const WINDOW_KEEP: usize = 4 << 20;
 /// served from memory.
 const PACE_LEAD: u64 = 3 << 20;
 
-/// A fill waiting for its readers gives up pacing when none has read anything for this long.
+/// A fill waiting for its readers gives up pacing when the fastest has not moved for this long.
 const READER_STALL: Duration = Duration::from_millis(250);
+
+/// The most a fill waits for its readers in all.
+const MAX_PACING: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub enum Phase {
@@ -85,6 +89,8 @@ struct Window {
     len: usize,
     /// Where each reader following the fill now has got to.
     readers: Vec<Arc<AtomicU64>>,
+    /// The fill has ended; its memory is released.
+    closed: bool,
 }
 
 /// Where a reader finds the bytes at its position.
@@ -92,6 +98,8 @@ enum Source {
     Memory(Bytes),
     /// In the staging file: at most this many bytes from there on.
     File(usize),
+    /// The fill has ended: its outcome is (or is about to be) published.
+    Closed,
 }
 
 impl Shared {
@@ -99,19 +107,52 @@ impl Shared {
         self.window.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wait while readers are following and the furthest is more than `PACE_LEAD` behind
-    /// `received`. False when they stopped reading: the fill should not wait for them again.
-    async fn pace(&self, received: u64) -> bool {
+    /// Wait, until `deadline` at most, while the fastest reader reading from memory is more than
+    /// `PACE_LEAD` behind `received`. False when that reader stalled or the deadline passed.
+    async fn wait_for_readers(&self, received: u64, deadline: Instant) -> bool {
+        let mut seen = None;
+        let mut stall_at = Instant::now() + READER_STALL;
         loop {
             let furthest = self.window().readers.iter().map(|r| r.load(Ordering::Relaxed)).max();
-            match furthest {
-                Some(pos) if received.saturating_sub(pos) > PACE_LEAD => {}
-                _ => return true,
+            let Some(furthest) = furthest else { return true };
+            let lead = received.saturating_sub(furthest);
+            // Close enough, or so far behind that it reads from the file anyway.
+            if lead <= PACE_LEAD || lead > WINDOW_KEEP as u64 {
+                return true;
             }
-            if tokio::time::timeout(READER_STALL, self.advanced.notified()).await.is_err() {
+            let now = Instant::now();
+            if seen != Some(furthest) {
+                seen = Some(furthest);
+                stall_at = now + READER_STALL;
+            }
+            let until = stall_at.min(deadline);
+            if now >= until {
                 return false;
             }
+            let _ = tokio::time::timeout_at(until.into(), self.advanced.notified()).await;
         }
+    }
+}
+
+/// A fill's side of pacing: how long it may still wait for its readers.
+struct Pacing {
+    left: Duration,
+    active: bool,
+}
+
+impl Pacing {
+    fn new() -> Self {
+        Pacing { left: MAX_PACING, active: true }
+    }
+
+    async fn keep_pace(&mut self, shared: &Shared, received: u64) {
+        if !self.active {
+            return;
+        }
+        let started = Instant::now();
+        let kept = shared.wait_for_readers(received, started + self.left).await;
+        self.left = self.left.saturating_sub(started.elapsed());
+        self.active = kept && !self.left.is_zero();
     }
 }
 
@@ -158,6 +199,9 @@ impl Window {
 
     /// Up to `want` bytes at `pos`, which must be below what has been received.
     fn locate(&self, pos: u64, want: usize) -> Source {
+        if self.closed {
+            return Source::Closed;
+        }
         if pos < self.start {
             return Source::File(want.min((self.start - pos) as usize));
         }
@@ -232,6 +276,7 @@ async fn run(
     state.metrics.fills_in_flight.inc();
     tracing::info!(upstream = upstream.name(), repository = %local, %digest, "fill started");
     let outcome = fetch(&state, &upstream, &remote, &digest, &tx).await;
+    let running = tx.borrow().phase.clone();
     let outcome = match outcome {
         Ok(total) => match state.store.link_blob(&local, &digest).await {
             Ok(()) => Ok(total),
@@ -252,6 +297,12 @@ async fn run(
             tracing::warn!(upstream = upstream.name(), repository = %local, %digest, cause = e.cause(), error = %e, "fill failed");
             tx.send_modify(|p| p.phase = Phase::Failed(e.clone()));
         }
+    }
+    // Readers now go to the store (or fail); the window's memory is not needed any more.
+    if let Phase::Streaming(staged) = &running {
+        let mut window = staged.shared.window();
+        window.chunks.clear();
+        window.closed = true;
     }
     state.fills.finished(&digest);
     state.metrics.fills_in_flight.dec();
@@ -304,6 +355,7 @@ async fn receive(
         detail: format!("storage: {e}"),
     };
     let mut staged: Option<Staged> = None;
+    let mut pacing = Pacing::new();
     let mut resumes = 0;
     loop {
         let offset = writer.written();
@@ -338,7 +390,6 @@ async fn receive(
         };
         let mut body = resp.bytes_stream();
         let mut broken = None;
-        let mut paced = true;
         while let Some(next) = body.next().await {
             match next {
                 Ok(chunk) => {
@@ -346,9 +397,7 @@ async fn receive(
                     staged.shared.window().push(chunk.clone(), writer.on_disk());
                     tx.send_modify(|p| p.received = received);
                     writer.write(chunk).await.map_err(storage_err)?;
-                    if paced {
-                        paced = staged.shared.pace(received).await;
-                    }
+                    pacing.keep_pace(&staged.shared, received).await;
                 }
                 Err(e) => {
                     broken = Some(e);
@@ -436,6 +485,11 @@ pub fn follow(
                         let source = s.shared.window().locate(f.pos, want);
                         match source {
                             Source::Memory(bytes) => Ok(bytes),
+                            // The outcome follows the closing: wait for it, then read on.
+                            Source::Closed => {
+                                let _ = f.rx.changed().await;
+                                continue;
+                            }
                             Source::File(n) => read(&f.state, &f.digest, Some(&s.staging), f.pos, n).await,
                         }
                     }

@@ -151,15 +151,21 @@ impl Driver for FsDriver {
     }
 
     async fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>> {
-        use std::io::{Read, Seek};
+        use std::os::unix::fs::FileExt;
         let full = self.full(path);
         tokio::task::spawn_blocking(move || {
-            let Some(mut file) = not_found_is_none(std::fs::File::open(full))? else { return Ok(None) };
-            file.seek(io::SeekFrom::Start(offset))?;
-            // Reads straight into the vector's spare capacity: no zeroing of a buffer that is
-            // about to be overwritten.
-            let mut buf = Vec::with_capacity(len);
-            file.take(len as u64).read_to_end(&mut buf)?;
+            let Some(file) = not_found_is_none(std::fs::File::open(full))? else { return Ok(None) };
+            let mut buf = vec![0u8; len];
+            let mut filled = 0;
+            while filled < len {
+                match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            buf.truncate(filled);
             Ok(Some(bytes::Bytes::from(buf)))
         })
         .await
@@ -185,6 +191,10 @@ impl Driver for FsDriver {
         })
         .await
         .map_err(io::Error::other)?
+    }
+
+    fn discard_staged(&self, path: &str) {
+        let _ = std::fs::remove_file(self.full(path));
     }
 
     async fn touch(&self, path: &str) -> io::Result<()> {
@@ -243,6 +253,9 @@ impl DirectStaging {
     fn write_block(&mut self) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let data = self.block.filled();
+        if !self.block.is_aligned() {
+            self.direct = None;
+        }
         if let Some(direct) = &self.direct {
             match direct.write_all_at(data, self.on_disk) {
                 Ok(()) => {
@@ -251,7 +264,7 @@ impl DirectStaging {
                     return Ok(());
                 }
                 // Refused after all (some filesystems accept the flag but not the write).
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => self.direct = None,
                 Err(e) => return Err(e),
             }
         }
@@ -265,17 +278,18 @@ impl DirectStaging {
 impl StagedFile for DirectStaging {
     fn append(&mut self, mut bytes: &[u8]) -> io::Result<u64> {
         use std::os::unix::fs::FileExt;
-        if self.direct.is_none() {
-            self.file.write_all_at(bytes, self.on_disk)?;
-            self.on_disk += bytes.len() as u64;
-            return Ok(self.on_disk);
-        }
-        while !bytes.is_empty() {
+        while !bytes.is_empty() && self.direct.is_some() {
             let taken = self.block.fill_from(bytes);
             bytes = &bytes[taken..];
             if self.block.is_full() {
                 self.write_block()?;
             }
+        }
+        if self.direct.is_none() {
+            // Without O_DIRECT (refused, or given up on): what is gathered goes first.
+            self.write_block()?;
+            self.file.write_all_at(bytes, self.on_disk)?;
+            self.on_disk += bytes.len() as u64;
         }
         Ok(self.on_disk)
     }
@@ -302,13 +316,18 @@ impl AlignedBlock {
     fn fill_from(&mut self, bytes: &[u8]) -> usize {
         if self.storage.is_empty() {
             self.storage = vec![0; DIRECT_BLOCK + DIRECT_ALIGN];
-            self.start = self.storage.as_ptr().align_offset(DIRECT_ALIGN);
+            // `align_offset` may decline (usize::MAX): `is_aligned` then says so.
+            self.start = self.storage.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
         }
         let n = bytes.len().min(DIRECT_BLOCK - self.len);
         let at = self.start + self.len;
         self.storage[at..at + n].copy_from_slice(&bytes[..n]);
         self.len += n;
         n
+    }
+
+    fn is_aligned(&self) -> bool {
+        (self.storage.as_ptr() as usize + self.start).is_multiple_of(DIRECT_ALIGN)
     }
 
     fn is_full(&self) -> bool {
@@ -328,16 +347,20 @@ impl AlignedBlock {
 mod tests {
     use super::*;
 
-    #[test]
-    fn staged_blobs_are_written_whole_in_any_chunking() {
+    /// Appends `data` in uneven chunks; after `give_up_after` appends the O_DIRECT descriptor is
+    /// dropped, as when a filesystem refuses a direct write half way.
+    fn stage(give_up_after: Option<usize>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("staged");
         let data: Vec<u8> = (0..(3 * DIRECT_BLOCK + 777)).map(|i| (i % 253) as u8).collect();
         let mut staged = DirectStaging::create(&path).unwrap();
         let (mut pos, mut readable) = (0, 0);
-        for size in [1usize, 4095, DIRECT_BLOCK + 1, 100_000].iter().cycle() {
+        for (n, size) in [1usize, 4095, DIRECT_BLOCK + 1, 100_000].iter().cycle().enumerate() {
             if pos == data.len() {
                 break;
+            }
+            if Some(n) == give_up_after {
+                staged.direct = None;
             }
             let end = (pos + size).min(data.len());
             let now = staged.append(&data[pos..end]).unwrap();
@@ -347,5 +370,16 @@ mod tests {
         }
         assert_eq!(staged.finish().unwrap(), data.len() as u64);
         assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+
+    #[test]
+    fn staged_blobs_are_written_whole_in_any_chunking() {
+        stage(None);
+    }
+
+    #[test]
+    fn staged_blobs_survive_losing_o_direct_half_way() {
+        // After the third append, part of a block is gathered and not yet written.
+        stage(Some(3));
     }
 }

@@ -56,6 +56,8 @@ pub trait Driver: Send + Sync + 'static {
     /// A new file to stage a blob in. It is written from a blocking thread of its own (see
     /// `BlobWriter`), so a backend may write it however is fastest.
     async fn create_staged(&self, path: &str) -> io::Result<Box<dyn StagedFile>>;
+    /// Remove a staged file right away, from any context (a write dropped half way); best effort.
+    fn discard_staged(&self, path: &str);
     /// Set a file's modification time to now (a blob in use again is not garbage).
     async fn touch(&self, path: &str) -> io::Result<()>;
     /// Make a staged file durable and move it to `to`, atomically.
@@ -287,7 +289,11 @@ impl Store {
     pub async fn begin_blob(&self, algorithm: Algorithm) -> io::Result<BlobWriter> {
         let path = self.driver.staging_path();
         let file = self.driver.create_staged(&path).await?;
-        Ok(BlobWriter::new(self.clone(), path, file, algorithm))
+        let writer = BlobWriter::new(self.clone(), path.clone(), file, algorithm);
+        if writer.is_err() {
+            self.driver.discard_staged(&path);
+        }
+        writer
     }
 
     /// Verify a staged file (an upload session's data) against `expected` and move it into place.

@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{CommitError, StagedFile, Store};
 use crate::registry::names::{Algorithm, Digest, Hasher};
@@ -17,6 +16,9 @@ use crate::registry::names::{Algorithm, Digest, Hasher};
 /// How far (in bytes) the hasher or the file may fall behind the receiver before it waits: the
 /// memory a blob write holds, whatever the blob's size.
 const LANE_BUDGET: usize = 8 << 20;
+
+/// Stack of a lane thread: hashing and writing need little.
+const LANE_STACK: usize = 256 << 10;
 
 /// A blob being written: hashed and written to a staging file as it streams.
 pub struct BlobWriter {
@@ -28,29 +30,36 @@ pub struct BlobWriter {
     written: u64,
     /// Bytes in the staging file (readers may read up to here), advanced by the file thread.
     on_disk: Arc<AtomicU64>,
+    /// Committed or aborted: the staging file is gone, or is the blob now.
+    settled: bool,
 }
 
 impl BlobWriter {
-    pub(super) fn new(store: Store, path: String, mut file: Box<dyn StagedFile>, algorithm: Algorithm) -> Self {
+    pub(super) fn new(
+        store: Store,
+        path: String,
+        mut file: Box<dyn StagedFile>,
+        algorithm: Algorithm,
+    ) -> io::Result<Self> {
         let on_disk = Arc::new(AtomicU64::new(0));
         let progress = on_disk.clone();
-        let file = Lane::spawn(move |mut input| {
+        let file = Lane::spawn("blob-write", move |mut input| {
             while let Some(chunk) = input.next() {
                 progress.store(file.append(&chunk)?, Ordering::Release);
                 input.done(&chunk);
             }
             progress.store(file.finish()?, Ordering::Release);
             Ok(())
-        });
-        let hasher = Lane::spawn(move |mut input| {
+        })?;
+        let hasher = Lane::spawn("blob-hash", move |mut input| {
             let mut h = Hasher::new(algorithm);
             while let Some(chunk) = input.next() {
                 h.update(&chunk);
                 input.done(&chunk);
             }
             Ok(h.finish())
-        });
-        BlobWriter { store, path, hasher, file, written: 0, on_disk }
+        })?;
+        Ok(BlobWriter { store, path, hasher, file, written: 0, on_disk, settled: false })
     }
 
     /// Accept the next chunk. Waits only while the hasher or the file is `LANE_BUDGET` behind.
@@ -99,25 +108,44 @@ impl BlobWriter {
             Ok(self.written)
         }
         .await;
-        if outcome.is_err() {
-            self.abort().await;
+        match outcome {
+            Ok(n) => {
+                self.settled = true;
+                Ok(n)
+            }
+            Err(e) => {
+                self.abort().await;
+                Err(e)
+            }
         }
-        outcome
     }
 
     /// Give up: the staged bytes are deleted.
     pub async fn abort(mut self) {
         let _ = self.file.finish().await;
         let _ = self.store.driver.delete(&self.path).await;
+        self.settled = true;
     }
 }
 
-/// One consumer of a blob's chunks, on a blocking thread of its own: chunks arrive in order, and
-/// the sender waits once `LANE_BUDGET` bytes are queued.
+impl Drop for BlobWriter {
+    /// A write dropped half way (a client went away, an error was returned early) leaves nothing
+    /// in the staging area.
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.store.driver.discard_staged(&self.path);
+    }
+}
+
+/// One consumer of a blob's chunks, on a thread of its own: chunks arrive in order, and the sender
+/// waits once `LANE_BUDGET` bytes are queued. Not a thread of tokio's blocking pool: a write lives
+/// as long as its upload or fill, and hundreds of them must not starve the pool that serves files.
 struct Lane<T> {
     tx: Option<mpsc::UnboundedSender<Bytes>>,
     budget: Arc<Semaphore>,
-    thread: Option<JoinHandle<io::Result<T>>>,
+    result: Option<oneshot::Receiver<io::Result<T>>>,
 }
 
 /// The consumer's end of a `Lane`.
@@ -134,12 +162,13 @@ fn permits(chunk: &Bytes) -> u32 {
 }
 
 impl<T: Send + 'static> Lane<T> {
-    fn spawn(work: impl FnOnce(LaneInput) -> io::Result<T> + Send + 'static) -> Self {
+    fn spawn(name: &str, work: impl FnOnce(LaneInput) -> io::Result<T> + Send + 'static) -> io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (done, result) = oneshot::channel();
         let budget = Arc::new(Semaphore::new(LANE_BUDGET));
         let input = LaneInput { rx, budget: budget.clone() };
-        let thread = tokio::task::spawn_blocking(move || {
-            // However the work ends, a sender waiting for budget must wake up.
+        std::thread::Builder::new().name(name.into()).stack_size(LANE_STACK).spawn(move || {
+            // However the work ends (a panic included), a sender waiting for budget must wake up.
             struct CloseOnExit(Arc<Semaphore>);
             impl Drop for CloseOnExit {
                 fn drop(&mut self) {
@@ -147,9 +176,9 @@ impl<T: Send + 'static> Lane<T> {
                 }
             }
             let _close = CloseOnExit(input.budget.clone());
-            work(input)
-        });
-        Lane { tx: Some(tx), budget, thread: Some(thread) }
+            let _ = done.send(work(input));
+        })?;
+        Ok(Lane { tx: Some(tx), budget, result: Some(result) })
     }
 
     async fn send(&mut self, chunk: Bytes) -> Result<(), LaneClosed> {
@@ -162,8 +191,8 @@ impl<T: Send + 'static> Lane<T> {
     /// Let the consumer drain what it has and return its result.
     async fn finish(&mut self) -> io::Result<T> {
         self.tx.take();
-        match self.thread.take() {
-            Some(thread) => thread.await.map_err(io::Error::other)?,
+        match self.result.take() {
+            Some(result) => result.await.unwrap_or_else(|_| Err(io::Error::other("blob write thread panicked"))),
             None => Err(io::Error::other("blob write already finished")),
         }
     }
@@ -218,6 +247,17 @@ mod tests {
         }
         assert_eq!(w.commit(&d, Some(data.len() as u64)).await.unwrap(), data.len() as u64);
         assert_eq!(store.read_blob(&d).await.unwrap().unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn a_write_dropped_half_way_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(FsDriver::new(dir.path()).unwrap());
+        let mut w = store.begin_blob(Algorithm::Sha256).await.unwrap();
+        w.write(Bytes::from(vec![7u8; 3 << 20])).await.unwrap();
+        assert_eq!(store.driver().list("tmp").await.unwrap().len(), 1);
+        drop(w);
+        assert!(store.driver().list("tmp").await.unwrap().is_empty());
     }
 
     #[tokio::test]
