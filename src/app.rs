@@ -55,7 +55,7 @@ impl AppState {
             .map_err(|e| format!("storage.root = {:?} cannot be used: {e}", config.storage_root.display()))?;
         let upstreams = Upstreams::new(&config, &metrics).map_err(|e| format!("building upstream clients: {e}"))?;
         let upstream_names = config.upstreams.iter().map(|u| u.name.clone()).collect();
-        let access = Access::new(config.auth.clone(), upstream_names, metrics.clone())?;
+        let access = Access::new(config.auth.clone(), &config.storage_root, upstream_names, metrics.clone())?;
         let lru = Arc::new(crate::cache::lru::Lru::new(&config.storage_root));
         Ok(AppState(Arc::new(Shared {
             config,

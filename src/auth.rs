@@ -60,7 +60,7 @@ struct Users {
 pub struct Access {
     config: Option<AuthConfig>,
     users: RwLock<Users>,
-    /// Signs tokens; new at every start (tokens live minutes, clients fetch new ones on a 401).
+    /// Signs tokens. Kept in the store (`meta/token.key`), so tokens outlive a restart.
     key: [u8; 32],
     /// Successful password checks, so bcrypt runs once per (user, password) and not per request.
     verified: moka::sync::Cache<[u8; 32], String>,
@@ -70,17 +70,58 @@ pub struct Access {
     metrics: Metrics,
 }
 
+/// Where the token signing key lives, under the storage root.
+pub const TOKEN_KEY: &str = "meta/token.key";
+
+/// The token signing key at `path`, made (readable by the owner only) when there is none yet.
+fn signing_key(path: &Path) -> Result<[u8; 32], String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            return <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+                format!("{}: not a token key (32 bytes); remove it and a new one is made", path.display())
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    let key: [u8; 32] = rand::random();
+    let made = (|| {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&key)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    made.map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(key)
+}
+
 /// A bcrypt hash of a random password: unknown users cost the same time as known ones.
 const DUMMY_HASH: &str = "$2y$10$7EqJtq98hPqEX7fNZaFWoOhi5BWX4Z9dVfOmDnM1vbNL3aS5j4dQS";
 
 impl Access {
-    pub fn new(config: Option<AuthConfig>, upstream_names: Vec<String>, metrics: Metrics) -> Result<Access, String> {
+    /// `storage_root` holds the token signing key (made on first use).
+    pub fn new(
+        config: Option<AuthConfig>,
+        storage_root: &Path,
+        upstream_names: Vec<String>,
+        metrics: Metrics,
+    ) -> Result<Access, String> {
         let path = config.as_ref().map(|c| c.htpasswd.clone()).unwrap_or_default();
         let users = Users { path, modified: None, hashes: HashMap::new() };
+        let key = match config {
+            Some(_) => signing_key(&storage_root.join(TOKEN_KEY))?,
+            None => rand::random(),
+        };
         let access = Access {
             config,
             users: RwLock::new(users),
-            key: rand::random(),
+            key,
             verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
             failures: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
             upstream_names,
@@ -383,14 +424,14 @@ mod tests {
 
     #[test]
     fn tokens_are_signed_and_expire() {
-        let a = Access::new(None, Vec::new(), Metrics::new()).unwrap();
+        let a = Access::new(None, Path::new("/nonexistent"), Vec::new(), Metrics::new()).unwrap();
         let t = a.issue_token(&Principal::User("alice".into()), Duration::from_secs(60));
         assert_eq!(a.verify_token(&t), Some(Principal::User("alice".into())));
         let forged = t.replacen(&URL_SAFE_NO_PAD.encode("alice"), &URL_SAFE_NO_PAD.encode("admin"), 1);
         assert_eq!(a.verify_token(&forged), None);
         let expired = a.issue_token(&Principal::User("alice".into()), Duration::ZERO);
         assert_eq!(a.verify_token(&expired), None);
-        let other = Access::new(None, Vec::new(), Metrics::new()).unwrap();
+        let other = Access::new(None, Path::new("/nonexistent"), Vec::new(), Metrics::new()).unwrap();
         assert_eq!(other.verify_token(&t), None);
     }
 }

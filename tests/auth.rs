@@ -175,6 +175,30 @@ async fn grants_decide_who_pushes_and_pulls() {
 }
 
 #[tokio::test]
+async fn tokens_outlive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = auth_config(dir.path(), "http://127.0.0.1:9");
+    let s = TestServer::start_in(dir, &toml).await;
+    let c = client();
+    let t = bearer(&c, &s.url(""), "alice", "alice-secret-pw", "repository:private/team-a/x:pull,push").await;
+    assert_eq!(push_as(&c, &s.url(""), "private/team-a/x", Some(&t)).await, 201);
+    let key = s.dir.path().join("data").join(regmirror::auth::TOKEN_KEY);
+    let dir = s.stop().await;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only the owner may read the signing key");
+    }
+    // The same store, a new process: the token a client holds still works.
+    let s = TestServer::start_in(dir, &toml).await;
+    assert_eq!(push_as(&c, &s.url(""), "private/team-a/y", Some(&t)).await, 201);
+    // A token signed by another key does not.
+    let other = TestServer::start_in(tempfile::tempdir().unwrap(), &toml).await;
+    let forged = bearer(&c, &other.url(""), "alice", "alice-secret-pw", "repository:private/team-a/x:pull,push").await;
+    assert_eq!(push_as(&c, &s.url(""), "private/team-a/z", Some(&forged)).await, 401);
+}
+
+#[tokio::test]
 async fn anonymous_none_requires_a_login_for_everything() {
     let dir = tempfile::tempdir().unwrap();
     let toml = auth_config(dir.path(), "http://127.0.0.1:9").replace("pull-mirror", "none");
