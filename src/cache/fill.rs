@@ -32,11 +32,11 @@ use crate::upstream::{error_chain, Upstream, UpstreamError};
 const MAX_RESUMES: u32 = 5;
 
 /// Bytes of a fill kept in memory behind the newest one, for clients a little behind.
-const WINDOW_KEEP: usize = 4 << 20;
+const WINDOW_KEEP: usize = 2 << 20;
 
 /// How far a fill may run ahead of its fastest reader; less than `WINDOW_KEEP`, so that reader is
 /// served from memory.
-const PACE_LEAD: u64 = 3 << 20;
+const PACE_LEAD: u64 = 1 << 20;
 
 /// A fill waiting for its readers gives up pacing when the fastest has not moved for this long.
 const READER_STALL: Duration = Duration::from_millis(250);
