@@ -31,7 +31,7 @@ use crate::upstream::{error_chain, Upstream, UpstreamError};
 /// How often a broken upstream connection is resumed before the fill gives up.
 const MAX_RESUMES: u32 = 5;
 
-/// Bytes of a fill kept in memory behind the newest one, for clients a little behind.
+/// Bytes of a fill kept in memory, at most, for clients a little behind the newest.
 const WINDOW_KEEP: usize = 2 << 20;
 
 /// How far a fill may run ahead of its fastest reader; less than `WINDOW_KEEP`, so that reader is
@@ -183,12 +183,16 @@ impl Drop for Reader {
 }
 
 impl Window {
+    /// Add the newest chunk. A chunk leaves once the file has it and either no reader still
+    /// needs it or the window is over `WINDOW_KEEP`.
     fn push(&mut self, chunk: Bytes, on_disk: u64) {
         self.len += chunk.len();
         self.chunks.push_back(chunk);
+        let slowest = self.readers.iter().map(|r| r.load(Ordering::Relaxed)).min().unwrap_or(u64::MAX);
         while let Some(front) = self.chunks.front() {
             let front_end = self.start + front.len() as u64;
-            if self.len - front.len() < WINDOW_KEEP || front_end > on_disk {
+            let wanted = slowest < front_end && self.len - front.len() < WINDOW_KEEP;
+            if wanted || front_end > on_disk {
                 break;
             }
             self.len -= front.len();
@@ -562,5 +566,39 @@ impl WaiterGauge {
 impl Drop for WaiterGauge {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(n: usize) -> Bytes {
+        Bytes::from(vec![0u8; n])
+    }
+
+    #[test]
+    fn the_window_keeps_what_readers_need_and_only_what_is_on_disk_leaves() {
+        const MIB: usize = 1 << 20;
+        let mut w = Window::default();
+        // No reader: a chunk leaves as soon as the file has it, not before.
+        w.push(chunk(MIB), 0);
+        w.push(chunk(MIB), MIB as u64);
+        assert_eq!((w.start, w.len), (MIB as u64, MIB));
+        // A reader at 1.5 MiB holds the chunk it is in, and everything after it.
+        let reader = Arc::new(AtomicU64::new(3 * MIB as u64 / 2));
+        w.readers.push(reader.clone());
+        w.push(chunk(MIB), 3 * MIB as u64);
+        assert_eq!(w.start, MIB as u64);
+        assert!(matches!(w.locate(3 * MIB as u64 / 2, MIB), Source::Memory(b) if b.len() == MIB / 2));
+        // ... but not beyond WINDOW_KEEP.
+        for n in 3..8 {
+            w.push(chunk(MIB), (n * MIB) as u64);
+        }
+        assert!(w.len <= WINDOW_KEEP + MIB);
+        // Bytes before the window come from the file, never past where the window starts.
+        let start = w.start;
+        assert!(matches!(w.locate(start - 10, MIB), Source::File(10)));
+        assert!(matches!(w.locate(start, 100), Source::Memory(b) if b.len() == 100));
     }
 }

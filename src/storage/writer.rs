@@ -15,7 +15,7 @@ use crate::registry::names::{Algorithm, Digest, Hasher};
 
 /// How far (in bytes) the hasher or the file may fall behind the receiver before it waits: the
 /// memory a blob write holds, whatever the blob's size.
-const LANE_BUDGET: usize = 8 << 20;
+const LANE_BUDGET: usize = 4 << 20;
 
 /// Stack of a lane thread: hashing and writing need little.
 const LANE_STACK: usize = 256 << 10;
