@@ -371,11 +371,16 @@ async fn receive(
             }
             Err(e) => return Err(e),
         };
-        if offset > 0 && resp.status() != StatusCode::PARTIAL_CONTENT {
-            // The upstream ignored the range; resuming would duplicate bytes.
+        if offset > 0 && (resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(offset)) {
+            // The upstream ignored the range, or answered another: resuming would misplace bytes.
+            let range = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok());
             return Err(upstream.failed(UpstreamError::Reset {
                 upstream: upstream.name().to_string(),
-                detail: format!("resume at byte {offset} answered {} instead of 206", resp.status()),
+                detail: format!(
+                    "resume at byte {offset} answered {} (Content-Range {})",
+                    resp.status(),
+                    range.unwrap_or("missing")
+                ),
             }));
         }
         let staged = match &staged {
@@ -420,6 +425,12 @@ async fn receive(
         resumes += 1;
         tracing::info!(upstream = upstream.name(), %digest, offset = writer.written(), error = %err, "resuming fill with a range request");
     }
+}
+
+/// Where a 206's `Content-Range: bytes START-END/TOTAL` starts.
+fn range_start(resp: &reqwest::Response) -> Option<u64> {
+    let value = resp.headers().get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?;
+    value.strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
 }
 
 /// Wait until the fill knows the blob's size (or failed).
