@@ -151,21 +151,19 @@ impl Driver for FsDriver {
     }
 
     async fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>> {
-        use std::os::unix::fs::FileExt;
         let full = self.full(path);
         tokio::task::spawn_blocking(move || {
             let Some(file) = not_found_is_none(std::fs::File::open(full))? else { return Ok(None) };
-            let mut buf = vec![0u8; len];
-            let mut filled = 0;
-            while filled < len {
-                match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            let mut buf = Vec::with_capacity(len);
+            while buf.len() < len {
+                let filled = buf.len();
+                match pread_into_spare(&file, &mut buf, offset + filled as u64) {
                     Ok(0) => break,
-                    Ok(n) => filled += n,
+                    Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(e),
                 }
             }
-            buf.truncate(filled);
             Ok(Some(bytes::Bytes::from(buf)))
         })
         .await
@@ -220,6 +218,21 @@ impl Driver for FsDriver {
     fn staging_path(&self) -> String {
         format!("{TMP_DIR}/{}", unique_name())
     }
+}
+
+/// Read at `offset` into `buf`'s spare capacity and extend it by what was read. Serving a blob
+/// reads every byte into a new buffer, and zeroing each one first made that a fifth slower here.
+fn pread_into_spare(file: &std::fs::File, buf: &mut Vec<u8>, offset: u64) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let spare = buf.spare_capacity_mut();
+    let offset = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+    // SAFETY: `spare` is valid for writes of `spare.len()` bytes and pread writes at most that
+    // many; uninitialised bytes are never read.
+    let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), offset) };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    // SAFETY: the kernel initialised the first `n` spare bytes.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// Size of the blocks a staged blob is written in.
@@ -370,6 +383,20 @@ mod tests {
         }
         assert_eq!(staged.finish().unwrap(), data.len() as u64);
         assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+
+    #[tokio::test]
+    async fn read_at_returns_what_the_file_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let driver = FsDriver::new(dir.path()).unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        driver.put("f", &data).await.unwrap();
+        let mid = driver.read_at("f", 1_000_001, 1 << 20).await.unwrap().unwrap();
+        assert_eq!(mid, data[1_000_001..1_000_001 + (1 << 20)]);
+        let tail = driver.read_at("f", 2_999_990, 100).await.unwrap().unwrap();
+        assert_eq!(tail, data[2_999_990..], "fewer bytes only where the file ends");
+        assert!(driver.read_at("f", 5_000_000, 10).await.unwrap().unwrap().is_empty());
+        assert!(driver.read_at("absent", 0, 10).await.unwrap().is_none());
     }
 
     #[test]
