@@ -321,10 +321,7 @@ async fn fetch(
     digest: &Digest,
     tx: &watch::Sender<Progress>,
 ) -> Result<u64, UpstreamError> {
-    let storage_err = |e: std::io::Error| UpstreamError::Reset {
-        upstream: upstream.name().to_string(),
-        detail: format!("storage: {e}"),
-    };
+    let storage_err = |e| storage_error(upstream, e);
     let mut writer = state.store.begin_blob(digest.algorithm()).await.map_err(storage_err)?;
     let staged = match receive(upstream, remote, digest, tx, &mut writer).await {
         Ok(staged) => staged,
@@ -346,6 +343,11 @@ async fn fetch(
     }
 }
 
+/// A local storage failure during a fill, reported like an upstream failure: the fill failed.
+fn storage_error(upstream: &Upstream, e: std::io::Error) -> UpstreamError {
+    UpstreamError::Reset { upstream: upstream.name().to_string(), detail: format!("storage: {e}") }
+}
+
 /// Receive the whole body into `writer`, resuming with `Range` when the connection breaks.
 async fn receive(
     upstream: &Upstream,
@@ -354,10 +356,7 @@ async fn receive(
     tx: &watch::Sender<Progress>,
     writer: &mut BlobWriter,
 ) -> Result<Staged, UpstreamError> {
-    let storage_err = |e: std::io::Error| UpstreamError::Reset {
-        upstream: upstream.name().to_string(),
-        detail: format!("storage: {e}"),
-    };
+    let storage_err = |e| storage_error(upstream, e);
     let mut staged: Option<Staged> = None;
     let mut pacing = Pacing::new();
     let mut resumes = 0;

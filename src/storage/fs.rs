@@ -263,16 +263,16 @@ impl DirectStaging {
         Ok(DirectStaging { file, direct, block: AlignedBlock::default(), on_disk: 0 })
     }
 
+    /// Write what the block has gathered: with O_DIRECT while that works, else buffered.
     fn write_block(&mut self) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let data = self.block.filled();
         if !self.block.is_aligned() {
             self.direct = None;
         }
         if let Some(direct) = &self.direct {
-            match direct.write_all_at(data, self.on_disk) {
+            match direct.write_all_at(self.block.filled(), self.on_disk) {
                 Ok(()) => {
-                    self.on_disk += data.len() as u64;
+                    self.on_disk += self.block.len as u64;
                     self.block.clear();
                     return Ok(());
                 }
@@ -281,8 +281,13 @@ impl DirectStaging {
                 Err(e) => return Err(e),
             }
         }
-        self.file.write_all_at(data, self.on_disk)?;
-        self.on_disk += data.len() as u64;
+        self.write_buffered_block()
+    }
+
+    fn write_buffered_block(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(self.block.filled(), self.on_disk)?;
+        self.on_disk += self.block.len as u64;
         self.block.clear();
         Ok(())
     }
@@ -300,7 +305,7 @@ impl StagedFile for DirectStaging {
         }
         if self.direct.is_none() {
             // Without O_DIRECT (refused, or given up on): what is gathered goes first.
-            self.write_block()?;
+            self.write_buffered_block()?;
             self.file.write_all_at(bytes, self.on_disk)?;
             self.on_disk += bytes.len() as u64;
         }
@@ -308,11 +313,8 @@ impl StagedFile for DirectStaging {
     }
 
     fn finish(&mut self) -> io::Result<u64> {
-        use std::os::unix::fs::FileExt;
-        let tail = self.block.filled();
-        self.file.write_all_at(tail, self.on_disk)?;
-        self.on_disk += tail.len() as u64;
-        self.block.clear();
+        // The tail is not a whole block: O_DIRECT would refuse it.
+        self.write_buffered_block()?;
         Ok(self.on_disk)
     }
 }
