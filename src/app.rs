@@ -26,6 +26,8 @@ pub struct Shared {
     pub store: Store,
     pub upstreams: Upstreams,
     pub fills: Fills,
+    /// Upstream manifest requests in progress, shared by every client asking the same.
+    pub manifest_flights: crate::cache::manifests::ManifestFlights,
     pub sessions: Sessions,
     pub metrics: Metrics,
     pub access: Access,
@@ -62,6 +64,7 @@ impl AppState {
             store: Store::new(driver),
             upstreams,
             fills: Fills::default(),
+            manifest_flights: Default::default(),
             sessions: Sessions::default(),
             lru,
             metrics,
@@ -128,7 +131,7 @@ async fn token(State(state): State<AppState>, req: Request) -> Response {
         .filter_map(|(name, actions)| {
             let target = registry::resolve_target(&state, &name, None).ok()?;
             let mirrored = matches!(target, registry::Target::Mirror { .. });
-            Some(crate::auth::Scope { local: target.local().to_string(), mirrored, actions })
+            Some(crate::auth::Scope { name, local: target.local().to_string(), mirrored, actions })
         })
         .collect();
     state.access.token_endpoint(req.headers(), conn, scopes).await

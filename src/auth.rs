@@ -42,6 +42,41 @@ pub struct Authn {
     pub rejected: bool,
     /// Valid credentials or one of our tokens (an anonymous token included) came with it.
     pub authenticated: bool,
+    /// What the token it came with allows; `None` without a token (Basic credentials carry the
+    /// user's whole rights).
+    pub token_access: Option<Vec<AccessEntry>>,
+}
+
+impl Authn {
+    fn anonymous() -> Authn {
+        Authn { principal: Principal::Anonymous, rejected: false, authenticated: false, token_access: None }
+    }
+
+    /// Whether the request's token (if any) covers `action` on the repository the client calls
+    /// `name` (stored as `local`).
+    pub fn token_permits(&self, name: &str, local: &str, action: Action) -> bool {
+        let Some(access) = &self.token_access else { return true };
+        access.iter().any(|e| (e.name == name || e.local == local) && e.actions.iter().any(|a| a == action.as_str()))
+    }
+}
+
+/// One entry of a token's `access` claim (the Docker token specification's), plus the local
+/// repository the name resolved to when the token was issued.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct AccessEntry {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub name: String,
+    pub local: String,
+    pub actions: Vec<String>,
+}
+
+/// What a token of ours says: who, until when, and what it allows.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    access: Vec<AccessEntry>,
 }
 
 /// Whether the connection is TLS, and the peer: set by the server on every request.
@@ -64,6 +99,12 @@ pub struct Access {
     key: [u8; 32],
     /// Successful password checks, so bcrypt runs once per (user, password) and not per request.
     verified: moka::sync::Cache<[u8; 32], String>,
+    /// Recently rejected (user, password) pairs: a client retrying the same wrong password costs
+    /// no further bcrypt.
+    rejected: moka::sync::Cache<[u8; 32], ()>,
+    /// bcrypt runs on blocking threads, this many at a time: a flood of guesses never occupies
+    /// the threads that serve pulls.
+    hashing: tokio::sync::Semaphore,
     failures: moka::sync::Cache<IpAddr, u32>,
     /// Upstream names: a repository under one of them is mirrored content.
     upstream_names: Vec<String>,
@@ -101,6 +142,11 @@ fn signing_key(path: &Path) -> Result<[u8; 32], String> {
     Ok(key)
 }
 
+/// How many bcrypt checks may run at once: half the cores, so pulls always have the other half.
+fn hashing_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 /// A bcrypt hash of a random password: unknown users cost the same time as known ones.
 const DUMMY_HASH: &str = "$2y$10$7EqJtq98hPqEX7fNZaFWoOhi5BWX4Z9dVfOmDnM1vbNL3aS5j4dQS";
 
@@ -123,6 +169,8 @@ impl Access {
             users: RwLock::new(users),
             key,
             verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
+            rejected: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(600)).build(),
+            hashing: tokio::sync::Semaphore::new(hashing_threads()),
             failures: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
             upstream_names,
             metrics,
@@ -153,62 +201,97 @@ impl Access {
         users.modified = modified;
         users.hashes = hashes;
         self.verified.invalidate_all();
+        self.rejected.invalidate_all();
         Ok(())
     }
 
-    /// Check a user's password (constant time for known and unknown users alike).
-    fn check_password(&self, user: &str, password: &str) -> bool {
+    /// Whether `user` is in the htpasswd file now.
+    fn user_exists(&self, user: &str) -> bool {
+        let _ = self.reload_users();
+        self.users.read().unwrap_or_else(|e| e.into_inner()).hashes.contains_key(user)
+    }
+
+    /// Check a user's password (constant time for known and unknown users alike). bcrypt runs on
+    /// a blocking thread, a bounded number at a time.
+    async fn check_password(&self, user: &str, password: &str) -> bool {
         let _ = self.reload_users();
         let key: [u8; 32] = sha2::Sha256::digest(format!("{user}\0{password}").as_bytes()).into();
         if let Some(u) = self.verified.get(&key) {
             return bool::from(u.as_bytes().ct_eq(user.as_bytes()));
         }
+        if self.rejected.contains_key(&key) {
+            return false;
+        }
         let hash = self.users.read().unwrap_or_else(|e| e.into_inner()).hashes.get(user).cloned();
         let known = hash.is_some();
-        let ok = bcrypt::verify(password, hash.as_deref().unwrap_or(DUMMY_HASH)).unwrap_or(false) && known;
+        let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_string());
+        let password = password.to_string();
+        let matched = {
+            let Ok(_permit) = self.hashing.acquire().await else { return false };
+            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await.unwrap_or(false)
+        };
+        let ok = matched && known;
         if ok {
             self.verified.insert(key, user.to_string());
+        } else {
+            self.rejected.insert(key, ());
         }
         ok
     }
 
-    /// Record a failed attempt; repeated failures from one address are answered ever more slowly.
-    async fn failed(&self, user: &str, peer: Option<SocketAddr>) {
-        self.metrics.auth_failures.inc();
-        let ip = peer.map(|p| p.ip());
-        let address = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-        tracing::warn!(user, address, "authentication failed");
-        let Some(ip) = ip else { return };
-        let n = self.failures.get(&ip).unwrap_or(0) + 1;
-        self.failures.insert(ip, n);
-        if n > FREE_FAILURES {
-            let delay = Duration::from_millis(250 << (n - FREE_FAILURES).min(5));
+    /// Slow down an address that failed too often, before its next password is checked.
+    async fn throttle(&self, peer: Option<SocketAddr>) {
+        let Some(ip) = peer.map(|p| p.ip()) else { return };
+        let n = self.failures.get(&ip).unwrap_or(0);
+        if n >= FREE_FAILURES {
+            let delay = Duration::from_millis(250 << (n + 1 - FREE_FAILURES).min(5));
             tokio::time::sleep(delay).await;
         }
     }
 
-    /// Who sent this request. Our own tokens and valid Basic credentials name a user; anything
-    /// else (no header, a token another registry issued) is anonymous.
-    pub async fn authenticate(&self, headers: &HeaderMap, conn: Option<ConnInfo>) -> Authn {
-        let anonymous = Authn { principal: Principal::Anonymous, rejected: false, authenticated: false };
-        if !self.enabled() {
-            return anonymous;
+    /// Record a failed attempt; repeated failures from one address are answered ever more slowly.
+    fn failed(&self, user: &str, peer: Option<SocketAddr>) {
+        self.metrics.auth_failures.inc();
+        let ip = peer.map(|p| p.ip());
+        let address = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+        tracing::warn!(user, address, "authentication failed");
+        if let Some(ip) = ip {
+            let n = self.failures.get(&ip).unwrap_or(0) + 1;
+            self.failures.insert(ip, n);
         }
-        let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return anonymous };
+    }
+
+    /// Who sent this request. Our own tokens name a user (or anonymous) and what they allow.
+    /// Basic credentials are checked only when `identity_needed`: where anonymous callers may do
+    /// the same, credentials meant for another registry (dockerd forwards its Docker Hub login)
+    /// are ignored, cost no bcrypt and count as no failure. Anything else (no header, a token
+    /// another registry issued) is anonymous.
+    pub async fn authenticate(&self, headers: &HeaderMap, conn: Option<ConnInfo>, identity_needed: bool) -> Authn {
+        if !self.enabled() {
+            return Authn::anonymous();
+        }
+        let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+            return Authn::anonymous();
+        };
         if let Some(token) = value.strip_prefix("Bearer ") {
             return match self.verify_token(token.trim()) {
-                Some(p) => Authn { principal: p, rejected: false, authenticated: true },
-                None => anonymous,
+                Some((principal, access)) => {
+                    Authn { principal, rejected: false, authenticated: true, token_access: Some(access) }
+                }
+                None => Authn::anonymous(),
             };
         }
-        if let Some((user, password)) = basic_credentials(value) {
-            if self.check_password(&user, &password) {
-                return Authn { principal: Principal::User(user), rejected: false, authenticated: true };
-            }
-            self.failed(&user, conn.map(|c| c.peer)).await;
-            return Authn { principal: Principal::Anonymous, rejected: true, authenticated: false };
+        let Some((user, password)) = basic_credentials(value) else { return Authn::anonymous() };
+        if !identity_needed {
+            return Authn::anonymous();
         }
-        anonymous
+        let peer = conn.map(|c| c.peer);
+        self.throttle(peer).await;
+        if self.check_password(&user, &password).await {
+            return Authn { principal: Principal::User(user), rejected: false, authenticated: true, token_access: None };
+        }
+        self.failed(&user, peer);
+        Authn { principal: Principal::Anonymous, rejected: true, authenticated: false, token_access: None }
     }
 
     /// May `who` do `action` on `repo` (a local name; `mirrored` when it comes from an upstream)?
@@ -248,27 +331,35 @@ impl Access {
         URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     }
 
-    fn issue_token(&self, who: &Principal, ttl: Duration) -> String {
+    fn issue_token(&self, who: &Principal, ttl: Duration, access: Vec<AccessEntry>) -> String {
         let sub = match who {
             Principal::Anonymous => String::new(),
             Principal::User(u) => u.clone(),
         };
-        let payload = format!("{}.{}", URL_SAFE_NO_PAD.encode(sub), unix_now() + ttl.as_secs());
+        let claims = Claims { sub, exp: unix_now() + ttl.as_secs(), access };
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap_or_default());
         let sig = self.sign(&payload);
         format!("{payload}.{sig}")
     }
 
-    fn verify_token(&self, token: &str) -> Option<Principal> {
+    /// The principal and grants of a valid token of ours. A token of a user who has since been
+    /// removed from the htpasswd file is no longer valid.
+    fn verify_token(&self, token: &str) -> Option<(Principal, Vec<AccessEntry>)> {
         let (payload, sig) = token.rsplit_once('.')?;
         if !bool::from(self.sign(payload).as_bytes().ct_eq(sig.as_bytes())) {
             return None;
         }
-        let (sub, exp) = payload.split_once('.')?;
-        if exp.parse::<u64>().ok()? <= unix_now() {
+        let claims: Claims = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).ok()?).ok()?;
+        if claims.exp <= unix_now() {
             return None;
         }
-        let sub = String::from_utf8(URL_SAFE_NO_PAD.decode(sub).ok()?).ok()?;
-        Some(if sub.is_empty() { Principal::Anonymous } else { Principal::User(sub) })
+        if claims.sub.is_empty() {
+            return Some((Principal::Anonymous, claims.access));
+        }
+        if self.config.is_some() && !self.user_exists(&claims.sub) {
+            return None;
+        }
+        Some((Principal::User(claims.sub), claims.access))
     }
 
     /// `GET /auth/token?service=…&scope=…`, with Basic credentials or none. `scopes` are the
@@ -277,24 +368,34 @@ impl Access {
         let Some(config) = &self.config else {
             return (StatusCode::NOT_FOUND, "authentication is not enabled\n").into_response();
         };
-        let authn = self.authenticate(headers, conn).await;
-        let who = authn.principal;
-        // Wrong credentials fail a login (no scope) or a request anonymous callers may not make;
-        // for an anonymous-readable pull, dockerd's Docker Hub credentials must not break it.
+        // A login (no scope) or a request anonymous callers may not make needs the credentials;
+        // an anonymous-readable pull does not, so foreign credentials cannot slow it down.
+        let anonymous_suffices = !scopes.is_empty()
+            && scopes
+                .iter()
+                .all(|s| s.actions.iter().all(|a| self.allowed(&Principal::Anonymous, &s.local, s.mirrored, *a)));
+        let authn = self.authenticate(headers, conn, !anonymous_suffices).await;
         if authn.rejected {
-            let anonymous_suffices = !scopes.is_empty()
-                && scopes.iter().all(|s| {
-                    s.actions.iter().all(|a| *a == Action::Pull)
-                        && self.allowed(&Principal::Anonymous, &s.local, s.mirrored, Action::Pull)
-                });
-            if !anonymous_suffices {
-                return self.challenge(headers, conn, None).into_response();
-            }
+            return self.challenge(headers, conn, None).into_response();
         }
+        let who = authn.principal;
         if who == Principal::Anonymous && config.anonymous == Anonymous::None {
             return self.challenge(headers, conn, None).into_response();
         }
-        let token = self.issue_token(&who, config.token_ttl);
+        // The token carries what was asked for and may be granted, nothing more.
+        let access = scopes
+            .into_iter()
+            .map(|s| {
+                let actions = s
+                    .actions
+                    .iter()
+                    .filter(|a| self.allowed(&who, &s.local, s.mirrored, **a))
+                    .map(|a| a.as_str().to_string())
+                    .collect();
+                AccessEntry { kind: "repository".into(), name: s.name, local: s.local, actions }
+            })
+            .collect();
+        let token = self.issue_token(&who, config.token_ttl, access);
         let body = serde_json::json!({
             "token": token,
             "access_token": token,
@@ -317,8 +418,10 @@ impl Access {
     }
 }
 
-/// A repository scope of a token request, resolved to the local repository.
+/// A repository scope of a token request: the name as the client wrote it, resolved to the
+/// local repository.
 pub struct Scope {
+    pub name: String,
     pub local: String,
     pub mirrored: bool,
     pub actions: Vec<Action>,
@@ -425,11 +528,22 @@ mod tests {
     #[test]
     fn tokens_are_signed_and_expire() {
         let a = Access::new(None, Path::new("/nonexistent"), Vec::new(), Metrics::new()).unwrap();
-        let t = a.issue_token(&Principal::User("alice".into()), Duration::from_secs(60));
-        assert_eq!(a.verify_token(&t), Some(Principal::User("alice".into())));
-        let forged = t.replacen(&URL_SAFE_NO_PAD.encode("alice"), &URL_SAFE_NO_PAD.encode("admin"), 1);
+        let access = vec![AccessEntry {
+            kind: "repository".into(),
+            name: "private/a".into(),
+            local: "private/a".into(),
+            actions: vec!["pull".into()],
+        }];
+        let t = a.issue_token(&Principal::User("alice".into()), Duration::from_secs(60), access.clone());
+        assert_eq!(a.verify_token(&t), Some((Principal::User("alice".into()), access.clone())));
+        // Any change to the payload breaks the signature.
+        let (payload, sig) = t.rsplit_once('.').unwrap();
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        claims["sub"] = "admin".into();
+        let forged = format!("{}.{sig}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap()));
         assert_eq!(a.verify_token(&forged), None);
-        let expired = a.issue_token(&Principal::User("alice".into()), Duration::ZERO);
+        let expired = a.issue_token(&Principal::User("alice".into()), Duration::ZERO, access);
         assert_eq!(a.verify_token(&expired), None);
         let other = Access::new(None, Path::new("/nonexistent"), Vec::new(), Metrics::new()).unwrap();
         assert_eq!(other.verify_token(&t), None);

@@ -59,6 +59,7 @@ struct RawServer {
 struct RawStorage {
     root: Option<PathBuf>,
     max_size: Option<String>,
+    upload_expiry: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +121,8 @@ pub struct Config {
     pub storage_root: PathBuf,
     /// Mirrored content above this is evicted, least recently used first.
     pub max_size: Option<u64>,
+    /// Upload sessions older than this are removed with their data.
+    pub upload_expiry: Duration,
     pub private_namespaces: Vec<String>,
     pub upstreams: Vec<UpstreamConfig>,
     pub tag_ttl: Duration,
@@ -334,6 +337,8 @@ impl Config {
             v.duration("cache.upstream_timeout", raw.cache.upstream_timeout.as_deref().unwrap_or("30s"));
         let pin_refresh = v.duration("cache.pin_refresh", raw.cache.pin_refresh.as_deref().unwrap_or("1h"));
         let max_size = raw.storage.max_size.as_deref().map(|s| v.size("storage.max_size", s));
+        let upload_expiry =
+            v.duration("storage.upload_expiry", raw.storage.upload_expiry.as_deref().unwrap_or("24h"));
         let mut pins = Vec::new();
         for (i, p) in raw.cache.pin.iter().enumerate() {
             let parsed = p.rsplit_once(':').and_then(|(name, tag)| {
@@ -443,6 +448,7 @@ impl Config {
             max_manifest_size,
             storage_root: resolve(raw.storage.root.unwrap_or_else(|| "data".into())),
             max_size,
+            upload_expiry,
             private_namespaces: namespaces,
             upstreams,
             tag_ttl,

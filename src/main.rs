@@ -337,6 +337,7 @@ async fn serve(config: Config) -> Result<(), String> {
     tracing::info!(ms = started.elapsed().as_millis() as u64, "store indexed");
     regmirror::cache::evict::spawn(state.clone());
     regmirror::cache::pins::spawn(state.clone());
+    regmirror::registry::uploads::spawn_purge(state.clone());
     match (&config.auth, &config.tls) {
         (None, _) => tracing::warn!("no [auth] section: this is an open registry; anyone who can reach it may pull and push to the private namespace"),
         (Some(_), TlsConfig::Off) => tracing::warn!("[auth] is on but TLS is off: passwords and tokens cross the network in clear text unless a TLS-terminating proxy is in front"),

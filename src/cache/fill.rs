@@ -26,10 +26,22 @@ use crate::app::AppState;
 use crate::registry::names::{Digest, RepoName};
 use crate::registry::response::CHUNK;
 use crate::storage::{BlobWriter, CommitError};
-use crate::upstream::{error_chain, Upstream, UpstreamError};
+use super::CacheError;
+use crate::upstream::{content_length, error_chain, Upstream, UpstreamError};
 
-/// How often a broken upstream connection is resumed before the fill gives up.
-const MAX_RESUMES: u32 = 5;
+/// How often in a row a broken upstream connection is resumed before the fill gives up: with
+/// the delays below, about 11 s of waiting in all.
+const MAX_RESUMES: u32 = 8;
+
+/// The wait before the first resume; it doubles with each further one.
+const RESUME_FIRST_DELAY: Duration = Duration::from_millis(50);
+
+/// The longest wait between two resumes.
+const RESUME_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// A connection that delivered this much before breaking counts as progress: the next break is
+/// resumed as if it were the first.
+const PROGRESS_RESETS_RESUMES: u64 = 1 << 20;
 
 /// Bytes of a fill kept in memory, at most, for clients a little behind the newest.
 const WINDOW_KEEP: usize = 2 << 20;
@@ -54,7 +66,7 @@ pub enum Phase {
     Done {
         total: u64,
     },
-    Failed(UpstreamError),
+    Failed(CacheError),
 }
 
 /// Where a fill's bytes are while it runs: the newest in memory, all older ones in `staging`.
@@ -78,6 +90,8 @@ pub struct Progress {
     pub phase: Phase,
     /// Bytes received from the upstream.
     pub received: u64,
+    /// Local repositories whose upstream repository does not have the blob, with its answer.
+    pub not_found: Vec<(RepoName, UpstreamError)>,
 }
 
 /// The newest chunks of a fill. Bytes before `start` are in the staging file: a chunk leaves the
@@ -222,14 +236,58 @@ impl Window {
     }
 }
 
+/// A repository a fill may fetch through: where the blob is asked for upstream, and the local
+/// repository that answer is about.
+#[derive(Clone)]
+struct Origin {
+    upstream: Arc<Upstream>,
+    remote: RepoName,
+    local: RepoName,
+}
+
+/// The repositories a fill may use, in the order they asked. The fill tries the next one only
+/// when the upstream says the current one does not have the blob; `closed` once it gave up.
+#[derive(Default)]
+struct Sources {
+    list: Vec<Origin>,
+    current: usize,
+    closed: bool,
+}
+
+impl Sources {
+    fn current(&self) -> Option<Origin> {
+        self.list.get(self.current).cloned()
+    }
+
+    /// Move on to the next repository, or close when none is left.
+    fn advance(&mut self) -> Option<Origin> {
+        self.current += 1;
+        let next = self.current();
+        self.closed = next.is_none();
+        next
+    }
+}
+
+struct Running {
+    id: u64,
+    rx: watch::Receiver<Progress>,
+    sources: Arc<Mutex<Sources>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(Default)]
 pub struct Fills {
-    /// Fills in progress, with the repository each was started for.
-    running: Mutex<HashMap<Digest, (watch::Receiver<Progress>, RepoName)>>,
+    running: Mutex<HashMap<Digest, Running>>,
+    next_id: AtomicU64,
 }
 
 impl Fills {
-    /// Join the fill for `digest`, or start one.
+    /// Join the fill for `digest`, or start one. A caller from another repository than the
+    /// fill's must have checked with the upstream that its repository has the blob (a HEAD):
+    /// it becomes a source the fill falls back to if the first repository does not have it.
     pub fn join_or_start(
         &self,
         state: &AppState,
@@ -238,158 +296,200 @@ impl Fills {
         local: RepoName,
         digest: Digest,
     ) -> watch::Receiver<Progress> {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((rx, _)) = running.get(&digest) {
-            return rx.clone();
+        let source = Origin { upstream, remote, local };
+        let mut running = lock(&self.running);
+        if let Some(r) = running.get(&digest) {
+            let mut sources = lock(&r.sources);
+            if !sources.closed {
+                if !sources.list.iter().any(|s| s.local == source.local) {
+                    sources.list.push(source);
+                }
+                return r.rx.clone();
+            }
+            // That fill has given up: this caller starts a fresh one, through its own repository.
         }
-        let (tx, rx) = watch::channel(Progress { phase: Phase::Connecting, received: 0 });
-        running.insert(digest.clone(), (rx.clone(), local.clone()));
+        let (tx, rx) = watch::channel(Progress { phase: Phase::Connecting, received: 0, not_found: Vec::new() });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let sources = Arc::new(Mutex::new(Sources { list: vec![source], current: 0, closed: false }));
+        running.insert(digest.clone(), Running { id, rx: rx.clone(), sources: sources.clone() });
         drop(running);
-        tokio::spawn(run(state.clone(), upstream, remote, local, digest, tx));
+        tokio::spawn(run(state.clone(), sources, digest, id, tx));
         rx
     }
 
-    /// The repository a running fill of `digest` was started for.
-    pub fn running_for(&self, digest: &Digest) -> Option<RepoName> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(_, repo)| repo.clone())
+    /// Whether a fill of `digest` is running that `local` is not yet one of the sources of.
+    pub fn runs_without(&self, digest: &Digest, local: &RepoName) -> bool {
+        lock(&self.running).get(digest).is_some_and(|r| !lock(&r.sources).list.iter().any(|s| &s.local == local))
     }
 
-    fn finished(&self, digest: &Digest) {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(digest);
+    fn finished(&self, digest: &Digest, id: u64) {
+        let mut running = lock(&self.running);
+        if running.get(digest).is_some_and(|r| r.id == id) {
+            running.remove(digest);
+        }
     }
 
     /// The progress of the running fill of `digest`, if there is one.
     pub fn progress(&self, digest: &Digest) -> Option<watch::Receiver<Progress>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).get(digest).map(|(rx, _)| rx.clone())
+        lock(&self.running).get(digest).map(|r| r.rx.clone())
     }
 
     pub fn in_flight(&self) -> usize {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
+        lock(&self.running).len()
     }
 }
 
-async fn run(
-    state: AppState,
-    upstream: Arc<Upstream>,
-    remote: RepoName,
-    local: RepoName,
-    digest: Digest,
-    tx: watch::Sender<Progress>,
-) {
+async fn run(state: AppState, sources: Arc<Mutex<Sources>>, digest: Digest, id: u64, tx: watch::Sender<Progress>) {
     let started = Instant::now();
     state.metrics.fills_in_flight.inc();
-    tracing::info!(upstream = upstream.name(), repository = %local, %digest, "fill started");
-    let outcome = fetch(&state, &upstream, &remote, &digest, &tx).await;
+    let first = lock(&sources).current();
+    if let Some(s) = &first {
+        tracing::info!(upstream = s.upstream.name(), repository = %s.local, %digest, "fill started");
+    }
+    let outcome = fetch(&state, &sources, &digest, &tx).await;
     let running = tx.borrow().phase.clone();
+    // The repository that delivered the blob has it now; others link it as their clients finish.
     let outcome = match outcome {
-        Ok(total) => match state.store.link_blob(&local, &digest).await {
-            Ok(()) => Ok(total),
-            Err(e) => {
-                Err(UpstreamError::Reset { upstream: upstream.name().to_string(), detail: format!("storage: {e}") })
+        Ok((total, source)) => {
+            let recorded = async {
+                state.store.mark_delivered(&digest, source.upstream.name()).await?;
+                state.store.link_blob(&source.local, &digest).await
+            };
+            match recorded.await {
+                Ok(()) => Ok((total, source)),
+                Err(e) => Err(CacheError::from(e)),
             }
-        },
+        }
         Err(e) => Err(e),
     };
     match &outcome {
-        Ok(total) => {
-            tracing::info!(upstream = upstream.name(), repository = %local, %digest, bytes = total, seconds = started.elapsed().as_secs_f64(), "fill finished");
+        Ok((total, source)) => {
+            tracing::info!(upstream = source.upstream.name(), repository = %source.local, %digest, bytes = total, seconds = started.elapsed().as_secs_f64(), "fill finished");
             state.metrics.fill_duration.observe(started.elapsed().as_secs_f64());
             state.lru.touch(&digest, *total);
             tx.send_modify(|p| p.phase = Phase::Done { total: *total });
         }
         Err(e) => {
-            tracing::warn!(upstream = upstream.name(), repository = %local, %digest, cause = e.cause(), error = %e, "fill failed");
+            let cause = match e {
+                CacheError::Upstream(u) => u.cause(),
+                CacheError::Storage(_) => "storage",
+                CacheError::Internal(_) => "internal",
+            };
+            let repository = first.as_ref().map(|s| s.local.to_string()).unwrap_or_default();
+            tracing::warn!(repository, %digest, cause, error = %e, "fill failed");
             tx.send_modify(|p| p.phase = Phase::Failed(e.clone()));
         }
     }
+    lock(&sources).closed = true;
     // Readers now go to the store (or fail); the window's memory is not needed any more.
     if let Phase::Streaming(staged) = &running {
         let mut window = staged.shared.window();
         window.chunks.clear();
         window.closed = true;
     }
-    state.fills.finished(&digest);
+    state.fills.finished(&digest, id);
     state.metrics.fills_in_flight.dec();
     state.evict_wakeup.notify_one();
 }
 
-/// Stream the blob into a staging file, resuming on broken connections, then commit it.
+/// Stream the blob into a staging file, resuming on broken connections, then commit it. Returns
+/// its size and the source that delivered it.
 async fn fetch(
     state: &AppState,
-    upstream: &Upstream,
-    remote: &RepoName,
+    sources: &Mutex<Sources>,
     digest: &Digest,
     tx: &watch::Sender<Progress>,
-) -> Result<u64, UpstreamError> {
-    let storage_err = |e| storage_error(upstream, e);
-    let mut writer = state.store.begin_blob(digest.algorithm()).await.map_err(storage_err)?;
-    let staged = match receive(upstream, remote, digest, tx, &mut writer).await {
-        Ok(staged) => staged,
+) -> Result<(u64, Origin), CacheError> {
+    let mut writer = state.store.begin_blob(digest.algorithm()).await?;
+    let (staged, source) = match receive(sources, digest, tx, &mut writer).await {
+        Ok(received) => received,
         Err(e) => {
             writer.abort().await;
             return Err(e);
         }
     };
+    let upstream = &source.upstream;
     match writer.commit(digest, Some(staged.total)).await {
-        Ok(total) => Ok(total),
-        Err(CommitError::Io(e)) => Err(storage_err(e)),
+        Ok(total) => Ok((total, source)),
+        Err(CommitError::Io(e)) => Err(e.into()),
         Err(e) => {
             tracing::warn!(upstream = upstream.name(), %digest, error = %e, "upstream content rejected");
-            Err(upstream.failed(UpstreamError::DigestMismatch {
-                upstream: upstream.name().to_string(),
-                digest: digest.to_string(),
-            }))
+            Err(upstream
+                .failed(UpstreamError::DigestMismatch { upstream: upstream.name().to_string(), digest: digest.to_string() })
+                .into())
         }
     }
 }
 
-/// A local storage failure during a fill, reported like an upstream failure: the fill failed.
-fn storage_error(upstream: &Upstream, e: std::io::Error) -> UpstreamError {
-    UpstreamError::Reset { upstream: upstream.name().to_string(), detail: format!("storage: {e}") }
+/// How long to wait before resume number `n` (from 0): doubling from `RESUME_FIRST_DELAY`, at most
+/// `RESUME_MAX_DELAY`, so a short upstream blip is waited out instead of failing every client.
+fn resume_delay(n: u32) -> Duration {
+    RESUME_FIRST_DELAY.saturating_mul(1 << n.min(16)).min(RESUME_MAX_DELAY)
 }
 
 /// Receive the whole body into `writer`, resuming with `Range` when the connection breaks.
 async fn receive(
-    upstream: &Upstream,
-    remote: &RepoName,
+    sources: &Mutex<Sources>,
     digest: &Digest,
     tx: &watch::Sender<Progress>,
     writer: &mut BlobWriter,
-) -> Result<Staged, UpstreamError> {
-    let storage_err = |e| storage_error(upstream, e);
+) -> Result<(Staged, Origin), CacheError> {
     let mut staged: Option<Staged> = None;
     let mut pacing = Pacing::new();
     let mut resumes = 0;
+    let Some(mut source) = lock(sources).current() else {
+        return Err(CacheError::Internal(format!("fill of {digest} without a source")));
+    };
     loop {
+        let upstream = source.upstream.clone();
         let offset = writer.written();
-        let resp = match upstream.blob(Method::GET, remote, digest, offset).await {
+        let resp = match upstream.blob(Method::GET, &source.remote, digest, offset).await {
             Ok(r) => r,
+            // This repository does not have it: that fails its own clients only. Another
+            // repository that joined (and whose HEAD succeeded) is tried next.
+            Err(e) if offset == 0 && e.is_absent() => {
+                tx.send_modify(|p| p.not_found.push((source.local.clone(), e.clone())));
+                let next = lock(sources).advance();
+                match next {
+                    Some(next) => {
+                        tracing::info!(upstream = next.upstream.name(), repository = %next.local, %digest, "fill continues through another repository");
+                        source = next;
+                        continue;
+                    }
+                    None => return Err(e.into()),
+                }
+            }
             Err(e) if offset > 0 && resumes < MAX_RESUMES && e.is_outage() => {
+                tokio::time::sleep(resume_delay(resumes)).await;
                 resumes += 1;
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         if offset > 0 && (resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(offset)) {
             // The upstream ignored the range, or answered another: resuming would misplace bytes.
             let range = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok());
-            return Err(upstream.failed(UpstreamError::Reset {
-                upstream: upstream.name().to_string(),
-                detail: format!(
-                    "resume at byte {offset} answered {} (Content-Range {})",
-                    resp.status(),
-                    range.unwrap_or("missing")
-                ),
-            }));
+            return Err(upstream
+                .failed(UpstreamError::Reset {
+                    upstream: upstream.name().to_string(),
+                    detail: format!(
+                        "resume at byte {offset} answered {} (Content-Range {})",
+                        resp.status(),
+                        range.unwrap_or("missing")
+                    ),
+                })
+                .into());
         }
         let staged = match &staged {
             Some(s) => s.clone(),
             None => {
-                let Some(total) = resp.content_length() else {
-                    return Err(upstream.failed(UpstreamError::Reset {
-                        upstream: upstream.name().to_string(),
-                        detail: "blob response without Content-Length".into(),
-                    }));
+                let Some(total) = content_length(&resp) else {
+                    return Err(upstream
+                        .failed(UpstreamError::Reset {
+                            upstream: upstream.name().to_string(),
+                            detail: "blob response without Content-Length".into(),
+                        })
+                        .into());
                 };
                 let s = Staged { total, staging: writer.staging_path().into(), shared: Arc::default() };
                 tx.send_modify(|p| p.phase = Phase::Streaming(s.clone()));
@@ -404,7 +504,7 @@ async fn receive(
                     let received = writer.written() + chunk.len() as u64;
                     staged.shared.window().push(chunk.clone(), writer.on_disk());
                     tx.send_modify(|p| p.received = received);
-                    writer.write(chunk).await.map_err(storage_err)?;
+                    writer.write(chunk).await?;
                     pacing.keep_pace(&staged.shared, received).await;
                 }
                 Err(e) => {
@@ -414,15 +514,20 @@ async fn receive(
             }
         }
         if writer.written() >= staged.total {
-            return Ok(staged);
+            return Ok((staged, source));
+        }
+        // A connection that made real progress starts the count of resumes afresh.
+        if writer.written() >= offset + PROGRESS_RESETS_RESUMES {
+            resumes = 0;
         }
         let detail = broken.map_or_else(|| "body ended early".to_string(), |e| error_chain(&e));
         let err = upstream.failed(UpstreamError::Reset { upstream: upstream.name().to_string(), detail });
         if resumes >= MAX_RESUMES {
-            return Err(err);
+            return Err(err.into());
         }
-        resumes += 1;
         tracing::info!(upstream = upstream.name(), %digest, offset = writer.written(), error = %err, "resuming fill with a range request");
+        tokio::time::sleep(resume_delay(resumes)).await;
+        resumes += 1;
     }
 }
 
@@ -432,19 +537,34 @@ fn range_start(resp: &reqwest::Response) -> Option<u64> {
     value.strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
 }
 
-/// Wait until the fill knows the blob's size (or failed).
-pub async fn wait_for_size(rx: &mut watch::Receiver<Progress>) -> Result<u64, UpstreamError> {
+/// Wait until the fill has ended: `Done`, `Failed`, or (the task gone without a word) whatever
+/// it published last.
+pub async fn wait_until_done(rx: &mut watch::Receiver<Progress>) -> Phase {
+    let ended = |p: &Progress| !matches!(p.phase, Phase::Connecting | Phase::Streaming(_));
+    let phase = match rx.wait_for(ended).await {
+        Ok(p) => Some(p.phase.clone()),
+        Err(_) => None,
+    };
+    phase.unwrap_or_else(|| rx.borrow().phase.clone())
+}
+
+/// Wait until the fill knows the blob's size (or failed, or found that `local`'s upstream
+/// repository does not have the blob).
+pub async fn wait_for_size(rx: &mut watch::Receiver<Progress>, local: &RepoName) -> Result<u64, CacheError> {
     loop {
-        let phase = rx.borrow_and_update().phase.clone();
+        let (phase, absent) = {
+            let p = rx.borrow_and_update();
+            (p.phase.clone(), p.not_found.iter().find(|(repo, _)| repo == local).map(|(_, e)| e.clone()))
+        };
+        if let Some(e) = absent {
+            return Err(e.into());
+        }
         match phase {
             Phase::Streaming(Staged { total, .. }) | Phase::Done { total } => return Ok(total),
             Phase::Failed(e) => return Err(e),
             Phase::Connecting => {
                 if rx.changed().await.is_err() {
-                    return Err(UpstreamError::Reset {
-                        upstream: String::new(),
-                        detail: "fill ended without a result".into(),
-                    });
+                    return Err(CacheError::Internal("fill ended without a result".into()));
                 }
             }
         }

@@ -4,10 +4,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::fill::Phase;
-use super::manifests::fetch;
+use super::fill::{wait_for_size, wait_until_done, Phase};
+use super::manifests::{fetch, load};
 use crate::app::AppState;
-use crate::registry::manifests::describe;
+use crate::registry::manifests::{describe, ACCEPT_ALL};
 use crate::registry::names::{Digest, RepoName};
 use crate::storage::TagRecord;
 use crate::upstream::Upstream;
@@ -64,17 +64,18 @@ pub async fn warm_tag(
     local: &RepoName,
     tag: &str,
 ) -> Result<(), String> {
-    let top = fetch(state, upstream, remote, tag, None).await.map_err(|e| e.to_string())?;
+    let limit = state.config.max_manifest_size;
+    let top = fetch(upstream, remote, tag, None, ACCEPT_ALL, limit).await.map_err(|e| e.to_string())?;
     state.store.put_manifest(local, &top.digest, &top.meta, &top.bytes).await.map_err(|e| e.to_string())?;
     state.store.set_tag(local, tag, &TagRecord::now(&top.digest)).await.map_err(|e| e.to_string())?;
     let described = describe(&top.bytes, Some(&top.meta.media_type)).map_err(|e| e.to_string())?;
     let mut blobs = described.blobs;
     for child in described.children {
         let bytes =
-            match crate::registry::manifests::load(&state.store, local, &child).await.map_err(|e| e.to_string())? {
+            match load(&state.store, local, &child).await.map_err(|e| e.to_string())? {
                 Some((_, bytes)) => bytes,
                 None => {
-                    let f = fetch(state, upstream, remote, &child.to_string(), Some(&child))
+                    let f = fetch(upstream, remote, &child.to_string(), Some(&child), ACCEPT_ALL, limit)
                         .await
                         .map_err(|e| e.to_string())?;
                     state.store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await.map_err(|e| e.to_string())?;
@@ -89,7 +90,8 @@ pub async fn warm_tag(
     Ok(())
 }
 
-/// The blob is in the store and linked to `local` when this returns `Ok`.
+/// The blob is in the store and linked to `local` when this returns `Ok`. A stored copy counts
+/// only when this upstream delivered it; anything else is fetched (and verified) through a fill.
 async fn ensure_blob(
     state: &AppState,
     upstream: &Arc<Upstream>,
@@ -97,24 +99,16 @@ async fn ensure_blob(
     local: &RepoName,
     d: &Digest,
 ) -> Result<(), String> {
-    if state.store.blob_size(d).await.map_err(|e| e.to_string())?.is_some() {
+    let stored = state.store.blob_size(d).await.map_err(|e| e.to_string())?.is_some();
+    if stored && state.store.delivered_by(d, upstream.name()).await.map_err(|e| e.to_string())? {
         return state.store.link_blob(local, d).await.map_err(|e| e.to_string());
     }
     let mut rx = state.fills.join_or_start(state, upstream.clone(), remote.clone(), local.clone(), d.clone());
-    loop {
-        let phase = rx.borrow_and_update().phase.clone();
-        match phase {
-            Phase::Done { .. } => return state.store.link_blob(local, d).await.map_err(|e| e.to_string()),
-            Phase::Failed(e) => return Err(e.to_string()),
-            _ => {
-                if rx.changed().await.is_err() {
-                    return match rx.borrow().phase {
-                        Phase::Done { .. } => Ok(()),
-                        _ => Err(format!("fill of {d} ended without a result")),
-                    };
-                }
-            }
-        }
+    wait_for_size(&mut rx, local).await.map_err(|e| e.to_string())?;
+    match wait_until_done(&mut rx).await {
+        Phase::Done { .. } => state.store.link_blob(local, d).await.map_err(|e| e.to_string()),
+        Phase::Failed(e) => Err(e.to_string()),
+        _ => Err(format!("fill of {d} ended without a result")),
     }
 }
 
@@ -125,7 +119,7 @@ pub async fn closure(state: &AppState, local: &RepoName, top: &Digest, out: &mut
         if !out.insert(d.clone()) {
             continue;
         }
-        let Ok(Some((meta, bytes))) = crate::registry::manifests::load(&state.store, local, &d).await else { continue };
+        let Ok(Some((meta, bytes))) = load(&state.store, local, &d).await else { continue };
         if let Ok(described) = describe(&bytes, Some(&meta.media_type)) {
             out.extend(described.blobs);
             pending.extend(described.children);

@@ -10,7 +10,7 @@ use super::error::{Code, RegistryError, Result};
 use super::names::{Algorithm, Digest, Reference, RepoName};
 use super::response::{insert_digest, located, read_body_limited};
 use super::{Ctx, RequestInfo, Target};
-use crate::storage::{ManifestMeta, Store, TagRecord};
+use crate::storage::{ManifestMeta, TagRecord};
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -19,6 +19,40 @@ pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list
 
 /// What we ask upstreams for: every manifest type, so nothing is ever converted.
 pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.artifact.manifest.v1+json, application/vnd.docker.distribution.manifest.v1+prettyjws;q=0.5";
+
+/// The media types an `Accept` header lists, without parameters; `None` when it accepts anything
+/// (no header, or a wildcard).
+fn accepted_types(accept: Option<&str>) -> Option<Vec<&str>> {
+    let mut types: Vec<&str> = Vec::new();
+    for t in accept?.split(',') {
+        let t = t.split(';').next().unwrap_or_default().trim();
+        if t == "*/*" || t == "application/*" {
+            return None;
+        }
+        if !t.is_empty() && !types.contains(&t) {
+            types.push(t);
+        }
+    }
+    (!types.is_empty()).then_some(types)
+}
+
+/// May a client that sent `accept` be given a manifest of `media_type`? A request without an
+/// `Accept` header, or with a wildcard, takes any type.
+pub fn acceptable(media_type: &str, accept: Option<&str>) -> bool {
+    accepted_types(accept).is_none_or(|types| types.contains(&media_type))
+}
+
+/// The `Accept` to send upstream for a client's request: the types it lists (sorted, so that
+/// clients listing the same types share one upstream request), or every manifest type.
+pub fn upstream_accept(accept: Option<&str>) -> String {
+    match accepted_types(accept) {
+        Some(mut types) => {
+            types.sort_unstable();
+            types.join(", ")
+        }
+        None => ACCEPT_ALL.to_string(),
+    }
+}
 
 /// A parsed manifest: its meta for storage and the content it references.
 pub struct Described {
@@ -106,16 +140,6 @@ pub fn describe(bytes: &[u8], content_type: Option<&str>) -> Result<Described> {
     })
 }
 
-/// The bytes and meta of a manifest in `repo`, or `None`.
-pub async fn load(store: &Store, repo: &RepoName, d: &Digest) -> Result<Option<(ManifestMeta, Vec<u8>)>> {
-    let Some(meta) = store.manifest_meta(repo, d).await? else {
-        return Ok(None);
-    };
-    let Some(bytes) = store.read_blob(d).await? else {
-        return Ok(None);
-    };
-    Ok(Some((meta, bytes)))
-}
 
 /// A manifest response; HEAD carries the same headers without the body.
 pub fn manifest_response(digest: &Digest, meta: &ManifestMeta, bytes: Vec<u8>, head: bool) -> Response {
@@ -150,8 +174,9 @@ pub async fn get(ctx: Ctx, target: Target, reference: &str, info: &mut RequestIn
             rec.digest.parse()?
         }
     };
-    let (meta, bytes) =
-        load(&ctx.state.store, repo, &digest).await?.ok_or_else(|| unknown(repo, &reference.to_string()))?;
+    let (meta, bytes) = crate::cache::manifests::load(&ctx.state.store, repo, &digest)
+        .await?
+        .ok_or_else(|| unknown(repo, &reference.to_string()))?;
     Ok(manifest_response(&digest, &meta, bytes, ctx.is_head()))
 }
 
@@ -217,4 +242,24 @@ pub async fn delete(ctx: Ctx, target: Target, reference: &str) -> Result<Respons
         return Err(unknown(repo, reference));
     }
     Ok(located(StatusCode::ACCEPTED, &format!("/v2/{repo}/manifests/{reference}"), None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_headers() {
+        let docker_only = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json;q=0.9";
+        assert!(acceptable(DOCKER_LIST, Some(docker_only)));
+        assert!(!acceptable(OCI_INDEX, Some(docker_only)));
+        assert!(acceptable(OCI_INDEX, None));
+        assert!(acceptable(OCI_INDEX, Some("application/json, */*")));
+        assert_eq!(
+            upstream_accept(Some(docker_only)),
+            "application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json"
+        );
+        assert_eq!(upstream_accept(None), ACCEPT_ALL);
+        assert_eq!(upstream_accept(Some("*/*")), ACCEPT_ALL);
+    }
 }

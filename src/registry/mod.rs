@@ -218,24 +218,25 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     let mut info =
         RequestInfo { route: route.template(), repository: route.name().map(str::to_string), ..Default::default() };
     let conn = parts.extensions.get::<ConnInfo>().copied();
-    let authn = state.access.authenticate(&parts.headers, conn).await;
-    let ctx = Ctx {
-        state,
-        method,
-        headers: parts.headers,
-        query,
-        principal: authn.principal.clone(),
-        body: std::sync::Mutex::new(body),
-    };
     let result = async {
         let target = match route.name() {
-            Some(name) => Some(resolve_target(&ctx.state, name, ctx.query.get("ns").map(String::as_str))?),
+            Some(name) => Some(resolve_target(&state, name, query.get("ns").map(String::as_str))?),
             None => None,
         };
         if let Some(t) = &target {
             info.upstream = t.upstream_name().map(str::to_string);
             info.repository = Some(t.local().to_string());
         }
+        let identity_needed = identity_needed(&state, &route, target.as_ref(), &method);
+        let authn = state.access.authenticate(&parts.headers, conn, identity_needed).await;
+        let ctx = Ctx {
+            state,
+            method,
+            headers: parts.headers,
+            query,
+            principal: authn.principal.clone(),
+            body: std::sync::Mutex::new(body),
+        };
         authorize(&ctx, &route, target.as_ref(), conn, &authn)?;
         dispatch(ctx, &route, target, &mut info).await
     }
@@ -244,6 +245,18 @@ pub async fn handle(State(state): State<AppState>, req: Request) -> Response {
     resp.headers_mut().insert("docker-distribution-api-version", header::HeaderValue::from_static("registry/2.0"));
     resp.extensions_mut().insert(info);
     resp
+}
+
+/// Whether who is asking matters: always for the base endpoint (a login) and the catalog (its
+/// content depends on it), otherwise only where an anonymous caller may not do the same.
+fn identity_needed(state: &AppState, route: &Route<'_>, target: Option<&Target>, method: &Method) -> bool {
+    match (route, target) {
+        (Route::Base | Route::Catalog, _) | (_, None) => true,
+        (_, Some(t)) => {
+            let mirrored = matches!(t, Target::Mirror { .. });
+            !state.access.allowed(&Principal::Anonymous, t.local().as_str(), mirrored, required_action(route, method))
+        }
+    }
 }
 
 /// The right a request needs.
@@ -277,9 +290,14 @@ fn authorize(
             let (Some(name), Some(target)) = (route.name(), target) else { return Ok(()) };
             let mirrored = matches!(target, Target::Mirror { .. });
             let action = required_action(route, &ctx.method);
-            if access.allowed(&ctx.principal, target.local().as_str(), mirrored, action) {
+            let local = target.local().as_str();
+            let by_anyone = access.allowed(&Principal::Anonymous, local, mirrored, action);
+            let by_principal = access.allowed(&ctx.principal, local, mirrored, action);
+            // A token allows what it was issued for, not everything its user may do.
+            let token_covers = authn.token_permits(name, local, action);
+            if by_anyone || (by_principal && token_covers) {
                 Ok(())
-            } else if anonymous || authn.rejected {
+            } else if anonymous || authn.rejected || by_principal {
                 let actions =
                     if action == Action::Pull { "pull".to_string() } else { format!("pull,{}", action.as_str()) };
                 Err(access.challenge(&ctx.headers, conn, Some(format!("repository:{name}:{actions}"))))

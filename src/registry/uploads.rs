@@ -15,7 +15,7 @@ use super::error::{Code, RegistryError, Result};
 use super::names::{Digest, Hasher, RepoName};
 use super::response::located;
 use super::{Ctx, Target};
-use crate::storage::{upload_data, CommitError, Store};
+use crate::storage::{unix_now, upload_data, CommitError, UploadInfo};
 
 /// Per-session state kept in memory: a lock so two PATCHes never interleave, and the hash of
 /// the bytes received so far (lost on restart, then recomputed from the data file).
@@ -117,15 +117,46 @@ fn content_length(ctx: &Ctx) -> Option<u64> {
     ctx.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
-/// The session's id, checked to belong to `repo`.
-async fn session(store: &Store, repo: &RepoName, id: &str) -> Result<()> {
-    match store.upload_info(id).await? {
-        Some(info) if info.repository == repo.as_str() => Ok(()),
-        _ => Err(RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"))),
+/// The session's id, checked to belong to `repo` and not to have expired. An expired session
+/// is removed on the spot (the purge task would remove it soon anyway).
+async fn session(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<()> {
+    let store = &ctx.state.store;
+    let unknown = || RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"));
+    let info = store.upload_info(id).await?.ok_or_else(unknown)?;
+    if info.repository != repo.as_str() {
+        return Err(unknown());
     }
+    if expired(&info, ctx.state.config.upload_expiry) {
+        store.delete_upload(id).await?;
+        ctx.state.sessions.forget(id);
+        return Err(unknown());
+    }
+    Ok(())
+}
+
+/// The in-memory slot of an existing session (checked first, so unknown ids leave nothing
+/// behind in memory).
+async fn existing_slot(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<Slot> {
+    session(ctx, repo, id).await?;
+    Ok(ctx.state.sessions.slot(id))
+}
+
+fn expired(info: &UploadInfo, expiry: std::time::Duration) -> bool {
+    info.started_at.saturating_add(expiry.as_secs()) <= unix_now()
+}
+
+/// A chunk's `Content-Range: <start>-<end>` (the `bytes ` prefix and a `/total` suffix allowed).
+fn parse_content_range(value: &str) -> Option<(u64, u64)> {
+    let r = value.trim().trim_start_matches("bytes").trim_start_matches([' ', '=']);
+    let (a, b) = r.split_once('-')?;
+    let start = a.trim().parse().ok()?;
+    let end = b.split('/').next()?.trim().parse().ok()?;
+    (end >= start).then_some((start, end))
 }
 
 /// Append the request body to the session, after checking `Content-Range` against its size.
+/// A chunk with a `Content-Range` must bring exactly the bytes it announced: anything else is
+/// refused and cut off again.
 async fn append(
     ctx: &mut Ctx,
     repo: &RepoName,
@@ -135,41 +166,45 @@ async fn append(
 ) -> Result<u64> {
     let store = ctx.state.store.clone();
     let size = store.upload_size(id).await?;
-    if let Some(range) = ctx.headers.get(header::CONTENT_RANGE) {
-        let parsed = range
-            .to_str()
-            .ok()
-            .map(|r| r.trim().trim_start_matches("bytes").trim_start_matches([' ', '=']))
-            .and_then(|r| r.split_once('-'))
-            .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.split('/').next()?.trim().parse::<u64>().ok()?)));
-        let in_order = matches!(parsed, Some((start, end)) if start == size && end >= start);
-        let length_ok = match (parsed, content_length(ctx)) {
-            (Some((start, end)), Some(len)) => end.checked_sub(start).and_then(|n| n.checked_add(1)) == Some(len),
-            _ => true,
-        };
-        if !in_order || !length_ok {
-            let err = RegistryError::new(
-                Code::RangeInvalid,
-                format!("chunk range {range:?} does not continue the upload at byte {size}"),
-            );
-            let end = size.saturating_sub(1);
-            return Err(err
-                .with_header(header::RANGE, &format!("0-{end}"))
-                .with_header(header::LOCATION, &session_location(repo, id)));
+    let refuse = |detail: String, size: u64| {
+        let end = size.saturating_sub(1);
+        RegistryError::new(Code::RangeInvalid, detail)
+            .with_header(header::RANGE, &format!("0-{end}"))
+            .with_header(header::LOCATION, &session_location(repo, id))
+    };
+    let announced = match ctx.headers.get(header::CONTENT_RANGE) {
+        Some(value) => {
+            let parsed = value.to_str().ok().and_then(parse_content_range);
+            let length = parsed.and_then(|(start, end)| (start == size).then(|| end - start + 1));
+            let length_ok = match (length, content_length(ctx)) {
+                (Some(n), Some(len)) => n == len,
+                _ => true,
+            };
+            match length {
+                Some(n) if length_ok => Some(n),
+                _ => return Err(refuse(format!("chunk range {value:?} does not continue the upload at byte {size}"), size)),
+            }
         }
-    }
+        None => None,
+    };
     // Keep the running hash only while it covers exactly the bytes on disk.
     if state.as_ref().is_none_or(|(hashed, _)| *hashed != size) {
         *state =
             if size == 0 { Some((0, Hasher::new(algorithm.unwrap_or(super::names::Algorithm::Sha256)))) } else { None };
     }
-    let mut file = store.driver().open_append(&upload_data(id)).await?;
+    let mut file = store.append_upload(id).await?.ok_or_else(|| {
+        RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"))
+    })?;
     let mut body = ctx.take_body().into_data_stream();
     let mut added = 0u64;
     let mut failure = None;
     while let Some(chunk) = body.next().await {
         match chunk {
             Ok(c) => {
+                if announced.is_some_and(|n| added + c.len() as u64 > n) {
+                    added += c.len() as u64;
+                    break;
+                }
                 file.write_all(&c).await?;
                 if let Some((hashed, h)) = state.as_mut() {
                     h.update(&c);
@@ -185,6 +220,12 @@ async fn append(
     }
     file.flush().await?;
     file.shutdown().await?;
+    if let Some(n) = announced.filter(|n| *n != added && failure.is_none()) {
+        store.truncate_upload(id, size).await?;
+        *state = None;
+        let got = if added > n { format!("more than {n}") } else { added.to_string() };
+        return Err(refuse(format!("chunk announced {n} bytes in Content-Range but brought {got}"), size));
+    }
     if let Some(e) = failure {
         // What arrived is kept: the client can ask for the status and resume from there.
         return Err(RegistryError::new(Code::BlobUploadInvalid, format!("reading request body: {e}")));
@@ -194,9 +235,10 @@ async fn append(
 
 pub async fn patch(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> {
     let repo = target.require_local()?.clone();
-    session(&ctx.state.store, &repo, id).await?;
-    let slot = ctx.state.sessions.slot(id);
+    let slot = existing_slot(&ctx, &repo, id).await?;
     let mut state = slot.lock().await;
+    // Checked again under the session's lock: a PUT that finished it while this PATCH waited wins.
+    session(&ctx, &repo, id).await?;
     let size = append(&mut ctx, &repo, id, &mut state, None).await?;
     Ok(session_response(StatusCode::ACCEPTED, &repo, id, size))
 }
@@ -204,12 +246,12 @@ pub async fn patch(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> {
 pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> {
     let repo = target.require_local()?.clone();
     let store = ctx.state.store.clone();
-    session(&store, &repo, id).await?;
+    let slot = existing_slot(&ctx, &repo, id).await?;
+    let mut state = slot.lock().await;
+    session(&ctx, &repo, id).await?;
     let d = query_digest(&ctx)?.ok_or_else(|| {
         RegistryError::new(Code::DigestInvalid, "the digest query parameter is required to finish an upload")
     })?;
-    let slot = ctx.state.sessions.slot(id);
-    let mut state = slot.lock().await;
     let size = append(&mut ctx, &repo, id, &mut state, Some(d.algorithm())).await?;
     let hasher = match state.take() {
         Some((hashed, h)) if hashed == size && h.algorithm() == d.algorithm() => Some(h),
@@ -226,18 +268,58 @@ pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> 
     Ok(created(&repo, &d))
 }
 
+/// Remove every session older than `storage.upload_expiry`, with its data. A session in use right
+/// now is left for the next round.
+pub async fn purge_expired(state: &crate::app::AppState) -> std::io::Result<usize> {
+    let store = &state.store;
+    let mut removed = 0;
+    for id in store.list_uploads().await? {
+        let slot = state.sessions.slot(&id);
+        let Ok(_busy) = slot.try_lock() else { continue };
+        let stale = match store.upload_info(&id).await? {
+            Some(info) => expired(&info, state.config.upload_expiry),
+            // A folder without its record: a session cut short while being created.
+            None => true,
+        };
+        if stale {
+            store.delete_upload(&id).await?;
+            state.sessions.forget(&id);
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Purge expired sessions now and then every `PURGE_EVERY`.
+pub fn spawn_purge(state: crate::app::AppState) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PURGE_EVERY);
+        loop {
+            tick.tick().await;
+            match purge_expired(&state).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(sessions = n, "expired upload sessions removed"),
+                Err(e) => tracing::warn!(error = %e, "could not purge expired upload sessions"),
+            }
+        }
+    });
+}
+
+/// How often expired upload sessions are looked for.
+const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub async fn status(ctx: Ctx, target: Target, id: &str) -> Result<Response> {
     let repo = target.require_local()?;
-    session(&ctx.state.store, repo, id).await?;
+    session(&ctx, repo, id).await?;
     let size = ctx.state.store.upload_size(id).await?;
     Ok(session_response(StatusCode::NO_CONTENT, repo, id, size))
 }
 
 pub async fn cancel(ctx: Ctx, target: Target, id: &str) -> Result<Response> {
     let repo = target.require_local()?;
-    session(&ctx.state.store, repo, id).await?;
-    let slot = ctx.state.sessions.slot(id);
+    let slot = existing_slot(&ctx, repo, id).await?;
     let _guard = slot.lock().await;
+    session(&ctx, repo, id).await?;
     ctx.state.store.delete_upload(id).await?;
     ctx.state.sessions.forget(id);
     let mut resp = Response::new(Body::empty());

@@ -171,12 +171,14 @@ impl Driver for FsDriver {
     }
 
     async fn open_append(&self, path: &str) -> io::Result<Writer> {
-        let full = self.full(path);
-        if let Some(parent) = full.parent() {
-            tokio::fs::create_dir_all(parent).await?;
-        }
-        let f = tokio::fs::OpenOptions::new().create(true).append(true).open(full).await?;
+        let f = tokio::fs::OpenOptions::new().append(true).open(self.full(path)).await?;
         Ok(Box::new(f))
+    }
+
+    async fn truncate(&self, path: &str, len: u64) -> io::Result<()> {
+        let f = tokio::fs::OpenOptions::new().write(true).open(self.full(path)).await?;
+        f.set_len(len).await?;
+        f.sync_all().await
     }
 
     async fn create_staged(&self, path: &str) -> io::Result<Box<dyn StagedFile>> {

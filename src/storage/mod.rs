@@ -5,6 +5,7 @@
 //! Layout under the storage root:
 //! ```text
 //! blobs/<alg>/<hex[..2]>/<hex>/data                         content, stored once
+//! blobs/<alg>/<hex[..2]>/<hex>/from/<upstream>              that upstream delivered these bytes
 //! repositories/<name>/_layers/<alg>/<hex>/link              blob may be served from <name>
 //! repositories/<name>/_manifests/revisions/<alg>/<hex>/link  manifest meta (media type, size, subject)
 //! repositories/<name>/_manifests/tags/<tag>/current          {digest, fetched_at}
@@ -24,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::registry::names::{Algorithm, Digest, Hasher, RepoName};
 
@@ -51,8 +52,10 @@ pub trait Driver: Send + Sync + 'static {
     /// Up to `len` bytes at `offset` (fewer only where the file ends); `None` when the file does
     /// not exist. The fast path for serving blobs: one read per chunk, no intermediate buffer.
     async fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>>;
-    /// A writer appending to a (possibly new) file.
+    /// A writer appending to an existing file (`NotFound` when there is none).
     async fn open_append(&self, path: &str) -> io::Result<Writer>;
+    /// Cut a file back to `len` bytes.
+    async fn truncate(&self, path: &str, len: u64) -> io::Result<()>;
     /// A new file to stage a blob in. It is written from a blocking thread of its own (see
     /// `BlobWriter`), so a backend may write it however is fastest.
     async fn create_staged(&self, path: &str) -> io::Result<Box<dyn StagedFile>>;
@@ -156,6 +159,12 @@ impl StoreStats {
 fn blob_path(d: &Digest) -> String {
     let hex = d.hex();
     format!("blobs/{}/{}/{}/data", d.algorithm().as_str(), &hex[..2], hex)
+}
+
+/// Marks that `upstream` itself delivered (and the fill verified) a blob's bytes.
+fn origin_path(d: &Digest, upstream: &str) -> String {
+    let hex = d.hex();
+    format!("blobs/{}/{}/{}/from/{upstream}", d.algorithm().as_str(), &hex[..2], hex)
 }
 
 fn repo_path(repo: &RepoName) -> String {
@@ -283,6 +292,22 @@ impl Store {
             self.stats.add(-(size as i64), -1);
         }
         Ok(())
+    }
+
+    /// Record that `upstream` delivered these bytes (a verified fill).
+    pub async fn mark_delivered(&self, d: &Digest, upstream: &str) -> io::Result<()> {
+        let path = origin_path(d, upstream);
+        if self.driver.size(&path).await?.is_none() {
+            self.driver.put(&path, b"").await?;
+        }
+        Ok(())
+    }
+
+    /// Whether `upstream` ever delivered this blob. Only then may a stored copy be served through
+    /// its repositories without fetching it: a pushed blob must never reach an anonymous client
+    /// through a mirrored name just because some upstream claims to have the digest.
+    pub async fn delivered_by(&self, d: &Digest, upstream: &str) -> io::Result<bool> {
+        Ok(self.driver.size(&origin_path(d, upstream)).await?.is_some())
     }
 
     /// Start a staged blob write; nothing is visible until `BlobWriter::commit` verifies it.
@@ -509,8 +534,8 @@ impl Store {
         let id = fs::unique_name();
         let info = UploadInfo { repository: repo.to_string(), started_at: unix_now() };
         let json = serde_json::to_vec(&info).map_err(io::Error::other)?;
+        self.driver.put(&upload_data(&id), b"").await?;
         self.driver.put(&format!("{}/info", upload_dir(&id)), &json).await?;
-        self.driver.open_append(&upload_data(&id)).await?.shutdown().await?;
         Ok(id)
     }
 
@@ -523,6 +548,25 @@ impl Store {
 
     pub async fn upload_size(&self, id: &str) -> io::Result<u64> {
         Ok(self.driver.size(&upload_data(id)).await?.unwrap_or(0))
+    }
+
+    /// Ids of every upload session in the store.
+    pub async fn list_uploads(&self) -> io::Result<Vec<String>> {
+        Ok(self.driver.list("uploads").await?.into_iter().filter(|id| valid_upload_id(id)).collect())
+    }
+
+    /// A writer appending to a session's data; `None` when the session is gone.
+    pub async fn append_upload(&self, id: &str) -> io::Result<Option<Writer>> {
+        match self.driver.open_append(&upload_data(id)).await {
+            Ok(w) => Ok(Some(w)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Cut a session's data back to `len` bytes (a chunk that was refused).
+    pub async fn truncate_upload(&self, id: &str, len: u64) -> io::Result<()> {
+        self.driver.truncate(&upload_data(id), len).await
     }
 
     pub async fn delete_upload(&self, id: &str) -> io::Result<()> {

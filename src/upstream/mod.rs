@@ -31,6 +31,8 @@ pub enum UpstreamError {
     DigestMismatch { upstream: String, digest: String },
     #[error("upstream {upstream} connection broke: {detail}")]
     Reset { upstream: String, detail: String },
+    #[error("upstream {upstream} sent a {what} larger than the limit of {limit} bytes")]
+    TooLarge { upstream: String, what: &'static str, limit: u64 },
 }
 
 impl UpstreamError {
@@ -43,6 +45,7 @@ impl UpstreamError {
             UpstreamError::TooManyRequests { .. } => "429",
             UpstreamError::DigestMismatch { .. } => "digest_mismatch",
             UpstreamError::Reset { .. } => "reset",
+            UpstreamError::TooLarge { .. } => "too_large",
         }
     }
 
@@ -51,7 +54,7 @@ impl UpstreamError {
     pub fn is_outage(&self) -> bool {
         match self {
             UpstreamError::Status { status, .. } => *status >= 500,
-            UpstreamError::DigestMismatch { .. } => false,
+            UpstreamError::DigestMismatch { .. } | UpstreamError::TooLarge { .. } => false,
             _ => true,
         }
     }
@@ -59,6 +62,21 @@ impl UpstreamError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, UpstreamError::Status { status: 404, .. })
     }
+
+    /// The upstream says this repository does not have the content: 404, or 401/403, which
+    /// Docker Hub answers for a repository that does not exist.
+    pub fn is_absent(&self) -> bool {
+        matches!(self, UpstreamError::Status { status: 401 | 403 | 404, .. })
+    }
+}
+
+/// Largest token response read from an upstream's token service.
+const TOKEN_LIMIT: u64 = 1 << 20;
+
+/// The `Content-Length` header as sent. `reqwest::Response::content_length` is the length of the
+/// body received, which is 0 for every HEAD response.
+pub fn content_length(resp: &reqwest::Response) -> Option<u64> {
+    resp.headers().get(reqwest::header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
 }
 
 /// What a request to an upstream is about (a metrics label).
@@ -221,24 +239,26 @@ impl Upstream {
         }
         let resp = req.send().await.map_err(|e| self.failed(self.err_from(e)))?;
         let resp = self.check(resp)?;
-        let token: auth::TokenResponse = resp.json().await.map_err(|e| {
-            self.failed(UpstreamError::Reset {
-                upstream: self.name.clone(),
-                detail: format!("token response: {}", error_chain(&e)),
-            })
+        let body = self.read_limited(resp, TOKEN_LIMIT, "token response").await?;
+        let token: auth::TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            self.failed(UpstreamError::Reset { upstream: self.name.clone(), detail: format!("token response: {e}") })
         })?;
         let value = self.tokens.insert(scope, token).await;
         value.ok_or_else(|| self.failed(UpstreamError::Status { upstream: self.name.clone(), status: 401 }))
     }
 
+    /// GET or HEAD a manifest, asking for the media types in `accept`.
     pub async fn manifest(
         &self,
         method: Method,
         repo: &RepoName,
         reference: &str,
+        accept: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut headers = HeaderMap::new();
-        headers.insert(ACCEPT, HeaderValue::from_static(crate::registry::manifests::ACCEPT_ALL));
+        let accept = HeaderValue::from_str(accept)
+            .unwrap_or_else(|_| HeaderValue::from_static(crate::registry::manifests::ACCEPT_ALL));
+        headers.insert(ACCEPT, accept);
         self.send(method, repo, &format!("/v2/{repo}/manifests/{reference}"), headers, Kind::Manifest).await
     }
 
@@ -267,6 +287,31 @@ impl Upstream {
     /// Wrap a body-stream error.
     pub fn stream_error(&self, e: reqwest::Error) -> UpstreamError {
         self.err_from(e)
+    }
+
+    /// Read a whole body into memory, `limit` bytes at most, counted as they arrive: a chunked
+    /// body has no `Content-Length` to check in advance.
+    pub async fn read_limited(
+        &self,
+        resp: reqwest::Response,
+        limit: u64,
+        what: &'static str,
+    ) -> Result<Vec<u8>, UpstreamError> {
+        use futures_util::StreamExt;
+        let too_large = || self.failed(UpstreamError::TooLarge { upstream: self.name.clone(), what, limit });
+        if content_length(&resp).is_some_and(|l| l > limit) {
+            return Err(too_large());
+        }
+        let mut out = Vec::new();
+        let mut body = resp.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| self.failed(self.err_from(e)))?;
+            if out.len() as u64 + chunk.len() as u64 > limit {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
     }
 }
 

@@ -15,6 +15,7 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
+use futures_util::StreamExt;
 
 #[derive(Default)]
 pub struct Counters {
@@ -27,6 +28,7 @@ pub struct Counters {
     pub cdn_range_gets: AtomicUsize,
     /// Set if the CDN ever saw an Authorization header.
     pub cdn_saw_authorization: AtomicBool,
+    pub tags_gets: AtomicUsize,
 }
 
 /// (media type, bytes), stored by (repository, reference).
@@ -50,6 +52,22 @@ pub struct HubState {
     pub token_epoch: AtomicU64,
     pub cdn_addr: Mutex<Option<SocketAddr>>,
     pub addr: Mutex<Option<SocketAddr>>,
+    /// Repositories that have no blobs at all: blob requests for them get 404.
+    pub absent_repos: Mutex<std::collections::HashSet<String>>,
+    /// Blob HEADs answer 200 for any digest (a permissive or compromised upstream).
+    pub permissive_heads: AtomicBool,
+    /// The CDN answers 503 to this many range requests (a short outage while resuming).
+    pub fail_ranges: AtomicU64,
+    /// When the CDN saw each range request.
+    pub range_attempts: Mutex<Vec<std::time::Instant>>,
+    /// Manifest GETs of this repository stream an endless (64 MiB) chunked body; bytes sent so far.
+    pub huge_manifest_repo: Mutex<Option<String>>,
+    pub huge_sent: Arc<AtomicU64>,
+    /// Prefix of the tags list's `Link` (empty: a path on this registry).
+    pub link_base: Mutex<String>,
+    /// Registry manifest requests and blob GETs wait while this is false; `held` counts them.
+    pub open: tokio::sync::watch::Sender<bool>,
+    pub held: tokio::sync::watch::Sender<usize>,
 }
 
 pub struct Hub {
@@ -61,7 +79,8 @@ pub struct Hub {
 impl Hub {
     pub async fn start() -> Hub {
         let (gate, _) = tokio::sync::watch::channel(u64::MAX);
-        let state = Arc::new(HubState { gate, token_ttl: AtomicU64::new(300), ..Default::default() });
+        let (open, _) = tokio::sync::watch::channel(true);
+        let state = Arc::new(HubState { gate, open, token_ttl: AtomicU64::new(300), ..Default::default() });
         let cdn_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cdn = cdn_listener.local_addr().unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -96,6 +115,35 @@ impl Hub {
     pub fn count(&self, c: &AtomicUsize) -> usize {
         c.load(Ordering::SeqCst)
     }
+
+    /// Hold registry manifest and blob requests until `release`.
+    pub fn hold(&self) {
+        self.state.open.send_replace(false);
+    }
+
+    pub fn release(&self) {
+        self.state.open.send_replace(true);
+    }
+
+    /// Wait until at least `n` requests are being held.
+    pub async fn wait_held(&self, n: usize) {
+        let mut held = self.state.held.subscribe();
+        let _ = held.wait_for(|h| *h >= n).await;
+    }
+}
+
+/// Whether an `Accept` header admits `media_type`, as distribution decides it: a request that
+/// lists types gets only those.
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let listed: Vec<String> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.split(';').next().unwrap_or_default().trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    listed.is_empty() || listed.iter().any(|t| t == media_type || t == "*/*")
 }
 
 fn challenge(state: &HubState, repo: &str) -> Response {
@@ -135,13 +183,30 @@ async fn registry(State(state): State<Arc<HubState>>, req: Request) -> Response 
         return StatusCode::OK.into_response();
     }
     let Some(rest) = path.strip_prefix("/v2/") else { return StatusCode::NOT_FOUND.into_response() };
+    if let Some(repo) = rest.strip_suffix("/tags/list") {
+        if !token_ok(&state, req.headers(), repo) {
+            return challenge(&state, repo);
+        }
+    }
     let (repo, kind, reference) = if let Some((repo, r)) = rest.rsplit_once("/manifests/") {
         (repo.to_string(), "manifests", r.to_string())
     } else if let Some((repo, r)) = rest.rsplit_once("/blobs/") {
         (repo.to_string(), "blobs", r.to_string())
+    } else if let Some(repo) = rest.strip_suffix("/tags/list") {
+        (repo.to_string(), "tags", String::new())
     } else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    if kind == "tags" {
+        return tags_list(&state, &repo, req.uri().query().unwrap_or_default());
+    }
+    let gated = kind == "manifests" || req.method() == Method::GET;
+    if gated && !*state.open.borrow() {
+        state.held.send_modify(|h| *h += 1);
+        let mut open = state.open.subscribe();
+        let _ = open.wait_for(|o| *o).await;
+        state.held.send_modify(|h| *h -= 1);
+    }
     if state.rate_limited.load(Ordering::SeqCst) {
         let body = r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"You have reached your pull rate limit."}]}"#;
         return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "42")], body).into_response();
@@ -154,8 +219,16 @@ async fn registry(State(state): State<Arc<HubState>>, req: Request) -> Response 
     match kind {
         "manifests" => {
             if head { &c.manifest_heads } else { &c.manifest_gets }.fetch_add(1, Ordering::SeqCst);
+            if !head && state.huge_manifest_repo.lock().unwrap().as_deref() == Some(repo.as_str()) {
+                return huge_manifest(&state);
+            }
             let found = state.manifests.lock().unwrap().get(&(repo, reference)).cloned();
             match found {
+                Some((mt, _)) if !accepts(req.headers(), &mt) => (
+                    StatusCode::NOT_FOUND,
+                    r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"OCI index found, but accept header does not support OCI indexes"}]}"#,
+                )
+                    .into_response(),
                 Some((mt, bytes)) => {
                     let d = super::sha256(&bytes);
                     let len = bytes.len();
@@ -175,7 +248,12 @@ async fn registry(State(state): State<Arc<HubState>>, req: Request) -> Response 
         }
         _ => {
             if head { &c.blob_heads } else { &c.blob_gets }.fetch_add(1, Ordering::SeqCst);
-            let len = state.blobs.lock().unwrap().get(&reference).map(Vec::len);
+            let absent = state.absent_repos.lock().unwrap().contains(&repo);
+            let len = state.blobs.lock().unwrap().get(&reference).map(Vec::len).filter(|_| !absent);
+            let len = match len {
+                None if head && state.permissive_heads.load(Ordering::SeqCst) => Some(10),
+                len => len,
+            };
             match len {
                 None => (StatusCode::NOT_FOUND, r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}"#)
                     .into_response(),
@@ -220,6 +298,12 @@ async fn cdn_handler(State(state): State<Arc<HubState>>, req: Request) -> Respon
         .and_then(|v| v.trim_end_matches('-').parse::<u64>().ok());
     if start.is_some() {
         c.cdn_range_gets.fetch_add(1, Ordering::SeqCst);
+        state.range_attempts.lock().unwrap().push(std::time::Instant::now());
+        let failing = state.fail_ranges.load(Ordering::SeqCst);
+        if failing > 0 {
+            state.fail_ranges.store(failing - 1, Ordering::SeqCst);
+            return (StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable").into_response();
+        }
     }
     let start = start.unwrap_or(0).min(total);
     let reset_after = state.reset_after.swap(0, Ordering::SeqCst);
@@ -258,4 +342,46 @@ async fn cdn_handler(State(state): State<Arc<HubState>>, req: Request) -> Respon
         resp = resp.header("content-range", format!("bytes {start}-{}/{total}", total - 1));
     }
     resp.body(Body::from_stream(stream)).unwrap()
+}
+
+/// A "manifest" that never ends: 64 MiB of JSON whitespace, chunked, no Content-Length.
+fn huge_manifest(state: &HubState) -> Response {
+    let sent = state.huge_sent.clone();
+    let piece = Bytes::from(vec![b' '; 64 << 10]);
+    let stream = futures_util::stream::iter(0..1024).map(move |_| {
+        sent.fetch_add(piece.len() as u64, Ordering::SeqCst);
+        Ok::<_, std::io::Error>(piece.clone())
+    });
+    Response::builder()
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(Body::from_stream(stream))
+        .unwrap()
+}
+
+/// `tags/list` with `n` and `last`, and a `Link` to the next page as distribution writes it.
+fn tags_list(state: &HubState, repo: &str, query: &str) -> Response {
+    state.counters.tags_gets.fetch_add(1, Ordering::SeqCst);
+    let q: HashMap<String, String> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let mut tags: Vec<String> = state
+        .manifests
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|(r, t)| r == repo && !t.contains(':'))
+        .map(|(_, t)| t.clone())
+        .collect();
+    tags.sort();
+    if let Some(last) = q.get("last") {
+        tags.retain(|t| t > last);
+    }
+    let n = q.get("n").and_then(|n| n.parse::<usize>().ok()).unwrap_or(usize::MAX);
+    let more = tags.len() > n;
+    tags.truncate(n);
+    let mut resp = axum::Json(serde_json::json!({"name": repo, "tags": tags})).into_response();
+    if more {
+        let base = state.link_base.lock().unwrap().clone();
+        let link = format!("<{base}/v2/{repo}/tags/list?last={}&n={n}>; rel=\"next\"", tags.last().unwrap());
+        resp.headers_mut().insert(header::LINK, link.parse().unwrap());
+    }
+    resp
 }
