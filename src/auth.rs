@@ -228,6 +228,7 @@ impl Access {
         let password = password.to_string();
         let matched = {
             let Ok(_permit) = self.hashing.acquire().await else { return false };
+            self.metrics.password_checks.inc();
             tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await.unwrap_or(false)
         };
         let ok = matched && known;
@@ -288,7 +289,12 @@ impl Access {
         let peer = conn.map(|c| c.peer);
         self.throttle(peer).await;
         if self.check_password(&user, &password).await {
-            return Authn { principal: Principal::User(user), rejected: false, authenticated: true, token_access: None };
+            return Authn {
+                principal: Principal::User(user),
+                rejected: false,
+                authenticated: true,
+                token_access: None,
+            };
         }
         self.failed(&user, peer);
         Authn { principal: Principal::Anonymous, rejected: true, authenticated: false, token_access: None }
@@ -538,8 +544,7 @@ mod tests {
         assert_eq!(a.verify_token(&t), Some((Principal::User("alice".into()), access.clone())));
         // Any change to the payload breaks the signature.
         let (payload, sig) = t.rsplit_once('.').unwrap();
-        let mut claims: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        let mut claims: serde_json::Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
         claims["sub"] = "admin".into();
         let forged = format!("{}.{sig}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap()));
         assert_eq!(a.verify_token(&forged), None);

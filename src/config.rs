@@ -337,8 +337,7 @@ impl Config {
             v.duration("cache.upstream_timeout", raw.cache.upstream_timeout.as_deref().unwrap_or("30s"));
         let pin_refresh = v.duration("cache.pin_refresh", raw.cache.pin_refresh.as_deref().unwrap_or("1h"));
         let max_size = raw.storage.max_size.as_deref().map(|s| v.size("storage.max_size", s));
-        let upload_expiry =
-            v.duration("storage.upload_expiry", raw.storage.upload_expiry.as_deref().unwrap_or("24h"));
+        let upload_expiry = v.duration("storage.upload_expiry", raw.storage.upload_expiry.as_deref().unwrap_or("24h"));
         let mut pins = Vec::new();
         for (i, p) in raw.cache.pin.iter().enumerate() {
             let parsed = p.rsplit_once(':').and_then(|(name, tag)| {

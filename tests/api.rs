@@ -544,3 +544,100 @@ async fn healthz_and_readyz() {
     assert_eq!(client().get(s.url("/healthz")).send().await.unwrap().status(), 200);
     assert_eq!(client().get(s.url("/readyz")).send().await.unwrap().status(), 200);
 }
+
+// ---- Upload sessions (issue 12) ----
+
+#[tokio::test]
+async fn a_chunk_must_bring_exactly_the_bytes_its_content_range_announces() {
+    let s = TestServer::start(CONFIG).await;
+    let c = client();
+    let r = c.post(s.url("/v2/private/exact/blobs/uploads/")).send().await.unwrap();
+    let loc = location(&r);
+    // Announces 10 bytes, streams 1000 (chunked: no Content-Length to compare with).
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..10).map(|_| Ok(vec![b'x'; 100])).collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let r = c.patch(s.url(&loc)).header("content-range", "0-9").body(body).send().await.unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    // Announces 10, brings 4.
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(vec![Ok::<_, std::io::Error>(b"four".to_vec())]));
+    let r = c.patch(s.url(&loc)).header("content-range", "0-9").body(body).send().await.unwrap();
+    assert_eq!(r.status(), 416);
+    // Nothing of either was kept; an overflowing range is refused, never a panic.
+    let r = c.get(s.url(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["range"], "0-0");
+    let r = c.patch(s.url(&loc)).header("content-range", "0-18446744073709551615").body("xx").send().await.unwrap();
+    assert_eq!(r.status(), 416);
+    let r = c.patch(s.url(&loc)).header("content-range", "0-9").body("0123456789").send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let d = sha256(b"0123456789");
+    let r = c.put(s.url(&format!("{}?digest={d}", location(&r)))).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+}
+
+fn upload_ids(s: &TestServer) -> Vec<String> {
+    match std::fs::read_dir(s.dir.path().join("data/uploads")) {
+        Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn upload_sessions_expire_with_their_data() {
+    let s = TestServer::start(&CONFIG.replace("root = \"data\"\n", "root = \"data\"\nupload_expiry = \"1h\"\n")).await;
+    let c = client();
+    let mut locations = Vec::new();
+    for _ in 0..2 {
+        let r = c.post(s.url("/v2/private/old/blobs/uploads/")).send().await.unwrap();
+        let loc = location(&r);
+        let r = c.patch(s.url(&loc)).body("some bytes").send().await.unwrap();
+        assert_eq!(r.status(), 202);
+        locations.push(loc);
+    }
+    // Both sessions started two hours ago (the record is what the server goes by).
+    for loc in &locations {
+        let id = loc.rsplit('/').next().unwrap();
+        let info = s.dir.path().join(format!("data/uploads/{id}/info"));
+        let mut v: Value = serde_json::from_slice(&std::fs::read(&info).unwrap()).unwrap();
+        v["started_at"] = json!(v["started_at"].as_u64().unwrap() - 7200);
+        std::fs::write(&info, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+    // One is asked about: it is gone. The other is swept by the purge.
+    let r = c.patch(s.url(&locations[0])).body("more").send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+    assert_eq!(upload_ids(&s).len(), 1);
+    assert_eq!(regmirror::registry::uploads::purge_expired(&s.state).await.unwrap(), 1);
+    assert!(upload_ids(&s).is_empty());
+    // A fresh session is not touched.
+    let r = c.post(s.url("/v2/private/old/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(regmirror::registry::uploads::purge_expired(&s.state).await.unwrap(), 0);
+    assert_eq!(upload_ids(&s).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_finished_session_takes_no_more_writes() {
+    let s = TestServer::start(CONFIG).await;
+    let c = client();
+    let data = b"the whole blob".to_vec();
+    let d = sha256(&data);
+    // A PUT that finishes the session and a PATCH to it, racing, 20 times: whichever wins, the
+    // PATCH never lands in a finished session and nothing is left behind.
+    for _ in 0..20 {
+        let r = c.post(s.url("/v2/private/race/blobs/uploads/")).send().await.unwrap();
+        let loc = location(&r);
+        let put = c.put(s.url(&format!("{loc}?digest={d}"))).body(data.clone()).send();
+        let patch = c.patch(s.url(&loc)).body("late bytes").send();
+        let (put, patch) = tokio::join!(put, patch);
+        let (put, patch) = (put.unwrap().status(), patch.unwrap().status());
+        assert!(!(put == 201 && patch == 202), "a PATCH was accepted into a finished session");
+        if put == 201 {
+            assert_eq!(patch, 404);
+        }
+        let r = c.get(s.url(&loc)).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+    }
+    assert!(upload_ids(&s).is_empty(), "left behind: {:?}", upload_ids(&s));
+}

@@ -169,8 +169,11 @@ async fn grants_decide_who_pushes_and_pulls() {
     assert_eq!(cat(Some(carol)).await, vec!["docker.io/library/pub"]);
     assert_eq!(cat(None).await, vec!["docker.io/library/pub"]);
 
-    // Delete needs the delete right, which alice has.
+    // Delete needs the delete right, which alice has, in a token asked for it.
     let r = c.delete(s.url("/v2/private/team-a/x/manifests/v1")).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a pull,push token deleted");
+    let d = bearer(&c, &base, "alice", "alice-secret-pw", "repository:private/team-a/x:delete").await;
+    let r = c.delete(s.url("/v2/private/team-a/x/manifests/v1")).bearer_auth(&d).send().await.unwrap();
     assert_eq!(r.status(), 202);
 }
 
@@ -180,7 +183,8 @@ async fn tokens_outlive_a_restart() {
     let toml = auth_config(dir.path(), "http://127.0.0.1:9");
     let s = TestServer::start_in(dir, &toml).await;
     let c = client();
-    let t = bearer(&c, &s.url(""), "alice", "alice-secret-pw", "repository:private/team-a/x:pull,push").await;
+    let both = "repository:private/team-a/x:pull,push&scope=repository:private/team-a/y:pull,push";
+    let t = bearer(&c, &s.url(""), "alice", "alice-secret-pw", both).await;
     assert_eq!(push_as(&c, &s.url(""), "private/team-a/x", Some(&t)).await, 201);
     let key = s.dir.path().join("data").join(regmirror::auth::TOKEN_KEY);
     let dir = s.stop().await;
@@ -250,4 +254,118 @@ async fn no_secret_ever_reaches_the_log() {
         text.contains("authentication failed") && text.contains("\"user\":\"alice\""),
         "failed login not logged:\n{text}"
     );
+}
+
+// ---- Credentials under abuse, and what a token may do (issue 12) ----
+
+/// A mirror with auth whose hub serves `library/pub:latest`, pulled once so it is cached.
+async fn mirror_with_cached_image() -> (Hub, TestServer) {
+    let hub = Hub::start().await;
+    let blob = b"mirrored layer".to_vec();
+    let config = b"{}".to_vec();
+    hub.add_blob(blob.clone());
+    hub.add_blob(config.clone());
+    hub.add_manifest("library/pub", "latest", OCI_MANIFEST, image_manifest(&config, &[&blob]));
+    let dir = tempfile::tempdir().unwrap();
+    let toml = auth_config(dir.path(), &hub.url());
+    let s = TestServer::start_in(dir, &toml).await;
+    let r = client().get(s.url("/v2/library/pub/manifests/latest")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    (hub, s)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_password_guessing_flood_leaves_health_checks_and_cached_pulls_alone() {
+    let (_hub, s) = mirror_with_cached_image().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 16 guessers, each from its own loopback address, each password new (nothing to remember).
+    let flood: Vec<_> = (0..16u8)
+        .map(|i| {
+            let stop = stop.clone();
+            let url = s.url("/auth/token?service=regmirror");
+            tokio::spawn(async move {
+                let c = reqwest::Client::builder()
+                    .local_address(std::net::IpAddr::from([127, 0, 1, i + 1]))
+                    .build()
+                    .unwrap();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let r = c.get(&url).basic_auth("alice", Some(format!("guess-{i}-{n}"))).send().await.unwrap();
+                    assert_eq!(r.status(), 401);
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    eventually("the flood is under way", || metric(&s.metrics(), "regmirror_auth_failures_total") >= 16.0).await;
+    let c = client();
+    let mut slowest = std::time::Duration::ZERO;
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        assert_eq!(c.get(s.url("/healthz")).send().await.unwrap().status(), 200);
+        let r = c.get(s.url("/v2/library/pub/manifests/latest")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        slowest = slowest.max(started.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for f in flood {
+        f.await.unwrap();
+    }
+    assert!(slowest < std::time::Duration::from_millis(500), "a health check and a cached pull took {slowest:?}");
+}
+
+#[tokio::test]
+async fn foreign_credentials_on_an_anonymous_pull_cost_nothing_and_rejected_ones_are_remembered() {
+    let (_hub, s) = mirror_with_cached_image().await;
+    let c = client();
+    let base = s.url("");
+    // dockerd sends its Docker Hub login to our token endpoint with every pull.
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        let r = token(&c, &base, Some(("someone", "docker-hub-password")), "repository:library/pub:pull").await;
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        let t = v["token"].as_str().unwrap();
+        let r = c.get(s.url("/v2/library/pub/manifests/latest")).bearer_auth(t).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "slowed down: {:?}", started.elapsed());
+    assert_eq!(metric(&s.metrics(), "regmirror_auth_failures_total"), 0.0);
+    assert_eq!(metric(&s.metrics(), "regmirror_password_checks_total"), 0.0);
+
+    // Where they are needed (a login), wrong credentials fail, and a repeat costs no second bcrypt.
+    for n in 1..=2 {
+        assert_eq!(token(&c, &base, Some(("someone", "docker-hub-password")), "").await.status(), 401);
+        assert_eq!(metric(&s.metrics(), "regmirror_auth_failures_total"), n as f64);
+    }
+    assert_eq!(metric(&s.metrics(), "regmirror_password_checks_total"), 1.0);
+}
+
+#[tokio::test]
+async fn a_token_allows_its_scope_only_and_dies_with_its_user() {
+    let hub = Hub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let toml = auth_config(dir.path(), &hub.url());
+    let s = TestServer::start_in(dir, &toml).await;
+    let c = client();
+    let base = s.url("");
+    let t = bearer(&c, &base, "alice", "alice-secret-pw", "repository:private/team-a/a:pull,push").await;
+    assert_eq!(push_as(&c, &base, "private/team-a/a", Some(&t)).await, 201);
+    // alice may push to team-a/b, but this token was not issued for it.
+    let r = c.post(s.url("/v2/private/team-a/b/blobs/uploads/")).bearer_auth(&t).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap();
+    assert!(challenge.contains("scope=\"repository:private/team-a/b:pull,push\""), "{challenge}");
+    // A token asked for more than its user may do carries only what was granted.
+    let partial = bearer(&c, &base, "alice", "alice-secret-pw", "repository:private/team-b/x:pull,push").await;
+    let r = c.post(s.url("/v2/private/team-b/x/blobs/uploads/")).bearer_auth(&partial).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+
+    // alice leaves: her token stops working at once.
+    let text = std::fs::read_to_string(&htpasswd).unwrap();
+    let kept: String = text.lines().filter(|l| !l.starts_with("alice:")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&htpasswd, kept).unwrap();
+    assert_eq!(push_as(&c, &base, "private/team-a/a", Some(&t)).await, 401);
 }

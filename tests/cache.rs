@@ -476,3 +476,272 @@ async fn pulls_through_the_reference_registry_are_byte_identical_and_survive_its
     let r = c.get(s.url("/v2/library/never/manifests/latest")).send().await.unwrap();
     assert_eq!(r.status(), 503);
 }
+
+// ---- One upstream request per thing (issue 12) ----
+
+/// 50 clients at once on `url`, while the upstream holds its answer until every one of them
+/// waits on the mirror's single request. Returns each client's digest header.
+async fn fifty_at_once(hub: &Hub, s: &TestServer, url: &str) -> Vec<String> {
+    let c = client();
+    hub.hold();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.to_string());
+            tokio::spawn(async move {
+                let r = c.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.headers()["docker-content-digest"].to_str().unwrap().to_string()
+            })
+        })
+        .collect();
+    hub.wait_held(1).await;
+    eventually("all 50 clients wait on one manifest request", || s.state.manifest_flights.waiting() == 50).await;
+    hub.release();
+    let mut digests = Vec::new();
+    for t in tasks {
+        digests.push(t.await.unwrap());
+    }
+    digests
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_clients_on_an_uncached_tag_cost_one_upstream_request_and_so_do_fifty_revalidations() {
+    let hub = Hub::start().await;
+    let (_, manifest_digest, _) = hub_image(&hub, "rollout", "latest", blob_of(100, 20));
+    let s = TestServer::start(&config(&hub.url())).await;
+    let url = s.url("/v2/library/rollout/manifests/latest");
+    let counts = || (hub.count(&hub.state.counters.manifest_gets), hub.count(&hub.state.counters.manifest_heads));
+
+    let digests = fifty_at_once(&hub, &s, &url).await;
+    assert!(digests.iter().all(|d| d == &manifest_digest));
+    assert_eq!(counts(), (1, 0), "50 clients on an uncached tag: one upstream GET");
+
+    // Past the TTL: 50 clients again, one revalidating HEAD.
+    let repo = RepoName::parse("docker.io/library/rollout").unwrap();
+    let mut rec = s.state.store.tag(&repo, "latest").await.unwrap().unwrap();
+    rec.fetched_at -= 301;
+    s.state.store.set_tag(&repo, "latest", &rec).await.unwrap();
+    let digests = fifty_at_once(&hub, &s, &url).await;
+    assert!(digests.iter().all(|d| d == &manifest_digest));
+    assert_eq!(counts(), (1, 1), "50 revalidations: one upstream HEAD");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_through_a_repository_without_the_blob_fails_only_its_own_clients() {
+    let hub = Hub::start().await;
+    let blob = blob_of(2 << 20, 21);
+    let d = hub.add_blob(blob.clone());
+    hub.state.absent_repos.lock().unwrap().insert("evil/nothere".into());
+    let s = TestServer::start(&config(&hub.url())).await;
+    let c = client();
+
+    // An anonymous client starts the fill through a repository that does not have the blob;
+    // its upstream request is held back.
+    hub.hold();
+    let bad = tokio::spawn({
+        let (c, url) = (c.clone(), s.url(&format!("/v2/evil/nothere/blobs/{d}")));
+        async move { c.get(&url).send().await.unwrap() }
+    });
+    hub.wait_held(1).await;
+    // A legitimate pull of the same blob through a repository that has it joins that fill.
+    let good = tokio::spawn({
+        let (c, url) = (c.clone(), s.url(&format!("/v2/evil/good/blobs/{d}")));
+        async move {
+            let r = c.get(&url).send().await.unwrap();
+            (r.status(), sha256(&r.bytes().await.unwrap()))
+        }
+    });
+    let digest = d.parse().unwrap();
+    let good_repo = RepoName::parse("docker.io/evil/good").unwrap();
+    eventually("the good client joined the fill", || !s.state.fills.runs_without(&digest, &good_repo)).await;
+    hub.release();
+
+    let bad = bad.await.unwrap();
+    assert_eq!(bad.status(), 404);
+    let v: Value = bad.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "BLOB_UNKNOWN");
+    assert_eq!(good.await.unwrap(), (reqwest::StatusCode::OK, d.clone()));
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1, "one upstream fetch of the bytes");
+    let bad_repo = RepoName::parse("docker.io/evil/nothere").unwrap();
+    assert!(!s.state.store.is_blob_linked(&bad_repo, &digest).await.unwrap());
+    assert!(s.state.store.is_blob_linked(&good_repo, &digest).await.unwrap());
+}
+
+#[tokio::test]
+async fn resumes_back_off_and_outlast_a_short_upstream_outage() {
+    let (hub, _s, c, url, blob_digest) = fill_fixture("blip", 4 << 20, 22).await;
+    // The connection breaks at 1 MiB, then the next five range requests fail with 503.
+    hub.state.reset_after.store(1 << 20, Ordering::SeqCst);
+    hub.state.fail_ranges.store(5, Ordering::SeqCst);
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blob_digest);
+    let attempts = hub.state.range_attempts.lock().unwrap().clone();
+    assert_eq!(attempts.len(), 6, "five failed resumes, then one that worked");
+    let gaps: Vec<_> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.windows(2).all(|g| g[1] > g[0]), "the waits between resumes do not grow: {gaps:?}");
+    assert!(attempts[5] - attempts[0] >= std::time::Duration::from_millis(1500), "{gaps:?}");
+}
+
+#[tokio::test]
+async fn head_of_an_uncached_blob_gives_its_size_also_during_a_fill() {
+    let size = 3 << 20;
+    let (hub, _s, c, url, _) = fill_fixture("sized", size, 23).await;
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], size.to_string().as_str());
+    // While a fill of it is running.
+    hub.state.gate.send_replace(1 << 20);
+    let mut filling = c.get(&url).send().await.unwrap().bytes_stream();
+    filling.next().await.unwrap().unwrap();
+    let r = c.head(&url).send().await.unwrap();
+    assert_eq!(r.headers()["content-length"], size.to_string().as_str());
+    hub.state.gate.send_replace(u64::MAX);
+    while filling.next().await.is_some() {}
+}
+
+#[tokio::test]
+async fn head_through_the_reference_registry_gives_the_blob_size() {
+    if !require("docker-registry") {
+        return;
+    }
+    let upstream = RefRegistry::start(None).await;
+    let c = client();
+    let blob = blob_of(123_456, 24);
+    let d = push_blob(&c, &upstream.url(), "library/sized", &blob).await;
+    let s = TestServer::start(&config(&upstream.url())).await;
+    let r = c.head(s.url(&format!("/v2/library/sized/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], "123456");
+}
+
+#[tokio::test]
+async fn a_pushed_blob_is_never_served_through_a_mirrored_name_on_the_upstreams_word() {
+    let hub = Hub::start().await;
+    hub.state.permissive_heads.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    regmirror::auth::set_password(&htpasswd, "alice", "alice-secret-pw").unwrap();
+    let toml = format!(
+        "{}[auth]\nhtpasswd = \"{}\"\n[[auth.grant]]\nusers = [\"alice\"]\nrepositories = [\"private/*\"]\naccess = \"push\"\n",
+        config(&hub.url()),
+        htpasswd.display()
+    );
+    let s = TestServer::start_in(dir, &toml).await;
+    let c = client();
+    let secret = b"a private layer nobody outside may read".to_vec();
+    let d = sha256(&secret);
+    let r = c
+        .post(s.url(&format!("/v2/private/x/blobs/uploads/?digest={d}")))
+        .basic_auth("alice", Some("alice-secret-pw"))
+        .body(secret.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(c.get(s.url(&format!("/v2/private/x/blobs/{d}"))).send().await.unwrap().status(), 401);
+
+    // The upstream claims every digest but never delivers these bytes: the mirror asks for them
+    // and gets nothing, so the anonymous caller gets nothing either.
+    let r = c.get(s.url(&format!("/v2/library/anything/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(!r.bytes().await.unwrap().windows(secret.len()).any(|w| w == &secret[..]));
+
+    // When the upstream really has the same bytes, it delivers them (verified) once, and from then
+    // on the stored copy serves its repositories.
+    hub.add_blob(secret.clone());
+    for repo in ["library/anything", "library/other"] {
+        let r = c.get(s.url(&format!("/v2/{repo}/blobs/{d}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &secret[..]);
+    }
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
+}
+
+#[tokio::test]
+async fn a_chunked_manifest_over_the_limit_is_refused_while_it_is_read() {
+    let hub = Hub::start().await;
+    *hub.state.huge_manifest_repo.lock().unwrap() = Some("library/huge".into());
+    let s = TestServer::start(&config(&hub.url())).await;
+    let r = client().get(s.url("/v2/library/huge/manifests/latest")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
+    assert!(v["errors"][0]["detail"].as_str().unwrap().contains("larger than the limit"), "{v}");
+    // The mirror stopped reading near the 4 MiB limit (what the sockets buffer aside), not at 64 MiB.
+    let sent = hub.state.huge_sent.load(Ordering::SeqCst);
+    assert!(sent < 24 << 20, "{sent} bytes were read for a 4 MiB limit");
+    let repo = RepoName::parse("docker.io/library/huge").unwrap();
+    assert!(s.state.store.tag(&repo, "latest").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn tag_list_links_lead_to_the_next_page_on_the_mirror_never_elsewhere() {
+    let hub = Hub::start().await;
+    for tag in ["a", "b", "c"] {
+        hub_image(&hub, "paged", tag, blob_of(10, 25));
+    }
+    *hub.state.link_base.lock().unwrap() = "https://evil.example".into();
+    let s = TestServer::start(&config(&hub.url())).await;
+    let c = client();
+    let r = c.get(s.url("/v2/library/paged/tags/list?n=1")).send().await.unwrap();
+    let link = r.headers()["link"].to_str().unwrap().to_string();
+    assert_eq!(link, "</v2/docker.io/library/paged/tags/list?n=1&last=a>; rel=\"next\"");
+    let next = link.trim_start_matches('<').split('>').next().unwrap();
+    let v: Value = c.get(s.url(next)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(v["tags"], json!(["b"]));
+}
+
+#[tokio::test]
+async fn tag_list_links_of_another_upstream_stay_on_that_upstream() {
+    if !require("docker-registry") {
+        return;
+    }
+    let upstream = RefRegistry::start(None).await;
+    let c = client();
+    for tag in ["v1", "v2", "v3"] {
+        push_image(&c, &upstream.url(), "org/tool", tag, tag).await;
+    }
+    let toml = format!("[storage]\nroot = \"data\"\n[[upstream]]\nname = \"ghcr.io\"\nurl = \"{}\"\n", upstream.url());
+    let s = TestServer::start(&toml).await;
+    let mut url = s.url("/v2/ghcr.io/org/tool/tags/list?n=1");
+    let mut seen = Vec::new();
+    loop {
+        let r = c.get(&url).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{url}: {:?}", r.headers());
+        let link = r.headers().get("link").map(|l| l.to_str().unwrap().to_string());
+        let v: Value = r.json().await.unwrap();
+        seen.extend(v["tags"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()));
+        let Some(link) = link else { break };
+        assert!(link.starts_with("</v2/ghcr.io/org/tool/tags/list?"), "{link}");
+        url = s.url(link.trim_start_matches('<').split('>').next().unwrap());
+    }
+    assert_eq!(seen, ["v1", "v2", "v3"]);
+}
+
+#[tokio::test]
+async fn the_clients_accept_header_decides_as_the_upstream_would() {
+    if !require("docker-registry") {
+        return;
+    }
+    let upstream = RefRegistry::start(None).await;
+    seed(&upstream.url()).await;
+    let s = TestServer::start(&config(&upstream.url())).await;
+    let c = client();
+    let docker_only = "application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+    let get = |accept: &'static str, tag: &'static str| {
+        let (c, url) = (c.clone(), s.url(&format!("/v2/library/multi/manifests/{tag}")));
+        async move { c.get(&url).header("accept", accept).send().await.unwrap() }
+    };
+    // Uncached: the client's Accept goes upstream, which has only an OCI index under the tag.
+    let r = get(docker_only, "latest").await;
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    let r = get(OCI_INDEX, "latest").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], OCI_INDEX);
+    // Cached now: still not for a client that cannot read it.
+    assert_eq!(get(docker_only, "latest").await.status(), 404);
+    // A Docker manifest list is what that client asked for.
+    assert_eq!(get(docker_only, "list").await.status(), 200);
+}

@@ -86,7 +86,12 @@ pub async fn get(ctx: &Ctx, target: &Target, d: &Digest, info: &mut RequestInfo)
 
 /// A repository that followed a fill links the blob once the fill has succeeded (the fill links
 /// the repository it fetched through itself).
-fn link_when_done(state: &AppState, local: RepoName, digest: Digest, mut rx: tokio::sync::watch::Receiver<super::fill::Progress>) {
+fn link_when_done(
+    state: &AppState,
+    local: RepoName,
+    digest: Digest,
+    mut rx: tokio::sync::watch::Receiver<super::fill::Progress>,
+) {
     let store = state.store.clone();
     tokio::spawn(async move {
         if matches!(wait_until_done(&mut rx).await, Phase::Done { .. }) {

@@ -22,11 +22,11 @@ use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use tokio::sync::watch;
 
+use super::CacheError;
 use crate::app::AppState;
 use crate::registry::names::{Digest, RepoName};
 use crate::registry::response::CHUNK;
 use crate::storage::{BlobWriter, CommitError};
-use super::CacheError;
 use crate::upstream::{content_length, error_chain, Upstream, UpstreamError};
 
 /// How often in a row a broken upstream connection is resumed before the fill gives up: with
@@ -415,7 +415,10 @@ async fn fetch(
         Err(e) => {
             tracing::warn!(upstream = upstream.name(), %digest, error = %e, "upstream content rejected");
             Err(upstream
-                .failed(UpstreamError::DigestMismatch { upstream: upstream.name().to_string(), digest: digest.to_string() })
+                .failed(UpstreamError::DigestMismatch {
+                    upstream: upstream.name().to_string(),
+                    digest: digest.to_string(),
+                })
                 .into())
         }
     }

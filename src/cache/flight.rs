@@ -14,11 +14,21 @@ type Pending<V> = Shared<BoxFuture<'static, Option<V>>>;
 pub struct Flights<K, V> {
     running: Arc<Mutex<HashMap<K, (u64, Pending<V>)>>>,
     next_id: std::sync::atomic::AtomicU64,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl<K, V> Default for Flights<K, V> {
     fn default() -> Self {
-        Flights { running: Arc::default(), next_id: Default::default() }
+        Flights { running: Arc::default(), next_id: Default::default(), waiting: Arc::default() }
+    }
+}
+
+/// Counts a caller among those waiting, until it has its answer or goes away.
+struct Waiting(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -34,6 +44,8 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V> + Send + 'static,
     {
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _waiting = Waiting(self.waiting.clone());
         let pending = {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             match running.get(&key) {
@@ -59,6 +71,11 @@ where
             }
         };
         pending.await
+    }
+
+    /// Callers waiting for a flight now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Flights running now.

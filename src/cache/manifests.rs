@@ -86,9 +86,17 @@ pub async fn get(ctx: &Ctx, target: &Target, reference: &Reference, info: &mut R
         serve_stale: state.config.serve_stale,
         max_manifest_size: state.config.max_manifest_size,
     };
-    let resolved =
-        resolve(&state.manifest_flights, &state.store, upstream, remote, local, reference, client_accept.as_deref(), policy)
-            .await;
+    let resolved = resolve(
+        &state.manifest_flights,
+        &state.store,
+        upstream,
+        remote,
+        local,
+        reference,
+        client_accept.as_deref(),
+        policy,
+    )
+    .await;
     let resolved = match resolved {
         Ok(r) => r,
         Err(e) => {
@@ -155,7 +163,12 @@ pub async fn resolve(
 
 /// The manifest from the store when it may be served without asking the upstream: by digest
 /// always, by tag while the tag is younger than `ttl`.
-async fn cached(store: &Store, local: &RepoName, reference: &Reference, ttl: Duration) -> Result<Option<Resolved>, CacheError> {
+async fn cached(
+    store: &Store,
+    local: &RepoName,
+    reference: &Reference,
+    ttl: Duration,
+) -> Result<Option<Resolved>, CacheError> {
     match reference {
         Reference::Digest(d) => Ok(load(store, local, d).await?.map(|(meta, bytes)| Resolved {
             digest: d.clone(),

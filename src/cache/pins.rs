@@ -71,17 +71,16 @@ pub async fn warm_tag(
     let described = describe(&top.bytes, Some(&top.meta.media_type)).map_err(|e| e.to_string())?;
     let mut blobs = described.blobs;
     for child in described.children {
-        let bytes =
-            match load(&state.store, local, &child).await.map_err(|e| e.to_string())? {
-                Some((_, bytes)) => bytes,
-                None => {
-                    let f = fetch(upstream, remote, &child.to_string(), Some(&child), ACCEPT_ALL, limit)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    state.store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await.map_err(|e| e.to_string())?;
-                    f.bytes
-                }
-            };
+        let bytes = match load(&state.store, local, &child).await.map_err(|e| e.to_string())? {
+            Some((_, bytes)) => bytes,
+            None => {
+                let f = fetch(upstream, remote, &child.to_string(), Some(&child), ACCEPT_ALL, limit)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                state.store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await.map_err(|e| e.to_string())?;
+                f.bytes
+            }
+        };
         blobs.extend(describe(&bytes, None).map_err(|e| e.to_string())?.blobs);
     }
     for d in blobs {

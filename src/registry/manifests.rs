@@ -140,7 +140,6 @@ pub fn describe(bytes: &[u8], content_type: Option<&str>) -> Result<Described> {
     })
 }
 
-
 /// A manifest response; HEAD carries the same headers without the body.
 pub fn manifest_response(digest: &Digest, meta: &ManifestMeta, bytes: Vec<u8>, head: bool) -> Response {
     let len = bytes.len();

@@ -175,14 +175,20 @@ async fn append(
     let announced = match ctx.headers.get(header::CONTENT_RANGE) {
         Some(value) => {
             let parsed = value.to_str().ok().and_then(parse_content_range);
-            let length = parsed.and_then(|(start, end)| (start == size).then(|| end - start + 1));
+            let length =
+                parsed.filter(|(start, _)| *start == size).and_then(|(start, end)| (end - start).checked_add(1));
             let length_ok = match (length, content_length(ctx)) {
                 (Some(n), Some(len)) => n == len,
                 _ => true,
             };
             match length {
                 Some(n) if length_ok => Some(n),
-                _ => return Err(refuse(format!("chunk range {value:?} does not continue the upload at byte {size}"), size)),
+                _ => {
+                    return Err(refuse(
+                        format!("chunk range {value:?} does not continue the upload at byte {size}"),
+                        size,
+                    ))
+                }
             }
         }
         None => None,
@@ -192,9 +198,10 @@ async fn append(
         *state =
             if size == 0 { Some((0, Hasher::new(algorithm.unwrap_or(super::names::Algorithm::Sha256)))) } else { None };
     }
-    let mut file = store.append_upload(id).await?.ok_or_else(|| {
-        RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"))
-    })?;
+    let mut file = store
+        .append_upload(id)
+        .await?
+        .ok_or_else(|| RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}")))?;
     let mut body = ctx.take_body().into_data_stream();
     let mut added = 0u64;
     let mut failure = None;

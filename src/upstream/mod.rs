@@ -130,10 +130,12 @@ impl Upstream {
         &self.name
     }
 
-    fn url(&self, path: &str) -> reqwest::Url {
+    /// The upstream URL of an API path, with an optional (encoded) query.
+    fn url(&self, path: &str, query: Option<&str>) -> reqwest::Url {
         let mut url = self.base.clone();
         let base_path = url.path().trim_end_matches('/').to_string();
         url.set_path(&format!("{base_path}{path}"));
+        url.set_query(query);
         url
     }
 
@@ -163,8 +165,20 @@ impl Upstream {
         headers: HeaderMap,
         kind: Kind,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_query(method, repo, path, None, headers, kind).await
+    }
+
+    async fn send_query(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        path: &str,
+        query: Option<&str>,
+        headers: HeaderMap,
+        kind: Kind,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
-        let url = self.url(path);
+        let url = self.url(path, query);
         let mut authorization = self.tokens.get(&scope).await;
         for attempt in 0..2 {
             let mut req = self.client.request(method.clone(), url.clone()).headers(headers.clone());
@@ -279,9 +293,11 @@ impl Upstream {
         self.send(method, repo, &format!("/v2/{repo}/blobs/{digest}"), headers, Kind::Blob).await
     }
 
+    /// A page of the tags list; `query` is already encoded (`n=…&last=…`).
     pub async fn tags(&self, repo: &RepoName, query: &str) -> Result<reqwest::Response, UpstreamError> {
-        let q = if query.is_empty() { String::new() } else { format!("?{query}") };
-        self.send(Method::GET, repo, &format!("/v2/{repo}/tags/list{q}"), HeaderMap::new(), Kind::Tags).await
+        let path = format!("/v2/{repo}/tags/list");
+        let query = (!query.is_empty()).then_some(query);
+        self.send_query(Method::GET, repo, &path, query, HeaderMap::new(), Kind::Tags).await
     }
 
     /// Wrap a body-stream error.
