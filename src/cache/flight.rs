@@ -11,8 +11,11 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 type Pending<V> = Shared<BoxFuture<'static, Option<V>>>;
 
+/// The flights running now, each with the id of the task that runs it.
+type Running<K, V> = Arc<Mutex<HashMap<K, (u64, Pending<V>)>>>;
+
 pub struct Flights<K, V> {
-    running: Arc<Mutex<HashMap<K, (u64, Pending<V>)>>>,
+    running: Running<K, V>,
     next_id: std::sync::atomic::AtomicU64,
     waiting: Arc<std::sync::atomic::AtomicUsize>,
 }
