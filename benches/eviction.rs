@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use regmirror::app::AppState;
 use regmirror::config::Config;
-use regmirror::registry::names::Digest;
+use regmirror::oci::Digest;
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -22,7 +22,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let config = Config::parse("[storage]\nroot = \"data\"\n", dir.path()).expect("config");
-        let state = AppState::new(config).expect("state");
+        let state = AppState::new(config).await.expect("state");
         let started = Instant::now();
         for i in 0..blobs {
             let bytes = format!("blob number {i} {}", "x".repeat(1000));
@@ -30,7 +30,7 @@ fn main() {
         }
         println!("store: {blobs} blobs written in {:.1} s", started.elapsed().as_secs_f64());
         let started = Instant::now();
-        regmirror::cache::evict::load(&state).await.expect("index");
+        regmirror::cache::evict::load(&state.cache).await.expect("index");
         println!(
             "start-up index of {blobs} blobs: {:.2} s, RSS {} MiB",
             started.elapsed().as_secs_f64(),
@@ -43,7 +43,7 @@ fn main() {
             let max = total - total / fraction;
             let before = rss_kib("VmRSS:");
             let started = Instant::now();
-            let evicted = regmirror::cache::evict::pass(&state, max).await;
+            let evicted = regmirror::cache::evict::pass(&state.cache, max).await;
             println!(
                 "eviction pass: {} blobs ({} KiB) evicted of {} in {:.1} ms; RSS {} -> {} MiB",
                 evicted.blobs,

@@ -11,12 +11,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::auth::Access;
-use crate::cache::fill::Fills;
+use crate::auth::{Access, AuthError};
+use crate::cache::{evict, pins, Cache};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::error::LoggedError;
-use crate::registry::uploads::Sessions;
+use crate::registry::uploads::{self, Sessions};
 use crate::registry::{self, RequestInfo};
 use crate::storage::{fs::FsDriver, Store};
 use crate::upstream::Upstreams;
@@ -25,17 +25,10 @@ pub struct Shared {
     pub config: Config,
     pub store: Store,
     pub upstreams: Upstreams,
-    pub fills: Fills,
-    /// Upstream manifest requests in progress, shared by every client asking the same.
-    pub manifest_flights: crate::cache::manifests::ManifestFlights,
+    pub cache: Cache,
     pub sessions: Sessions,
     pub metrics: Metrics,
     pub access: Access,
-    pub lru: std::sync::Arc<crate::cache::lru::Lru>,
-    /// Wakes the eviction task (a fill finished).
-    pub evict_wakeup: tokio::sync::Notify,
-    /// The eviction index is loaded.
-    pub loaded: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -48,31 +41,58 @@ impl Deref for AppState {
     }
 }
 
+/// Why regmirror could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage.root = {path:?} cannot be used: {source}")]
+    Storage { path: std::path::PathBuf, source: std::io::Error },
+    #[error("building upstream clients: {0}")]
+    Upstreams(reqwest::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error("indexing the store: {0}")]
+    Index(std::io::Error),
+}
+
 impl AppState {
-    pub fn new(config: Config) -> Result<Self, String> {
+    pub async fn new(config: Config) -> Result<Self, StartError> {
         // reqwest and the TLS listener share one crypto provider; installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Metrics::new();
         let driver = FsDriver::new(&config.storage_root)
-            .map_err(|e| format!("storage.root = {:?} cannot be used: {e}", config.storage_root.display()))?;
-        let upstreams = Upstreams::new(&config, &metrics).map_err(|e| format!("building upstream clients: {e}"))?;
-        let upstream_names = config.upstreams.iter().map(|u| u.name.clone()).collect();
-        let access = Access::new(config.auth.clone(), &config.storage_root, upstream_names, metrics.clone())?;
-        let lru = Arc::new(crate::cache::lru::Lru::new(&config.storage_root));
+            .map_err(|source| StartError::Storage { path: config.storage_root.clone(), source })?;
+        let store = Store::new(driver);
+        let upstreams = Upstreams::new(&config, &metrics).map_err(StartError::Upstreams)?;
+        let key = match &config.auth {
+            Some(_) => crate::auth::signing_key(&store).await?,
+            None => rand::random(),
+        };
+        let access = Access::new(config.auth.clone(), key, config.namespaces(), metrics.clone())?;
+        let cache = Cache::new(&config, store.clone(), metrics.clone());
         Ok(AppState(Arc::new(Shared {
             config,
-            store: Store::new(driver),
+            store,
             upstreams,
-            fills: Fills::default(),
-            manifest_flights: Default::default(),
+            cache,
             sessions: Sessions::default(),
-            lru,
             metrics,
             access,
-            evict_wakeup: tokio::sync::Notify::new(),
-            loaded: std::sync::atomic::AtomicBool::new(false),
         })))
     }
+}
+
+/// A mirror ready to serve: the state, with the store indexed and the background tasks
+/// (eviction, pins, the purge of expired uploads) running. `main` and the tests start here.
+pub async fn start(config: Config) -> Result<AppState, StartError> {
+    let state = AppState::new(config).await?;
+    let started = Instant::now();
+    evict::load(&state.cache).await.map_err(StartError::Index)?;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "store indexed");
+    evict::spawn(state.cache.clone());
+    let config = &state.config;
+    pins::spawn(state.cache.clone(), state.upstreams.clone(), config.pins.clone(), config.pin_refresh);
+    uploads::spawn_purge(state.clone());
+    Ok(state)
 }
 
 pub fn router(state: AppState) -> Router {
@@ -80,7 +100,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/ca.crt", get(ca_certificate))
-        .route("/auth/token", get(token))
+        .route("/auth/token", get(registry::token::token))
         .fallback(registry::handle)
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)
@@ -115,31 +135,9 @@ async fn ca_certificate(State(state): State<AppState>) -> Response {
     }
 }
 
-/// The token endpoint of the registry token flow (`docker login`, anonymous pulls).
-async fn token(State(state): State<AppState>, req: Request) -> Response {
-    let conn = req.extensions().get::<crate::auth::ConnInfo>().copied();
-    let requested: Vec<String> = req
-        .uri()
-        .query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k == "scope").map(|(_, v)| v.into_owned()).collect()
-        })
-        .unwrap_or_default();
-    let scopes = requested
-        .iter()
-        .filter_map(|s| crate::auth::parse_scope(s))
-        .filter_map(|(name, actions)| {
-            let target = registry::resolve_target(&state, &name, None).ok()?;
-            let mirrored = matches!(target, registry::Target::Mirror { .. });
-            Some(crate::auth::Scope { name, local: target.local().to_string(), mirrored, actions })
-        })
-        .collect();
-    state.access.token_endpoint(req.headers(), conn, scopes).await
-}
-
 /// Ready when the store accepts a write.
 async fn ready(State(state): State<AppState>) -> Response {
-    match state.store.driver().put("tmp/.readyz", b"ok").await {
+    match state.store.check_writable().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store not writable: {e}\n")).into_response(),
     }

@@ -10,18 +10,32 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime};
 
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use hmac::{KeyInit, Mac};
 use sha2::Digest as _;
 use subtle::ConstantTimeEq;
 
-use crate::config::{Action, Anonymous, AuthConfig};
+use crate::config::{Action, Anonymous, AuthConfig, Namespaces};
 use crate::metrics::Metrics;
-use crate::registry::error::{Code, RegistryError};
-use crate::storage::unix_now;
+use crate::oci::RepoName;
+use crate::storage::{fs::atomic_write, unix_now, Meta, Store};
+
+/// Why access control could not be set up or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("auth.htpasswd = {path:?} cannot be read: {source}")]
+    Htpasswd { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("the token signing key in the store (meta/token.key) cannot be used: {0}")]
+    SigningKey(String),
+    #[error("{0:?} is not a valid user name (no ':' or spaces)")]
+    UserName(String),
+    #[error("hashing the password: {0}")]
+    Hashing(String),
+}
 
 /// The token service name in challenges and tokens.
 const SERVICE: &str = "regmirror";
@@ -106,39 +120,21 @@ pub struct Access {
     /// the threads that serve pulls.
     hashing: tokio::sync::Semaphore,
     failures: moka::sync::Cache<IpAddr, u32>,
-    /// Upstream names: a repository under one of them is mirrored content.
-    upstream_names: Vec<String>,
+    /// Which repositories hold mirrored content.
+    namespaces: Namespaces,
     metrics: Metrics,
 }
 
-/// Where the token signing key lives, under the storage root.
-pub const TOKEN_KEY: &str = "meta/token.key";
-
-/// The token signing key at `path`, made (readable by the owner only) when there is none yet.
-fn signing_key(path: &Path) -> Result<[u8; 32], String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            return <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
-                format!("{}: not a token key (32 bytes); remove it and a new one is made", path.display())
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+/// The token signing key kept in the store (so tokens outlive a restart and, on a shared store,
+/// are accepted by every replica), made (readable by the owner only) when there is none yet.
+pub async fn signing_key(store: &Store) -> Result<[u8; 32], AuthError> {
+    let broken = |e: std::io::Error| AuthError::SigningKey(e.to_string());
+    if let Some(bytes) = store.read_meta(Meta::TokenKey).await.map_err(broken)? {
+        return <[u8; 32]>::try_from(bytes.as_slice())
+            .map_err(|_| AuthError::SigningKey("not 32 bytes; remove it and a new one is made".into()));
     }
     let key: [u8; 32] = rand::random();
-    let made = (|| {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        f.write_all(&key)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    made.map_err(|e| format!("{}: {e}", path.display()))?;
+    store.write_meta(Meta::TokenKey, &key).await.map_err(broken)?;
     Ok(key)
 }
 
@@ -151,19 +147,15 @@ fn hashing_threads() -> usize {
 const DUMMY_HASH: &str = "$2y$10$7EqJtq98hPqEX7fNZaFWoOhi5BWX4Z9dVfOmDnM1vbNL3aS5j4dQS";
 
 impl Access {
-    /// `storage_root` holds the token signing key (made on first use).
+    /// `key` signs tokens (see [`signing_key`]).
     pub fn new(
         config: Option<AuthConfig>,
-        storage_root: &Path,
-        upstream_names: Vec<String>,
+        key: [u8; 32],
+        namespaces: Namespaces,
         metrics: Metrics,
-    ) -> Result<Access, String> {
+    ) -> Result<Access, AuthError> {
         let path = config.as_ref().map(|c| c.htpasswd.clone()).unwrap_or_default();
         let users = Users { path, modified: None, hashes: HashMap::new() };
-        let key = match config {
-            Some(_) => signing_key(&storage_root.join(TOKEN_KEY))?,
-            None => rand::random(),
-        };
         let access = Access {
             config,
             users: RwLock::new(users),
@@ -172,7 +164,7 @@ impl Access {
             rejected: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(600)).build(),
             hashing: tokio::sync::Semaphore::new(hashing_threads()),
             failures: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
-            upstream_names,
+            namespaces,
             metrics,
         };
         if access.config.is_some() {
@@ -186,7 +178,7 @@ impl Access {
     }
 
     /// Re-read the htpasswd file when it changed on disk (`regmirror passwd` takes effect at once).
-    fn reload_users(&self) -> Result<(), String> {
+    fn reload_users(&self) -> Result<(), AuthError> {
         let path = self.users.read().unwrap_or_else(|e| e.into_inner()).path.clone();
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         if modified.is_some() && modified == self.users.read().unwrap_or_else(|e| e.into_inner()).modified {
@@ -195,7 +187,7 @@ impl Access {
         let hashes = match std::fs::read_to_string(&path) {
             Ok(text) => parse_htpasswd(&text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
-            Err(e) => return Err(format!("auth.htpasswd = {:?} cannot be read: {e}", path.display())),
+            Err(source) => return Err(AuthError::Htpasswd { path, source }),
         };
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         users.modified = modified;
@@ -320,14 +312,14 @@ impl Access {
         })
     }
 
-    /// A 401 that tells the client where to get a token.
-    pub fn challenge(&self, headers: &HeaderMap, conn: Option<ConnInfo>, scope: Option<String>) -> RegistryError {
+    /// The `WWW-Authenticate` value that tells a client where to get a token (for `scope`).
+    pub fn challenge(&self, headers: &HeaderMap, conn: Option<ConnInfo>, scope: Option<String>) -> String {
         let realm = realm(headers, conn);
         let mut value = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
         if let Some(scope) = scope {
             value.push_str(&format!(",scope=\"{scope}\""));
         }
-        RegistryError::new(Code::Unauthorized, "authentication required").with_header(header::WWW_AUTHENTICATE, &value)
+        value
     }
 
     fn sign(&self, payload: &str) -> String {
@@ -370,10 +362,15 @@ impl Access {
 
     /// `GET /auth/token?service=…&scope=…`, with Basic credentials or none. `scopes` are the
     /// requested repositories, resolved to local names.
-    pub async fn token_endpoint(&self, headers: &HeaderMap, conn: Option<ConnInfo>, scopes: Vec<Scope>) -> Response {
-        let Some(config) = &self.config else {
-            return (StatusCode::NOT_FOUND, "authentication is not enabled\n").into_response();
-        };
+    /// The token for a request to the token endpoint (`GET /auth/token?service=…&scope=…`), with
+    /// Basic credentials or none. `scopes` are the requested repositories, resolved to local names.
+    pub async fn grant(
+        &self,
+        headers: &HeaderMap,
+        conn: Option<ConnInfo>,
+        scopes: Vec<Scope>,
+    ) -> Result<Grant, Refused> {
+        let Some(config) = &self.config else { return Err(Refused::Disabled) };
         // A login (no scope) or a request anonymous callers may not make needs the credentials;
         // an anonymous-readable pull does not, so foreign credentials cannot slow it down.
         let anonymous_suffices = !scopes.is_empty()
@@ -381,12 +378,9 @@ impl Access {
                 .iter()
                 .all(|s| s.actions.iter().all(|a| self.allowed(&Principal::Anonymous, &s.local, s.mirrored, *a)));
         let authn = self.authenticate(headers, conn, !anonymous_suffices).await;
-        if authn.rejected {
-            return self.challenge(headers, conn, None).into_response();
-        }
         let who = authn.principal;
-        if who == Principal::Anonymous && config.anonymous == Anonymous::None {
-            return self.challenge(headers, conn, None).into_response();
+        if authn.rejected || (who == Principal::Anonymous && config.anonymous == Anonymous::None) {
+            return Err(Refused::Unauthenticated);
         }
         // The token carries what was asked for and may be granted, nothing more.
         let access = scopes
@@ -401,27 +395,27 @@ impl Access {
                 AccessEntry { kind: "repository".into(), name: s.name, local: s.local, actions }
             })
             .collect();
-        let token = self.issue_token(&who, config.token_ttl, access);
-        let body = serde_json::json!({
-            "token": token,
-            "access_token": token,
-            "expires_in": config.token_ttl.as_secs(),
-            // Go clients (dockerd, podman, skopeo) parse this as RFC 3339 and fail on anything else.
-            "issued_at": time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-        });
-        let mut resp = axum::Json(body).into_response();
-        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        resp
+        Ok(Grant { token: self.issue_token(&who, config.token_ttl, access), expires_in: config.token_ttl })
     }
 
-    pub fn may_pull(&self, who: &Principal, repo: &crate::registry::names::RepoName) -> bool {
-        self.allowed(who, repo.as_str(), self.is_mirrored(repo.as_str()), Action::Pull)
+    pub fn may_pull(&self, who: &Principal, repo: &RepoName) -> bool {
+        self.allowed(who, repo.as_str(), self.namespaces.is_mirrored(repo), Action::Pull)
     }
+}
 
-    /// Whether a local repository name holds mirrored content (`docker.io/library/x`).
-    pub fn is_mirrored(&self, repo: &str) -> bool {
-        self.upstream_names.iter().any(|u| repo.strip_prefix(u.as_str()).is_some_and(|rest| rest.starts_with('/')))
-    }
+/// A token the token endpoint hands out.
+pub struct Grant {
+    pub token: String,
+    pub expires_in: Duration,
+}
+
+/// Why the token endpoint gives no token.
+#[derive(Debug, PartialEq)]
+pub enum Refused {
+    /// There is no `[auth]`: nothing to log in to.
+    Disabled,
+    /// Wrong credentials, or none where they are needed: the client must log in.
+    Unauthenticated,
 }
 
 /// A repository scope of a token request: the name as the client wrote it, resolved to the
@@ -484,36 +478,19 @@ pub fn parse_htpasswd(text: &str) -> HashMap<String, String> {
 }
 
 /// Add or replace `user` in the htpasswd file at `path` (bcrypt, as `htpasswd -B` writes it).
-pub fn set_password(path: &Path, user: &str, password: &str) -> Result<(), String> {
+pub fn set_password(path: &Path, user: &str, password: &str) -> Result<(), AuthError> {
     if user.is_empty() || user.contains(':') || user.contains(char::is_whitespace) {
-        return Err(format!("{user:?} is not a valid user name (no ':' or spaces)"));
+        return Err(AuthError::UserName(user.to_string()));
     }
     let hash = bcrypt::hash_with_result(password, 10)
-        .map_err(|e| format!("hashing: {e}"))?
+        .map_err(|e| AuthError::Hashing(e.to_string()))?
         .format_for_version(bcrypt::Version::TwoY);
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut lines: Vec<String> =
         text.lines().filter(|l| l.split_once(':').map(|(u, _)| u) != Some(user)).map(str::to_string).collect();
     lines.push(format!("{user}:{hash}"));
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    let tmp = path.with_extension("tmp");
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        f.write_all((lines.join("\n") + "\n").as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    atomic_write(path, (lines.join("\n") + "\n").as_bytes(), 0o600)
+        .map_err(|source| AuthError::Write { path: path.to_path_buf(), source })
 }
 
 #[cfg(test)]
@@ -533,7 +510,8 @@ mod tests {
 
     #[test]
     fn tokens_are_signed_and_expire() {
-        let a = Access::new(None, Path::new("/nonexistent"), Vec::new(), Metrics::new()).unwrap();
+        let namespaces = crate::config::Config::parse("", Path::new("/x")).unwrap().namespaces();
+        let a = Access::new(None, rand::random(), namespaces.clone(), Metrics::new()).unwrap();
         let access = vec![AccessEntry {
             kind: "repository".into(),
             name: "private/a".into(),
@@ -550,7 +528,7 @@ mod tests {
         assert_eq!(a.verify_token(&forged), None);
         let expired = a.issue_token(&Principal::User("alice".into()), Duration::ZERO, access);
         assert_eq!(a.verify_token(&expired), None);
-        let other = Access::new(None, Path::new("/nonexistent"), Vec::new(), Metrics::new()).unwrap();
+        let other = Access::new(None, rand::random(), namespaces, Metrics::new()).unwrap();
         assert_eq!(other.verify_token(&t), None);
     }
 }

@@ -225,6 +225,27 @@ pub enum LogFormat {
 
 pub const DEFAULT_CONFIG_PATH: &str = "mirror.toml";
 
+/// Which local repositories hold mirrored content: the one answer to "private or mirrored?" that
+/// routing, access control, eviction and gc share.
+#[derive(Clone, Debug)]
+pub struct Namespaces {
+    upstreams: Vec<String>,
+}
+
+impl Namespaces {
+    /// Mirrored content is kept as `<upstream name>/<repository>`; everything else is local
+    /// (pushed, never evicted).
+    pub fn is_mirrored(&self, local: &crate::oci::RepoName) -> bool {
+        local.strip_first().is_some() && self.upstreams.iter().any(|u| u == local.first_component())
+    }
+}
+
+impl Config {
+    pub fn namespaces(&self) -> Namespaces {
+        Namespaces { upstreams: self.upstreams.iter().map(|u| u.name.clone()).collect() }
+    }
+}
+
 /// Everything wrong with a configuration, one problem per line.
 #[derive(Debug)]
 pub struct ConfigErrors {
@@ -267,7 +288,7 @@ impl Config {
 
         let namespaces = raw.private.namespaces.unwrap_or_else(|| vec!["private".to_string()]);
         for (i, ns) in namespaces.iter().enumerate() {
-            if crate::registry::names::RepoName::parse(ns).is_err() {
+            if crate::oci::RepoName::parse(ns).is_err() {
                 v.problem(format!("private.namespaces[{i}] = {ns:?} is not a valid repository name prefix (lowercase letters, digits, '.', '_', '-', separated by '/')"));
             }
         }
@@ -343,8 +364,8 @@ impl Config {
             let parsed = p.rsplit_once(':').and_then(|(name, tag)| {
                 let (upstream, repository) = name.split_once('/')?;
                 let known = upstreams.iter().any(|u| u.name == upstream);
-                let valid_tag = tag == "*" || crate::registry::names::valid_tag(tag);
-                (known && valid_tag && crate::registry::names::RepoName::parse(repository).is_ok()).then(|| Pin {
+                let valid_tag = tag == "*" || crate::oci::valid_tag(tag);
+                (known && valid_tag && crate::oci::RepoName::parse(repository).is_ok()).then(|| Pin {
                     upstream: upstream.to_string(),
                     repository: repository.to_string(),
                     tag: (tag != "*").then(|| tag.to_string()),

@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::manifests::describe;
-use crate::registry::names::{Digest, RepoName};
-use crate::storage::{unix_now, Store};
-
-/// Totals over every run, read by the server for its metrics.
-pub const GC_RECORD: &str = "meta/gc.json";
+use crate::config::Namespaces;
+use crate::oci::{describe, Digest, RepoName};
+use crate::storage::{unix_now, Meta, Store};
 
 #[derive(Default, Serialize, Deserialize)]
 pub struct GcRecord {
@@ -21,9 +18,9 @@ pub struct GcRecord {
     pub freed_bytes: u64,
 }
 
-/// The totals so far (zero when gc never ran).
+/// Totals over every run (zero when gc never ran), read by the server for its metrics.
 pub async fn record(store: &Store) -> GcRecord {
-    match store.driver().get(GC_RECORD).await {
+    match store.read_meta(Meta::GcRecord).await {
         Ok(Some(b)) => serde_json::from_slice(&b).unwrap_or_default(),
         _ => GcRecord::default(),
     }
@@ -38,12 +35,10 @@ pub struct Report {
 
 /// Digests in use: every manifest of every repository, with its blobs and children, and every
 /// blob a mirrored repository links (mirrored content is eviction's business, not gc's).
-async fn mark(store: &Store, private: &[String]) -> std::io::Result<HashSet<Digest>> {
+async fn mark(store: &Store, namespaces: &Namespaces) -> std::io::Result<HashSet<Digest>> {
     let mut used = HashSet::new();
-    for repo in store.list_repositories_all().await? {
-        let Ok(name) = RepoName::parse(&repo) else { continue };
-        let is_private = private.iter().any(|ns| name.is_under(ns));
-        if !is_private {
+    for name in store.list_repositories_all().await? {
+        if namespaces.is_mirrored(&name) {
             used.extend(store.repository_digests(&name).await?);
             continue;
         }
@@ -61,8 +56,8 @@ async fn mark(store: &Store, private: &[String]) -> std::io::Result<HashSet<Dige
     Ok(used)
 }
 
-pub async fn run(store: &Store, private: &[String], grace: Duration, dry_run: bool) -> std::io::Result<Report> {
-    let used = mark(store, private).await?;
+pub async fn run(store: &Store, namespaces: &Namespaces, grace: Duration, dry_run: bool) -> std::io::Result<Report> {
+    let used = mark(store, namespaces).await?;
     let now = unix_now();
     let young = |mtime: u64| mtime + grace.as_secs() > now;
     let candidates: Vec<(Digest, u64)> = store
@@ -90,13 +85,8 @@ pub async fn run(store: &Store, private: &[String], grace: Duration, dry_run: bo
     }
     // Unlink first: a manifest pushed from now on cannot reference these blobs (the push checks
     // the links), then mark once more and delete only what is still unreferenced and old.
-    let private_repos: Vec<RepoName> = store
-        .list_repositories_all()
-        .await?
-        .iter()
-        .filter_map(|r| RepoName::parse(r).ok())
-        .filter(|name| private.iter().any(|ns| name.is_under(ns)))
-        .collect();
+    let private_repos: Vec<RepoName> =
+        store.list_repositories_all().await?.into_iter().filter(|name| !namespaces.is_mirrored(name)).collect();
     for (d, _) in &candidates {
         for name in &private_repos {
             if store.is_blob_linked(name, d).await? {
@@ -105,7 +95,7 @@ pub async fn run(store: &Store, private: &[String], grace: Duration, dry_run: bo
             }
         }
     }
-    let used = mark(store, private).await?;
+    let used = mark(store, namespaces).await?;
     for (d, size) in candidates {
         if used.contains(&d) || store.blob_stat(&d).await?.is_none_or(|(_, mtime)| young(mtime)) {
             continue;
@@ -117,6 +107,6 @@ pub async fn run(store: &Store, private: &[String], grace: Duration, dry_run: bo
     let mut record = record(store).await;
     record.runs += 1;
     record.freed_bytes += report.freed_bytes;
-    store.driver().put(GC_RECORD, &serde_json::to_vec(&record).map_err(std::io::Error::other)?).await?;
+    store.write_meta(Meta::GcRecord, &serde_json::to_vec(&record).map_err(std::io::Error::other)?).await?;
     Ok(report)
 }

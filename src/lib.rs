@@ -1,22 +1,38 @@
 //! regmirror: a pull-through caching mirror for container registries, with a private namespace.
 //!
 //! # Layout
-//! - [`config`]: `mirror.toml` → validated [`config::Config`].
-//! - [`app`]: the shared state handle and the router.
-//! - [`server`]: listeners, graceful shutdown.
-//! - [`registry`]: the OCI Distribution API (paths, handlers, the error table).
-//! - [`storage`]: the content-addressed store behind a small driver trait.
-//! - [`upstream`]: upstream registry clients and the bearer-token flow.
-//! - [`cache`]: mirrored manifests and shared blob fills.
-//! - [`auth`]: who may pull and push.
-//! - [`metrics`]: Prometheus metrics.
+//!
+//! Layers, top to bottom. A module uses only the layers below it (`tests/layers.rs` checks this):
+//!
+//! ```text
+//! main, cli            argument parsing, subcommands
+//! app, server          the state handle and router; listeners, TLS accept, graceful shutdown
+//! registry/            the OCI Distribution API: routes, handlers, the token endpoint, the one
+//!                      error table — the only place that builds HTTP responses
+//! cache/, auth         what to serve and who may: manifest and blob lookups (single flights,
+//!                      fills), eviction and pins; users, grants and tokens — content, not responses
+//! storage/, upstream/  where bytes live and where they come from, each with its own errors;
+//! gc, prefetch         gc works on the store alone; prefetch is a client of a running mirror
+//! oci/, config,        vocabulary (digests, names, references, media types, the manifest
+//! metrics, tls         parser), settings, counters, certificates
+//! ```
+//!
+//! - [`cli`]: subcommands; [`app`]: [`app::AppState`], [`app::start`] and the router;
+//!   [`server`]: listeners and shutdown.
+//! - [`registry`]: the API (paths, handlers, [`registry::error`]).
+//! - [`cache`]: mirrored manifests and blobs ([`cache::Cache`]); [`auth`]: access control.
+//! - [`storage`]: the content-addressed store; [`upstream`]: upstream clients and tokens.
+//! - [`gc`], [`prefetch`]: operator commands.
+//! - [`oci`]: the spec's vocabulary; [`config`]: `mirror.toml`; [`metrics`]; [`tls`].
 
 pub mod app;
 pub mod auth;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod gc;
 pub mod metrics;
+pub mod oci;
 pub mod prefetch;
 pub mod registry;
 pub mod server;

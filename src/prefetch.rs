@@ -10,7 +10,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::registry::manifests::ACCEPT_ALL;
+use crate::oci::ACCEPT_ALL;
 use crate::upstream::auth::Challenge;
 
 /// An image as users write it, mapped to the mirror's path form (`docker.io/library/nginx`).
@@ -38,7 +38,7 @@ impl ImageRef {
         } else {
             format!("docker.io/library/{rest}")
         };
-        crate::registry::names::RepoName::parse(&name).map_err(|_| format!("{s:?} is not an image reference"))?;
+        crate::oci::RepoName::parse(&name).map_err(|_| format!("{s:?} is not an image reference"))?;
         Ok(ImageRef { name, reference })
     }
 }

@@ -2,9 +2,8 @@
 //! from PEM files or from a CA regmirror mints itself; either way they can be swapped at run time
 //! (SIGHUP or a change on disk) without dropping open connections.
 
+use crate::storage::fs::atomic_write;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -98,21 +97,11 @@ fn time_offset(days: i64) -> time::OffsetDateTime {
 
 /// Write a private key readable by its owner only.
 fn write_private(path: &Path, pem: &str) -> Result<(), TlsError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| file_err(&tmp, e))?;
-    f.write_all(pem.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| file_err(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| file_err(path, e))
+    atomic_write(path, pem.as_bytes(), 0o600).map_err(|e| file_err(path, e))
 }
 
 fn write_public(path: &Path, pem: &str) -> Result<(), TlsError> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, pem).and_then(|_| fs::rename(&tmp, path)).map_err(|e| file_err(path, e))
+    atomic_write(path, pem.as_bytes(), 0o644).map_err(|e| file_err(path, e))
 }
 
 /// What `ensure_self_signed` did, for the log.

@@ -186,7 +186,7 @@ async fn tokens_outlive_a_restart() {
     let both = "repository:private/team-a/x:pull,push&scope=repository:private/team-a/y:pull,push";
     let t = bearer(&c, &s.url(""), "alice", "alice-secret-pw", both).await;
     assert_eq!(push_as(&c, &s.url(""), "private/team-a/x", Some(&t)).await, 201);
-    let key = s.dir.path().join("data").join(regmirror::auth::TOKEN_KEY);
+    let key = s.dir.path().join("data").join(regmirror::storage::Meta::TokenKey.path());
     let dir = s.stop().await;
     {
         use std::os::unix::fs::PermissionsExt;

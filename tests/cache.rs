@@ -9,26 +9,11 @@ use common::hub::Hub;
 use common::*;
 use futures_util::StreamExt;
 use regmirror::cache::fill::Phase;
-use regmirror::registry::names::RepoName;
-use regmirror::storage::TagRecord;
+use regmirror::oci::RepoName;
 use serde_json::{json, Value};
 
 fn config(upstream: &str) -> String {
     format!("[storage]\nroot = \"data\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\n[cache]\ntag_ttl = \"5m\"\nupstream_timeout = \"5s\"\n")
-}
-
-/// A blob and an image manifest over it, published on the hub as `library/<repo>:<tag>`.
-fn hub_image(hub: &Hub, repo: &str, tag: &str, blob: Vec<u8>) -> (String, String, Vec<u8>) {
-    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"repo\":\"{repo}\"}}").into_bytes();
-    let blob_digest = hub.add_blob(blob.clone());
-    hub.add_blob(config.clone());
-    let m = image_manifest(&config, &[&blob]);
-    let d = hub.add_manifest(&format!("library/{repo}"), tag, OCI_MANIFEST, m.clone());
-    (blob_digest, d, m)
-}
-
-fn blob_of(size: usize, seed: u8) -> Vec<u8> {
-    (0..size).map(|i| ((i * 31) as u8).wrapping_add(seed)).collect()
 }
 
 #[tokio::test]
@@ -133,10 +118,7 @@ async fn tags_are_trusted_for_the_ttl_then_revalidated_with_one_head() {
     );
 
     // Age the tag past the TTL: one HEAD, no GET, and the tag is fresh again.
-    let repo = RepoName::parse("docker.io/library/ttl").unwrap();
-    let mut rec: TagRecord = s.state.store.tag(&repo, "latest").await.unwrap().unwrap();
-    rec.fetched_at -= 301;
-    s.state.store.set_tag(&repo, "latest", &rec).await.unwrap();
+    s.state.cache.clock.advance(std::time::Duration::from_secs(301));
     for _ in 0..5 {
         let r = c.get(&url).send().await.unwrap();
         assert_eq!(r.headers()["docker-content-digest"], manifest_digest.as_str());
@@ -146,9 +128,7 @@ async fn tags_are_trusted_for_the_ttl_then_revalidated_with_one_head() {
 
     // The tag moves upstream: after the TTL the new manifest is fetched.
     let (_, new_digest, _) = hub_image(&hub, "ttl", "latest", blob_of(100, 4));
-    let mut rec: TagRecord = s.state.store.tag(&repo, "latest").await.unwrap().unwrap();
-    rec.fetched_at -= 301;
-    s.state.store.set_tag(&repo, "latest", &rec).await.unwrap();
+    s.state.cache.clock.advance(std::time::Duration::from_secs(301));
     let r = c.get(&url).send().await.unwrap();
     assert_eq!(r.headers()["docker-content-digest"], new_digest.as_str());
 }
@@ -251,7 +231,7 @@ async fn a_client_that_stops_reading_does_not_hold_the_fill() {
     let mut stalled = c.get(&url).send().await.unwrap().bytes_stream();
     let mut got = stalled.next().await.unwrap().unwrap().to_vec();
     let digest = blob_digest.parse().unwrap();
-    if let Some(mut progress) = s.state.fills.progress(&digest) {
+    if let Some(mut progress) = s.state.cache.fills.progress(&digest) {
         let done = progress.wait_for(|p| !matches!(p.phase, Phase::Streaming(_) | Phase::Connecting));
         let phase = tokio::time::timeout(std::time::Duration::from_secs(30), done)
             .await
@@ -333,10 +313,7 @@ async fn rate_limits_serve_the_cache_or_pass_429_on() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS");
     // Cached but due for revalidation: the last known digest is served.
-    let repo = RepoName::parse("docker.io/library/limited").unwrap();
-    let mut rec = s.state.store.tag(&repo, "latest").await.unwrap().unwrap();
-    rec.fetched_at -= 3600;
-    s.state.store.set_tag(&repo, "latest", &rec).await.unwrap();
+    s.state.cache.clock.advance(std::time::Duration::from_secs(3600));
     let r = c.get(s.url("/v2/library/limited/manifests/latest")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["docker-content-digest"], manifest_digest.as_str());
@@ -495,7 +472,7 @@ async fn fifty_at_once(hub: &Hub, s: &TestServer, url: &str) -> Vec<String> {
         })
         .collect();
     hub.wait_held(1).await;
-    eventually("all 50 clients wait on one manifest request", || s.state.manifest_flights.waiting() == 50).await;
+    eventually("all 50 clients wait on one manifest request", || s.state.cache.manifest_flights.waiting() == 50).await;
     hub.release();
     let mut digests = Vec::new();
     for t in tasks {
@@ -517,10 +494,7 @@ async fn fifty_clients_on_an_uncached_tag_cost_one_upstream_request_and_so_do_fi
     assert_eq!(counts(), (1, 0), "50 clients on an uncached tag: one upstream GET");
 
     // Past the TTL: 50 clients again, one revalidating HEAD.
-    let repo = RepoName::parse("docker.io/library/rollout").unwrap();
-    let mut rec = s.state.store.tag(&repo, "latest").await.unwrap().unwrap();
-    rec.fetched_at -= 301;
-    s.state.store.set_tag(&repo, "latest", &rec).await.unwrap();
+    s.state.cache.clock.advance(std::time::Duration::from_secs(301));
     let digests = fifty_at_once(&hub, &s, &url).await;
     assert!(digests.iter().all(|d| d == &manifest_digest));
     assert_eq!(counts(), (1, 1), "50 revalidations: one upstream HEAD");
@@ -553,7 +527,7 @@ async fn a_fill_through_a_repository_without_the_blob_fails_only_its_own_clients
     });
     let digest = d.parse().unwrap();
     let good_repo = RepoName::parse("docker.io/evil/good").unwrap();
-    eventually("the good client joined the fill", || !s.state.fills.runs_without(&digest, &good_repo)).await;
+    eventually("the good client joined the fill", || !s.state.cache.fills.runs_without(&digest, &good_repo)).await;
     hub.release();
 
     let bad = bad.await.unwrap();

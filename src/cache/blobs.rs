@@ -1,101 +1,145 @@
-//! Mirrored blobs that are not (yet) in this repository: served from a shared fill, or, for
-//! HEAD, answered by the upstream's HEAD.
+//! Where a mirrored blob's bytes are: in the store, or arriving through a shared fill; for a
+//! HEAD of a blob not stored, what the upstream says of it.
 
-use axum::body::Body;
-use axum::http::StatusCode;
-use axum::response::Response;
+use bytes::Bytes;
+use futures_util::Stream;
 use reqwest::Method;
+use tokio::sync::watch;
 
-use super::fill::{follow, wait_for_size, wait_until_done, Phase};
-use super::{count, to_registry_error, CacheError};
-use crate::app::AppState;
-use crate::registry::blobs::serve_stored;
-use crate::registry::error::{Code, RegistryError, Result};
-use crate::registry::names::{Digest, RepoName};
-use crate::registry::response::{blob_response, parse_range};
-use crate::registry::{Ctx, RequestInfo, Target};
+use super::fill::{follow, wait_for_size, wait_until_done, Phase, Progress};
+use super::lru::InUse;
+use super::{Cache, CacheError, Content, Mirrored, Obtained};
+use crate::oci::{Digest, RepoName};
 use crate::upstream::content_length;
 
-pub async fn get(ctx: &Ctx, target: &Target, d: &Digest, info: &mut RequestInfo) -> Result<Response> {
-    let Target::Mirror { upstream, remote, local } = target else {
-        return Err(RegistryError::internal("cache::blobs::get on a local repository"));
-    };
-    let state = &ctx.state;
-    let mut outcome = |o: &'static str| {
-        info.cache = Some(o);
-        count(state, target, "blob", o);
-    };
-    let blob_error = |e: CacheError| to_registry_error(&e, Code::BlobUnknown);
-    // Content-addressed: another repository may already have brought these bytes from this
-    // upstream. The upstream still decides whether this repository has the blob, so nothing
-    // leaks across repositories. Bytes this upstream never delivered (a push) are fetched
-    // again and verified, never handed out on the upstream's word.
-    let stored = state.store.blob_size(d).await?.is_some();
-    if stored && state.store.delivered_by(d, upstream.name()).await? {
-        match upstream.blob(Method::HEAD, remote, d, 0).await {
-            Ok(_) => {
-                state.store.link_blob(local, d).await?;
-                outcome("hit");
-                if let Some(resp) = serve_stored(ctx, d, true).await? {
-                    return Ok(resp);
-                }
-            }
-            Err(e) => {
-                outcome("error");
-                return Err(blob_error(e.into()));
-            }
-        }
-    }
-    if ctx.is_head() {
-        // HEAD on an uncached blob asks the upstream with HEAD, not a fill.
-        let resp = upstream.blob(Method::HEAD, remote, d, 0).await.map_err(|e| blob_error(e.into()))?;
-        let Some(size) = content_length(&resp) else {
-            return Err(RegistryError::new(
-                Code::Unavailable,
-                format!("upstream {} answered HEAD {d} without a Content-Length", upstream.name()),
-            ));
-        };
-        outcome("miss");
-        return Ok(blob_response(StatusCode::OK, d, size, None, Body::empty()));
-    }
-    // Joining a fill another repository started: the upstream decides whether this repository
-    // has the blob, as it does for stored blobs above. Having checked, this repository becomes a
-    // source the fill falls back to.
-    if state.fills.runs_without(d, local) {
-        if let Err(e) = upstream.blob(Method::HEAD, remote, d, 0).await {
-            outcome("error");
-            return Err(blob_error(e.into()));
-        }
-    }
-    let mut rx = state.fills.join_or_start(state, upstream.clone(), remote.clone(), local.clone(), d.clone());
-    let total = match wait_for_size(&mut rx, local).await {
-        Ok(t) => t,
-        Err(e) => {
-            outcome("error");
-            return Err(blob_error(e));
-        }
-    };
-    outcome("miss");
-    link_when_done(state, local.clone(), d.clone(), rx.clone());
-    let range = parse_range(&ctx.headers, total)?;
-    let status = if range.is_some() { StatusCode::PARTIAL_CONTENT } else { StatusCode::OK };
-    let (start, end) = range.map_or((0, total), |r| (r.start, r.end + 1));
-    let body = Body::from_stream(follow(state.clone(), d.clone(), rx, start, end));
-    Ok(blob_response(status, d, total, range, body))
+/// Where the bytes of a blob are.
+pub enum BlobSource {
+    /// In the store, kept from eviction while `hold` lives.
+    Stored { size: u64, hold: InUse },
+    /// Arriving from the upstream: read them as they come with [`Following::stream`].
+    Filling { total: u64, fill: Following },
+    /// Not fetched (the answer to a HEAD): the size the upstream gives.
+    Upstream { size: u64 },
 }
 
-/// A repository that followed a fill links the blob once the fill has succeeded (the fill links
-/// the repository it fetched through itself).
-fn link_when_done(
-    state: &AppState,
-    local: RepoName,
-    digest: Digest,
-    mut rx: tokio::sync::watch::Receiver<super::fill::Progress>,
-) {
-    let store = state.store.clone();
-    tokio::spawn(async move {
-        if matches!(wait_until_done(&mut rx).await, Phase::Done { .. }) {
-            let _ = store.link_blob(&local, &digest).await;
+impl BlobSource {
+    pub fn size(&self) -> u64 {
+        match self {
+            BlobSource::Stored { size, .. } | BlobSource::Upstream { size } => *size,
+            BlobSource::Filling { total, .. } => *total,
         }
-    });
+    }
+}
+
+/// A client's place in a running fill.
+pub struct Following {
+    cache: Cache,
+    digest: Digest,
+    rx: watch::Receiver<Progress>,
+}
+
+impl Following {
+    /// Bytes `[start, end)` as they arrive. An error ends the stream with `Err`, which aborts the
+    /// response: a client never receives a complete body with bad bytes.
+    pub fn stream(self, start: u64, end: u64) -> impl Stream<Item = std::io::Result<Bytes>> + Send {
+        follow(self.cache, self.digest, self.rx, start, end)
+    }
+}
+
+impl Cache {
+    /// A stored blob, held from eviction while it is served; `None` when the store does not have
+    /// it. `mirrored` content counts as used (eviction order).
+    pub async fn stored_blob(&self, d: &Digest, mirrored: bool) -> std::io::Result<Option<BlobSource>> {
+        let Some(hold) = self.lru.hold(d) else { return Ok(None) };
+        let Some(size) = self.store.blob_size(d).await? else { return Ok(None) };
+        if mirrored {
+            self.lru.touch(d, size);
+        }
+        Ok(Some(BlobSource::Stored { size, hold }))
+    }
+
+    /// Find a mirrored blob: stored (this repository's, or another's that this upstream
+    /// delivered and confirms for this repository), or through a fill. A HEAD (`head`) never
+    /// starts a fill: the upstream's HEAD answers it.
+    pub async fn blob(&self, m: &Mirrored, d: &Digest, head: bool) -> Result<(BlobSource, Obtained), CacheError> {
+        let found = self.find_blob(m, d, head).await;
+        let outcome = match &found {
+            Ok((_, o)) => o.label(),
+            Err(_) => "error",
+        };
+        self.count(m, "blob", outcome);
+        found
+    }
+
+    async fn find_blob(&self, m: &Mirrored, d: &Digest, head: bool) -> Result<(BlobSource, Obtained), CacheError> {
+        let Mirrored { upstream, remote, local } = m;
+        let missing = |e| CacheError::upstream(Content::Blob, e);
+        if self.store.is_blob_linked(local, d).await? {
+            if let Some(stored) = self.stored_blob(d, true).await? {
+                return Ok((stored, Obtained::Hit));
+            }
+        }
+        // Content-addressed: another repository may already have brought these bytes from this
+        // upstream. The upstream still decides whether this repository has the blob, so nothing
+        // leaks across repositories. Bytes this upstream never delivered (a push) are fetched
+        // again and verified, never handed out on the upstream's word.
+        let stored = self.store.blob_size(d).await?.is_some();
+        if stored && self.store.delivered_by(d, upstream.name()).await? {
+            upstream.blob(Method::HEAD, remote, d, 0).await.map_err(missing)?;
+            self.store.link_blob(local, d).await?;
+            if let Some(stored) = self.stored_blob(d, true).await? {
+                return Ok((stored, Obtained::Hit));
+            }
+        }
+        if head {
+            let resp = upstream.blob(Method::HEAD, remote, d, 0).await.map_err(missing)?;
+            let size = content_length(&resp).ok_or_else(|| {
+                CacheError::Upstream(crate::upstream::UpstreamError::Reset {
+                    upstream: upstream.name().to_string(),
+                    detail: format!("HEAD {d} answered without a Content-Length"),
+                })
+            })?;
+            return Ok((BlobSource::Upstream { size }, Obtained::Miss));
+        }
+        // Joining a fill another repository started: the upstream decides whether this repository
+        // has the blob, as it does for stored blobs above. Having checked, this repository becomes
+        // a source the fill falls back to.
+        if self.fills.runs_without(d, local) {
+            upstream.blob(Method::HEAD, remote, d, 0).await.map_err(missing)?;
+        }
+        let mut rx = self.fills.join_or_start(self, m.clone(), d.clone());
+        let total = wait_for_size(&mut rx, local).await?;
+        self.link_when_done(local.clone(), d.clone(), rx.clone());
+        Ok((
+            BlobSource::Filling { total, fill: Following { cache: self.clone(), digest: d.clone(), rx } },
+            Obtained::Miss,
+        ))
+    }
+
+    /// Have a mirrored blob in the store and linked to its repository (pins): a stored copy
+    /// counts only when this upstream delivered it; anything else is fetched and verified.
+    pub async fn ensure_blob(&self, m: &Mirrored, d: &Digest) -> Result<(), CacheError> {
+        let stored = self.store.blob_size(d).await?.is_some();
+        if stored && self.store.delivered_by(d, m.upstream.name()).await? {
+            return Ok(self.store.link_blob(&m.local, d).await?);
+        }
+        let mut rx = self.fills.join_or_start(self, m.clone(), d.clone());
+        wait_for_size(&mut rx, &m.local).await?;
+        match wait_until_done(&mut rx).await {
+            Phase::Done { .. } => Ok(self.store.link_blob(&m.local, d).await?),
+            Phase::Failed(e) => Err(e),
+            _ => Err(CacheError::Internal(format!("fill of {d} ended without a result"))),
+        }
+    }
+
+    /// A repository that followed a fill links the blob once the fill has succeeded (the fill
+    /// links the repository it fetched through itself).
+    fn link_when_done(&self, local: RepoName, digest: Digest, mut rx: watch::Receiver<Progress>) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if matches!(wait_until_done(&mut rx).await, Phase::Done { .. }) {
+                let _ = store.link_blob(&local, &digest).await;
+            }
+        });
+    }
 }

@@ -10,11 +10,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use crate::registry::names::Digest;
-use crate::storage::unix_now;
-
-/// Where the access log lives, relative to the storage root.
-pub const ACCESS_LOG: &str = "meta/access.log";
+use crate::oci::Digest;
+use crate::storage::{fs::atomic_write, unix_now, Meta};
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -91,7 +88,7 @@ impl Lru {
     pub fn new(storage_root: &std::path::Path) -> Lru {
         Lru {
             index: Mutex::default(),
-            log_path: storage_root.join(ACCESS_LOG),
+            log_path: storage_root.join(Meta::AccessLog.path()),
             eviction_done: tokio::sync::Notify::new(),
         }
     }
@@ -166,25 +163,31 @@ impl Lru {
     /// Load state at start: protected digests (private content), access times from the log, and
     /// every other blob of the store (size, and its file time when the log has no access).
     pub fn load(&self, protected: HashSet<Digest>, blobs: Vec<(Digest, u64, u64)>) {
-        let mut atimes: HashMap<Digest, u64> = HashMap::new();
+        // The log has seconds; its line order tells apart uses within one second.
+        let mut atimes: HashMap<Digest, (u64, usize)> = HashMap::new();
         let mut lines = 0;
         if let Ok(text) = std::fs::read_to_string(&self.log_path) {
             for line in text.lines() {
                 lines += 1;
                 let Some((d, t)) = line.split_once(' ') else { continue };
                 if let (Ok(d), Ok(t)) = (d.parse::<Digest>(), t.parse::<u64>()) {
-                    atimes.insert(d, t);
+                    atimes.insert(d, (t, lines as usize));
                 }
             }
         }
         let mut idx = self.lock();
         idx.protected.extend(protected);
         idx.log_lines = lines;
-        for (d, size, mtime) in blobs {
-            if idx.protected.contains(&d) || idx.entries.contains_key(&d) {
-                continue;
-            }
-            let atime = atimes.get(&d).copied().unwrap_or(mtime);
+        let mut known: Vec<(u64, usize, Digest, u64)> = blobs
+            .into_iter()
+            .filter(|(d, ..)| !idx.protected.contains(d) && !idx.entries.contains_key(d))
+            .map(|(d, size, mtime)| {
+                let (atime, order) = atimes.get(&d).copied().unwrap_or((mtime, 0));
+                (atime, order, d, size)
+            })
+            .collect();
+        known.sort_unstable_by_key(|k| (k.0, k.1));
+        for (atime, _, d, size) in known {
             idx.insert(d, atime, size);
         }
     }
@@ -208,14 +211,11 @@ impl Lru {
             std::fs::create_dir_all(dir)?;
         }
         if let Some(all) = compact {
-            let tmp = self.log_path.with_extension("tmp");
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let mut text = Vec::new();
             for (d, t) in all {
-                writeln!(f, "{d} {t}")?;
+                writeln!(text, "{d} {t}")?;
             }
-            f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            std::fs::rename(&tmp, &self.log_path)?;
-            return Ok(());
+            return atomic_write(&self.log_path, &text, 0o644);
         }
         if dirty.is_empty() {
             return Ok(());

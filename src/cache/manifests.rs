@@ -8,45 +8,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::response::{IntoResponse, Response};
 use reqwest::Method;
 
 use super::flight::Flights;
-use super::{count, to_registry_error, CacheError};
-use crate::registry::error::{Code, RegistryError, Result};
-use crate::registry::listing::tags_page;
-use crate::registry::manifests::{acceptable, describe, manifest_response, upstream_accept, ACCEPT_ALL};
-use crate::registry::names::{Algorithm, Digest, Reference, RepoName};
-use crate::registry::{Ctx, RequestInfo, Target};
-use crate::storage::{unix_now, ManifestMeta, Store, TagRecord};
+use super::{Cache, CacheError, Clock, Content, Mirrored, Obtained};
+use crate::oci::{describe, upstream_accept, Algorithm, Digest, ManifestMeta, Reference, RepoName, ACCEPT_ALL};
+use crate::storage::{Store, TagRecord};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// Largest tags list read from an upstream (Docker Hub pages hold at most 10,000 tags).
 const TAGS_LIMIT: u64 = 8 << 20;
-
-/// How a manifest answer was obtained (the `outcome` label of the cache metrics).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Obtained {
-    /// From the store, without asking the upstream.
-    Hit,
-    /// Fetched from the upstream.
-    Miss,
-    /// The upstream confirmed (with a HEAD) that the cached tag is current.
-    Revalidated,
-    /// The upstream failed; the last known answer was served.
-    Stale,
-}
-
-impl Obtained {
-    pub fn label(self) -> &'static str {
-        match self {
-            Obtained::Hit => "hit",
-            Obtained::Miss => "miss",
-            Obtained::Revalidated => "revalidated",
-            Obtained::Stale => "stale",
-        }
-    }
-}
 
 /// A manifest as the cache has it: exact bytes, meta, digest, and how it was obtained.
 pub struct Resolved {
@@ -67,96 +38,95 @@ pub struct FlightKey {
 
 pub type ManifestFlights = Flights<FlightKey, Result<Arc<Resolved>, CacheError>>;
 
-/// The settings a manifest lookup follows.
-#[derive(Clone, Copy)]
-pub struct Policy {
-    pub tag_ttl: Duration,
-    pub serve_stale: bool,
-    pub max_manifest_size: u64,
-}
-
-pub async fn get(ctx: &Ctx, target: &Target, reference: &Reference, info: &mut RequestInfo) -> Result<Response> {
-    let Target::Mirror { upstream, remote, local } = target else {
-        return Err(RegistryError::internal("cache::manifests::get on a local repository"));
-    };
-    let state = &ctx.state;
-    let client_accept = accept_header(&ctx.headers);
-    let policy = Policy {
-        tag_ttl: state.config.tag_ttl,
-        serve_stale: state.config.serve_stale,
-        max_manifest_size: state.config.max_manifest_size,
-    };
-    let resolved = resolve(
-        &state.manifest_flights,
-        &state.store,
-        upstream,
-        remote,
-        local,
-        reference,
-        client_accept.as_deref(),
-        policy,
-    )
-    .await;
-    let resolved = match resolved {
-        Ok(r) => r,
-        Err(e) => {
-            info.cache = Some("error");
-            count(state, target, "manifest", "error");
-            return Err(to_registry_error(&e, Code::ManifestUnknown));
+impl Cache {
+    /// A mirrored manifest for a client whose `Accept` header is `client_accept`: from the store
+    /// while it is fresh, otherwise through the one upstream request for it. Whether the client
+    /// may be given its media type is the caller's decision.
+    pub async fn manifest(
+        &self,
+        m: &Mirrored,
+        reference: &Reference,
+        client_accept: Option<&str>,
+    ) -> Result<Arc<Resolved>, CacheError> {
+        let found = resolve(self, m, reference, client_accept).await;
+        match &found {
+            Ok(r) => {
+                self.count(m, "manifest", r.obtained.label());
+                self.lru.touch(&r.digest, r.bytes.len() as u64);
+            }
+            Err(_) => self.count(m, "manifest", "error"),
         }
-    };
-    info.cache = Some(resolved.obtained.label());
-    count(state, target, "manifest", resolved.obtained.label());
-    // As distribution does: a client that cannot read this media type is told it is not here.
-    if !acceptable(&resolved.meta.media_type, client_accept.as_deref()) {
-        return Err(RegistryError::new(
-            Code::ManifestUnknown,
-            format!(
-                "{local}:{reference} is a {}, which the request's Accept header does not include",
-                resolved.meta.media_type
-            ),
-        ));
+        found
     }
-    state.lru.touch(&resolved.digest, resolved.bytes.len() as u64);
-    Ok(manifest_response(&resolved.digest, &resolved.meta, resolved.bytes.clone(), ctx.is_head()))
+
+    /// The tags of a mirrored repository: the upstream's page, or the cached tags when it is down.
+    pub async fn tags(&self, m: &Mirrored, n: Option<&str>, last: Option<&str>) -> Result<TagList, CacheError> {
+        let listed = match m.upstream.tags(&m.remote, n, last).await {
+            Ok(resp) => {
+                let link = resp.headers().get("link").and_then(|v| v.to_str().ok()).map(str::to_string);
+                m.upstream.read_limited(resp, TAGS_LIMIT, "tags list").await.map(|body| (body, link))
+            }
+            Err(e) => Err(e),
+        };
+        match listed {
+            Ok((body, link)) => {
+                let body: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+                    CacheError::Upstream(UpstreamError::Reset {
+                        upstream: m.upstream.name().to_string(),
+                        detail: format!("tags list is not JSON: {e}"),
+                    })
+                })?;
+                let tags = body
+                    .get("tags")
+                    .and_then(|t| t.as_array())
+                    .map(|t| t.iter().filter_map(|t| t.as_str().map(str::to_string)).collect())
+                    .unwrap_or_default();
+                Ok(TagList::Upstream { tags, next: link.as_deref().and_then(next_page) })
+            }
+            Err(e) if e.is_outage() => Ok(TagList::Cached(self.store.list_tags(&m.local).await?)),
+            Err(e) => Err(CacheError::upstream(Content::Repository, e)),
+        }
+    }
 }
 
-/// Every `Accept` header of a request, as one list.
-fn accept_header(headers: &axum::http::HeaderMap) -> Option<String> {
-    let values: Vec<&str> =
-        headers.get_all(axum::http::header::ACCEPT).iter().filter_map(|v| v.to_str().ok()).collect();
-    (!values.is_empty()).then(|| values.join(", "))
+/// A repository's tags as the cache found them.
+pub enum TagList {
+    /// One page from the upstream, and where the next starts (if there is one).
+    Upstream { tags: Vec<String>, next: Option<NextPage> },
+    /// The upstream is down: every tag the store knows, for the caller to page through.
+    Cached(Vec<String>),
+}
+
+/// Where the next page of a tags list starts: `?n=<n>&last=<last>`.
+#[derive(Debug, PartialEq)]
+pub struct NextPage {
+    pub n: Option<usize>,
+    pub last: String,
 }
 
 /// Find a mirrored manifest: in the store while it is fresh, otherwise through one shared
 /// upstream request.
-#[allow(clippy::too_many_arguments)]
-pub async fn resolve(
-    flights: &ManifestFlights,
-    store: &Store,
-    upstream: &Arc<Upstream>,
-    remote: &RepoName,
-    local: &RepoName,
+async fn resolve(
+    cache: &Cache,
+    m: &Mirrored,
     reference: &Reference,
     client_accept: Option<&str>,
-    policy: Policy,
 ) -> Result<Arc<Resolved>, CacheError> {
-    if let Some(found) = cached(store, local, reference, policy.tag_ttl).await? {
+    let ttl = cache.policy.tag_ttl;
+    if let Some(found) = cached(&cache.store, &cache.clock, &m.local, reference, ttl).await? {
         return Ok(Arc::new(found));
     }
     let accept = upstream_accept(client_accept);
     let key = FlightKey {
-        upstream: upstream.name().to_string(),
-        remote: remote.clone(),
+        upstream: m.upstream.name().to_string(),
+        remote: m.remote.clone(),
         reference: reference.to_string(),
         accept: accept.clone(),
     };
-    let (store, upstream, remote, local, reference) =
-        (store.clone(), upstream.clone(), remote.clone(), local.clone(), reference.clone());
-    flights
-        .run(key, move || async move {
-            refresh(&store, &upstream, &remote, &local, &reference, &accept, policy).await.map(Arc::new)
-        })
+    let (cache_, m, reference) = (cache.clone(), m.clone(), reference.clone());
+    cache
+        .manifest_flights
+        .run(key, move || async move { refresh(&cache_, &m, &reference, &accept).await.map(Arc::new) })
         .await
         .unwrap_or_else(|| Err(CacheError::Internal("manifest fetch task failed".into())))
 }
@@ -165,6 +135,7 @@ pub async fn resolve(
 /// always, by tag while the tag is younger than `ttl`.
 async fn cached(
     store: &Store,
+    clock: &Clock,
     local: &RepoName,
     reference: &Reference,
     ttl: Duration,
@@ -178,7 +149,7 @@ async fn cached(
         })),
         Reference::Tag(tag) => Ok(known_tag(store, local, tag)
             .await?
-            .filter(|(rec, ..)| unix_now().saturating_sub(rec.fetched_at) < ttl.as_secs())
+            .filter(|(rec, ..)| clock.now().saturating_sub(rec.fetched_at) < ttl.as_secs())
             .map(|(_, digest, meta, bytes)| Resolved { digest, meta, bytes, obtained: Obtained::Hit })),
     }
 }
@@ -190,7 +161,7 @@ async fn known_tag(
     tag: &str,
 ) -> Result<Option<(TagRecord, Digest, ManifestMeta, Vec<u8>)>, CacheError> {
     let Some(rec) = store.tag(local, tag).await? else { return Ok(None) };
-    let Ok(d) = rec.digest.parse::<Digest>() else { return Ok(None) };
+    let d = rec.digest.clone();
     Ok(load(store, local, &d).await?.map(|(meta, bytes)| (rec, d, meta, bytes)))
 }
 
@@ -207,28 +178,24 @@ pub async fn load(store: &Store, repo: &RepoName, d: &Digest) -> std::io::Result
 
 /// One flight: ask the upstream, store what it says, and fall back to the last known answer
 /// when it fails.
-async fn refresh(
-    store: &Store,
-    upstream: &Upstream,
-    remote: &RepoName,
-    local: &RepoName,
-    reference: &Reference,
-    accept: &str,
-    policy: Policy,
-) -> Result<Resolved, CacheError> {
+async fn refresh(cache: &Cache, m: &Mirrored, reference: &Reference, accept: &str) -> Result<Resolved, CacheError> {
+    let (store, policy) = (&cache.store, cache.policy);
+    let Mirrored { upstream, remote, local } = m;
+    let missing = |e| CacheError::upstream(Content::Manifest, e);
     // Another flight may have finished between our look at the store and this one's start.
-    if let Some(found) = cached(store, local, reference, policy.tag_ttl).await? {
+    if let Some(found) = cached(store, &cache.clock, local, reference, policy.tag_ttl).await? {
         return Ok(found);
     }
     let limit = policy.max_manifest_size;
     let tag = match reference {
         Reference::Digest(d) => {
-            let f = fetch(upstream, remote, &d.to_string(), Some(d), accept, limit).await?;
+            let f = fetch(upstream, remote, &d.to_string(), Some(d), accept, limit).await.map_err(missing)?;
             store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await?;
             return Ok(Resolved { digest: f.digest, meta: f.meta, bytes: f.bytes, obtained: Obtained::Miss });
         }
         Reference::Tag(tag) => tag,
     };
+    let now = |digest: &Digest| TagRecord { digest: digest.clone(), fetched_at: cache.clock.now() };
     let known = known_tag(store, local, tag).await?;
     let result = match &known {
         Some((_, d, ..)) => revalidate(upstream, remote, tag, d, accept, limit).await,
@@ -237,19 +204,19 @@ async fn refresh(
     match (result, known) {
         // Unchanged upstream: no GET, just a fresh timestamp.
         (Ok(None), Some((_, digest, meta, bytes))) => {
-            store.set_tag(local, tag, &TagRecord::now(&digest)).await?;
+            store.set_tag(local, tag, &now(&digest)).await?;
             Ok(Resolved { digest, meta, bytes, obtained: Obtained::Revalidated })
         }
         (Ok(Some(f)), _) => {
             store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await?;
-            store.set_tag(local, tag, &TagRecord::now(&f.digest)).await?;
+            store.set_tag(local, tag, &now(&f.digest)).await?;
             Ok(Resolved { digest: f.digest, meta: f.meta, bytes: f.bytes, obtained: Obtained::Miss })
         }
         (Err(e), Some((_, digest, meta, bytes))) if policy.serve_stale && e.is_outage() => {
             tracing::warn!(upstream = upstream.name(), repository = %local, tag, error = %e, "upstream failed; serving the last known digest");
             Ok(Resolved { digest, meta, bytes, obtained: Obtained::Stale })
         }
-        (Err(e), _) => Err(e.into()),
+        (Err(e), _) => Err(missing(e)),
         (Ok(None), None) => Err(CacheError::Internal("revalidation without a cached manifest".into())),
     }
 }
@@ -325,49 +292,11 @@ pub async fn fetch(
     Ok(Fetched { digest, meta, bytes })
 }
 
-/// Tags of a mirrored repository: the upstream's list, or the cached tags when it is down.
-pub async fn tags(ctx: Ctx, target: &Target) -> Result<Response> {
-    let Target::Mirror { upstream, remote, local } = target else {
-        return Err(RegistryError::internal("cache::manifests::tags on a local repository"));
-    };
-    let mut query: Vec<String> = Vec::new();
-    for key in ["n", "last"] {
-        if let Some(v) = ctx.query.get(key) {
-            query.push(format!("{key}={}", crate::registry::query_escape(v)));
-        }
-    }
-    let listed = match upstream.tags(remote, &query.join("&")).await {
-        Ok(resp) => {
-            let link = resp.headers().get("link").and_then(|v| v.to_str().ok()).map(str::to_string);
-            let body = upstream.read_limited(resp, TAGS_LIMIT, "tags list").await;
-            body.map(|b| (b, link))
-        }
-        Err(e) => Err(e),
-    };
-    match listed {
-        Ok((body, link)) => {
-            let body: serde_json::Value = serde_json::from_slice(&body)
-                .map_err(|e| RegistryError::new(Code::Unavailable, format!("upstream tags list: {e}")))?;
-            let tags = body.get("tags").cloned().unwrap_or(serde_json::json!([]));
-            let mut out = axum::Json(serde_json::json!({ "name": local.as_str(), "tags": tags })).into_response();
-            // The upstream's link names its own path (and could name any URL): point the client
-            // at the same page of this repository on the mirror instead.
-            if let Some(next) = link.as_deref().and_then(|l| next_page_link(l, local)) {
-                if let Ok(v) = axum::http::HeaderValue::from_str(&next) {
-                    out.headers_mut().insert("link", v);
-                }
-            }
-            Ok(out)
-        }
-        Err(e) if e.is_outage() => tags_page(&ctx, local, ctx.state.store.list_tags(local).await?),
-        Err(e) => Err(to_registry_error(&e.into(), Code::NameUnknown)),
-    }
-}
-
-/// The mirror's own `Link` for the page an upstream's `Link: <…?n=N&last=L>; rel="next"` names,
-/// or `None` when it names no next page we understand.
-fn next_page_link(upstream_link: &str, local: &RepoName) -> Option<String> {
-    let (target, params) = upstream_link.split_once(';')?;
+/// The next page an upstream's `Link: <…?n=N&last=L>; rel="next"` names, or `None` when it names
+/// no next page we understand. Only the page position is kept: the link's host and path are the
+/// upstream's (or anyone's), never passed on.
+fn next_page(link: &str) -> Option<NextPage> {
+    let (target, params) = link.split_once(';')?;
     if !params.split(';').any(|p| p.trim().replace(' ', "") == "rel=\"next\"" || p.trim() == "rel=next") {
         return None;
     }
@@ -382,13 +311,7 @@ fn next_page_link(upstream_link: &str, local: &RepoName) -> Option<String> {
             _ => {}
         }
     }
-    let last = last?;
-    let mut out = format!("</v2/{local}/tags/list?");
-    if let Some(n) = n {
-        out.push_str(&format!("n={n}&"));
-    }
-    out.push_str(&format!("last={}>; rel=\"next\"", crate::registry::query_escape(&last)));
-    Some(out)
+    Some(NextPage { n, last: last? })
 }
 
 #[cfg(test)]
@@ -396,19 +319,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn upstream_links_become_mirror_links() {
-        let local = RepoName::parse("ghcr.io/org/tool").unwrap();
+    fn only_the_page_position_of_an_upstream_link_is_kept() {
         assert_eq!(
-            next_page_link("</v2/org/tool/tags/list?last=v1.2&n=2>; rel=\"next\"", &local).as_deref(),
-            Some("</v2/ghcr.io/org/tool/tags/list?n=2&last=v1.2>; rel=\"next\"")
+            next_page("</v2/org/tool/tags/list?last=v1.2&n=2>; rel=\"next\""),
+            Some(NextPage { n: Some(2), last: "v1.2".into() })
         );
-        // Another host, odd characters: only the page position survives, escaped.
         assert_eq!(
-            next_page_link("<https://evil.example/x?n=5&last=a%0d%0aSet-Cookie>; rel=\"next\"", &local).as_deref(),
-            Some("</v2/ghcr.io/org/tool/tags/list?n=5&last=a%0D%0ASet-Cookie>; rel=\"next\"")
+            next_page("<https://evil.example/x?n=5&last=a%0d%0aSet-Cookie>; rel=\"next\""),
+            Some(NextPage { n: Some(5), last: "a\r\nSet-Cookie".into() })
         );
-        assert_eq!(next_page_link("<https://evil.example/x>; rel=\"next\"", &local), None);
-        assert_eq!(next_page_link("</v2/x/tags/list?last=a>; rel=\"prev\"", &local), None);
-        assert_eq!(next_page_link("garbage", &local), None);
+        assert_eq!(next_page("<https://evil.example/x>; rel=\"next\""), None);
+        assert_eq!(next_page("</v2/x/tags/list?last=a>; rel=\"prev\""), None);
+        assert_eq!(next_page("garbage"), None);
     }
 }

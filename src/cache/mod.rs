@@ -1,6 +1,11 @@
 //! The pull-through cache: mirrored manifests (tag TTL, revalidation, stale serving, one upstream
 //! request per manifest at a time) and blobs (one shared fill per digest, streamed to every
-//! waiting client).
+//! waiting client), the eviction order and pins.
+//!
+//! It answers in content, never in HTTP responses: a blob lookup says where the bytes are (stored,
+//! or arriving through a fill), a manifest lookup gives bytes, media type, digest and how they
+//! were obtained. The API layer turns either into a response. It works on narrow handles (the
+//! store, the fills, the eviction index, the metrics) gathered in [`Cache`].
 
 pub mod blobs;
 pub mod evict;
@@ -10,56 +15,190 @@ pub mod lru;
 pub mod manifests;
 pub mod pins;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::http::header;
+use crate::config::{Config, Namespaces};
+use crate::metrics::Metrics;
+use crate::oci::RepoName;
+use crate::storage::{unix_now, Store};
+use crate::upstream::{Upstream, UpstreamError};
 
-use crate::app::AppState;
-use crate::registry::error::{Code, RegistryError};
-use crate::registry::Target;
-use crate::upstream::UpstreamError;
+pub use blobs::BlobSource;
+pub use manifests::{Resolved, TagList};
+
+/// A mirrored repository: where its content comes from and where it is kept.
+#[derive(Clone)]
+pub struct Mirrored {
+    pub upstream: Arc<Upstream>,
+    /// The repository's name on the upstream (`library/nginx`).
+    pub remote: RepoName,
+    /// Where the mirror keeps it (`docker.io/library/nginx`).
+    pub local: RepoName,
+}
+
+/// The settings lookups follow.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    pub tag_ttl: Duration,
+    pub serve_stale: bool,
+    pub max_manifest_size: u64,
+    /// Mirrored content above this is evicted.
+    pub max_size: Option<u64>,
+}
+
+/// Unix seconds as the cache sees them. Real time, plus an offset tests may advance to age
+/// tags without touching the store.
+#[derive(Default)]
+pub struct Clock {
+    offset: AtomicU64,
+}
+
+impl Clock {
+    pub fn now(&self) -> u64 {
+        unix_now() + self.offset.load(Ordering::Relaxed)
+    }
+
+    /// Move this clock forward (tests).
+    pub fn advance(&self, by: Duration) {
+        self.offset.fetch_add(by.as_secs(), Ordering::Relaxed);
+    }
+}
+
+/// The cache's handles, shared (a cheap `Clone`).
+#[derive(Clone)]
+pub struct Cache(Arc<Shared>);
+
+pub struct Shared {
+    pub store: Store,
+    pub fills: fill::Fills,
+    pub manifest_flights: manifests::ManifestFlights,
+    pub lru: Arc<lru::Lru>,
+    pub metrics: Metrics,
+    pub policy: Policy,
+    pub namespaces: Namespaces,
+    pub clock: Clock,
+    /// Wakes the eviction task (a fill finished).
+    pub evict_wakeup: tokio::sync::Notify,
+    /// One eviction pass at a time.
+    pub evicting: tokio::sync::Mutex<()>,
+    /// The eviction index is loaded.
+    pub loaded: AtomicBool,
+}
+
+impl std::ops::Deref for Cache {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl Cache {
+    pub fn new(config: &Config, store: Store, metrics: Metrics) -> Cache {
+        Cache(Arc::new(Shared {
+            store,
+            fills: Default::default(),
+            manifest_flights: Default::default(),
+            lru: Arc::new(lru::Lru::new(&config.storage_root)),
+            metrics,
+            policy: Policy {
+                tag_ttl: config.tag_ttl,
+                serve_stale: config.serve_stale,
+                max_manifest_size: config.max_manifest_size,
+                max_size: config.max_size,
+            },
+            namespaces: config.namespaces(),
+            clock: Clock::default(),
+            evict_wakeup: tokio::sync::Notify::new(),
+            evicting: tokio::sync::Mutex::new(()),
+            loaded: AtomicBool::new(false),
+        }))
+    }
+
+    /// Count a lookup of mirrored content by outcome.
+    fn count(&self, m: &Mirrored, kind: &str, outcome: &str) {
+        self.metrics.cache.with_label_values(&[kind, m.upstream.name(), outcome]).inc();
+    }
+}
+
+/// How an answer was obtained (the `outcome` label of the cache metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Obtained {
+    /// From the store, without asking the upstream for the content.
+    Hit,
+    /// Fetched from the upstream.
+    Miss,
+    /// The upstream confirmed (with a HEAD) that the cached tag is current.
+    Revalidated,
+    /// The upstream failed; the last known answer was served.
+    Stale,
+}
+
+impl Obtained {
+    pub fn label(self) -> &'static str {
+        match self {
+            Obtained::Hit => "hit",
+            Obtained::Miss => "miss",
+            Obtained::Revalidated => "revalidated",
+            Obtained::Stale => "stale",
+        }
+    }
+}
+
+/// What a lookup was for, so "not found" can say what was not found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Content {
+    Manifest,
+    Blob,
+    Repository,
+}
 
 /// Why the cache could not answer, by where it failed.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum CacheError {
+    /// The upstream says the repository does not have it (404, or 401/403, which Docker Hub
+    /// answers for a repository that does not exist).
+    #[error("{cause}")]
+    NotFound { what: Content, cause: UpstreamError },
+    /// The upstream failed or misbehaved.
     #[error(transparent)]
-    Upstream(#[from] UpstreamError),
+    Upstream(UpstreamError),
+    /// The store failed (a full disk, a broken mount).
     #[error("storage: {0}")]
     Storage(Arc<std::io::Error>),
     #[error("{0}")]
     Internal(String),
 }
 
+impl CacheError {
+    /// An upstream failure while looking for `what`.
+    pub fn upstream(what: Content, e: UpstreamError) -> CacheError {
+        if e.is_absent() {
+            CacheError::NotFound { what, cause: e }
+        } else {
+            CacheError::Upstream(e)
+        }
+    }
+
+    /// The metrics label of the failure's cause.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            CacheError::NotFound { cause, .. } | CacheError::Upstream(cause) => cause.cause(),
+            CacheError::Storage(_) => "storage",
+            CacheError::Internal(_) => "internal",
+        }
+    }
+
+    /// A failure of the upstream itself, not an answer about the content: stale content may
+    /// be served instead.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, CacheError::Upstream(e) if e.is_outage())
+    }
+}
+
 impl From<std::io::Error> for CacheError {
     fn from(e: std::io::Error) -> Self {
         CacheError::Storage(Arc::new(e))
-    }
-}
-
-/// Count a cache lookup outcome (`hit`, `miss`, `stale`, `revalidated`, `error`).
-pub fn count(state: &AppState, target: &Target, kind: &str, outcome: &str) {
-    if let Some(upstream) = target.upstream_name() {
-        state.metrics.cache.with_label_values(&[kind, upstream, outcome]).inc();
-    }
-}
-
-/// How a cache failure reaches the client. Never a 400: containerd treats it as fatal.
-pub fn to_registry_error(e: &CacheError, not_found: Code) -> RegistryError {
-    let e = match e {
-        CacheError::Upstream(e) => e,
-        CacheError::Storage(_) | CacheError::Internal(_) => return RegistryError::internal(e),
-    };
-    match e {
-        UpstreamError::Status { status: 404, .. } => RegistryError::new(not_found, e.to_string()),
-        // Docker Hub answers 401 for a repository that does not exist.
-        UpstreamError::Status { status: 401 | 403, .. } => RegistryError::new(not_found, e.to_string()),
-        UpstreamError::TooManyRequests { retry_after, .. } => {
-            let err = RegistryError::new(Code::TooManyRequests, e.to_string());
-            match retry_after {
-                Some(r) => err.with_header(header::RETRY_AFTER, r),
-                None => err,
-            }
-        }
-        _ => RegistryError::new(Code::Unavailable, e.to_string()),
     }
 }

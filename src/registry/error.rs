@@ -97,9 +97,61 @@ impl std::fmt::Display for RegistryError {
 
 impl std::error::Error for RegistryError {}
 
+// ---- How every lower layer's failure reaches a client: the one table. ----
+
 impl From<std::io::Error> for RegistryError {
     fn from(err: std::io::Error) -> Self {
         Self::internal(format!("storage: {err}"))
+    }
+}
+
+impl From<crate::oci::Error> for RegistryError {
+    fn from(err: crate::oci::Error) -> Self {
+        use crate::oci::Error as E;
+        let code = match &err {
+            E::NameInvalid(_) => Code::NameInvalid,
+            E::DigestInvalid(_) => Code::DigestInvalid,
+            E::TagInvalid(_) | E::ManifestInvalid(_) => Code::ManifestInvalid,
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+impl From<crate::storage::CommitError> for RegistryError {
+    fn from(err: crate::storage::CommitError) -> Self {
+        use crate::storage::CommitError as E;
+        match err {
+            E::DigestMismatch { .. } => Self::new(Code::DigestInvalid, err.to_string()),
+            E::SizeMismatch { .. } => Self::new(Code::SizeInvalid, err.to_string()),
+            E::Io(io) => io.into(),
+        }
+    }
+}
+
+/// Never a 400 for what the upstream did: containerd treats a 400 as fatal.
+impl From<crate::cache::CacheError> for RegistryError {
+    fn from(err: crate::cache::CacheError) -> Self {
+        use crate::cache::{CacheError as E, Content};
+        use crate::upstream::UpstreamError;
+        match &err {
+            E::NotFound { what, .. } => {
+                let code = match what {
+                    Content::Manifest => Code::ManifestUnknown,
+                    Content::Blob => Code::BlobUnknown,
+                    Content::Repository => Code::NameUnknown,
+                };
+                Self::new(code, err.to_string())
+            }
+            E::Upstream(UpstreamError::TooManyRequests { retry_after, .. }) => {
+                let limited = Self::new(Code::TooManyRequests, err.to_string());
+                match retry_after {
+                    Some(r) => limited.with_header(header::RETRY_AFTER, r),
+                    None => limited,
+                }
+            }
+            E::Upstream(_) => Self::new(Code::Unavailable, err.to_string()),
+            E::Storage(_) | E::Internal(_) => Self::internal(err),
+        }
     }
 }
 

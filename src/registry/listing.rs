@@ -5,16 +5,16 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::{Code, RegistryError, Result};
-use super::manifests::OCI_INDEX;
-use super::names::{Digest, RepoName};
 use super::{Ctx, Target};
+use crate::cache::TagList;
+use crate::oci::{Digest, RepoName, OCI_INDEX};
 
 /// Default and largest page sizes.
 const DEFAULT_PAGE: usize = 1000;
 const MAX_PAGE: usize = 10_000;
 
 /// The `n` and `last` of the next page, when there is one.
-type Next = Option<(usize, String)>;
+type Next = Option<(Option<usize>, String)>;
 
 /// One page of a sorted list: entries after `last`, at most `n`, and whether more follow.
 fn paginate(ctx: &Ctx, mut all: Vec<String>) -> Result<(Vec<String>, Next)> {
@@ -32,14 +32,15 @@ fn paginate(ctx: &Ctx, mut all: Vec<String>) -> Result<(Vec<String>, Next)> {
     };
     let rest = &all[start.min(all.len())..];
     let page: Vec<String> = rest.iter().take(n).cloned().collect();
-    let next = (n > 0 && rest.len() > n).then(|| (n, page.last().cloned().unwrap_or_default()));
+    let next = (n > 0 && rest.len() > n).then(|| (Some(n), page.last().cloned().unwrap_or_default()));
     Ok((page, next))
 }
 
 fn with_link(mut resp: Response, path: &str, next: Next) -> Response {
     if let Some((n, last)) = next {
+        let n = n.map(|n| format!("n={n}&")).unwrap_or_default();
         let last = super::query_escape(&last);
-        if let Ok(v) = HeaderValue::from_str(&format!("<{path}?n={n}&last={last}>; rel=\"next\"")) {
+        if let Ok(v) = HeaderValue::from_str(&format!("<{path}?{n}last={last}>; rel=\"next\"")) {
             resp.headers_mut().insert(header::LINK, v);
         }
     }
@@ -47,10 +48,22 @@ fn with_link(mut resp: Response, path: &str, next: Next) -> Response {
 }
 
 pub async fn tags(ctx: Ctx, target: Target) -> Result<Response> {
-    if let Target::Mirror { .. } = target {
-        return crate::cache::manifests::tags(ctx, &target).await;
-    }
-    let repo = target.local();
+    let repo = match &target {
+        Target::Mirror(m) => {
+            let n = ctx.query.get("n").map(String::as_str);
+            let last = ctx.query.get("last").map(String::as_str);
+            return match ctx.state.cache.tags(m, n, last).await? {
+                // The upstream's next page is the same page of this repository on the mirror.
+                TagList::Upstream { tags, next } => {
+                    let body = json!({ "name": m.local.as_str(), "tags": tags });
+                    let resp = (StatusCode::OK, axum::Json(body)).into_response();
+                    Ok(with_link(resp, &format!("/v2/{}/tags/list", m.local), next.map(|p| (p.n, p.last))))
+                }
+                TagList::Cached(all) => tags_page(&ctx, &m.local, all),
+            };
+        }
+        Target::Local(repo) => repo,
+    };
     let store = &ctx.state.store;
     let all = store.list_tags(repo).await?;
     if all.is_empty() && !store.repository_exists(repo).await? {
@@ -72,7 +85,8 @@ pub async fn catalog(ctx: Ctx) -> Result<Response> {
         .list_repositories()
         .await?
         .into_iter()
-        .filter(|r| RepoName::parse(r).is_ok_and(|r| ctx.state.access.may_pull(&ctx.principal, &r)))
+        .filter(|r| ctx.state.access.may_pull(&ctx.principal, r))
+        .map(String::from)
         .collect();
     let (page, next) = paginate(&ctx, all)?;
     let resp = (StatusCode::OK, axum::Json(json!({ "repositories": page }))).into_response();

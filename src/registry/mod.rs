@@ -5,8 +5,8 @@ pub mod blobs;
 pub mod error;
 pub mod listing;
 pub mod manifests;
-pub mod names;
 pub mod response;
+pub mod token;
 pub mod uploads;
 
 use std::collections::HashMap;
@@ -19,10 +19,10 @@ use axum::response::{IntoResponse, Response};
 
 use crate::app::AppState;
 use crate::auth::{Authn, ConnInfo, Principal};
+use crate::cache::Mirrored;
 use crate::config::Action;
-use crate::upstream::Upstream;
+use crate::oci::RepoName;
 use error::{Code, RegistryError, Result};
-use names::RepoName;
 
 /// One parsed `/v2/...` path.
 #[derive(Debug, PartialEq)]
@@ -97,8 +97,8 @@ impl<'a> Route<'a> {
 pub enum Target {
     /// The private namespace: pushes accepted, never upstream.
     Local(RepoName),
-    /// Mirrored from `upstream` as `remote`; stored locally as `<upstream name>/<remote>`.
-    Mirror { upstream: Arc<Upstream>, remote: RepoName, local: RepoName },
+    /// Mirrored from an upstream; stored locally as `<upstream name>/<remote>`.
+    Mirror(Mirrored),
 }
 
 impl Target {
@@ -106,14 +106,14 @@ impl Target {
     pub fn local(&self) -> &RepoName {
         match self {
             Target::Local(n) => n,
-            Target::Mirror { local, .. } => local,
+            Target::Mirror(m) => &m.local,
         }
     }
 
     pub fn upstream_name(&self) -> Option<&str> {
         match self {
             Target::Local(_) => None,
-            Target::Mirror { upstream, .. } => Some(upstream.name()),
+            Target::Mirror(m) => Some(m.upstream.name()),
         }
     }
 
@@ -121,9 +121,12 @@ impl Target {
     pub fn require_local(&self) -> Result<&RepoName> {
         match self {
             Target::Local(n) => Ok(n),
-            Target::Mirror { local, .. } => Err(RegistryError::new(
+            Target::Mirror(m) => Err(RegistryError::new(
                 Code::Unsupported,
-                format!("{local} is mirrored from an upstream and is read-only; push to a private namespace instead"),
+                format!(
+                    "{} is mirrored from an upstream and is read-only; push to a private namespace instead",
+                    m.local
+                ),
             )),
         }
     }
@@ -132,14 +135,14 @@ impl Target {
 /// Decide which upstream (if any) serves `name`, in the documented order.
 pub fn resolve_target(state: &AppState, name: &str, ns: Option<&str>) -> Result<Target> {
     let name = RepoName::parse(name)?;
-    let mirror = |upstream: &Arc<Upstream>, remote: RepoName| -> Result<Target> {
+    let mirror = |upstream: &Arc<crate::upstream::Upstream>, remote: RepoName| -> Result<Target> {
         let remote = if upstream.name() == "docker.io" && !remote.as_str().contains('/') {
             remote.prefixed("library")?
         } else {
             remote
         };
         let local = remote.prefixed(upstream.name())?;
-        Ok(Target::Mirror { upstream: upstream.clone(), remote, local })
+        Ok(Target::Mirror(Mirrored { upstream: upstream.clone(), remote, local }))
     };
     if let Some(ns) = ns {
         let upstream = state.upstreams.get(ns).ok_or_else(|| {
@@ -253,7 +256,7 @@ fn identity_needed(state: &AppState, route: &Route<'_>, target: Option<&Target>,
     match (route, target) {
         (Route::Base | Route::Catalog, _) | (_, None) => true,
         (_, Some(t)) => {
-            let mirrored = matches!(t, Target::Mirror { .. });
+            let mirrored = matches!(t, Target::Mirror(_));
             !state.access.allowed(&Principal::Anonymous, t.local().as_str(), mirrored, required_action(route, method))
         }
     }
@@ -284,11 +287,11 @@ fn authorize(
     let anonymous = ctx.principal == Principal::Anonymous;
     match route {
         // `docker login` and the first request of every pull learn the token realm here.
-        Route::Base if !authn.authenticated => Err(access.challenge(&ctx.headers, conn, None)),
+        Route::Base if !authn.authenticated => Err(unauthorized(access.challenge(&ctx.headers, conn, None))),
         Route::Base | Route::Catalog => Ok(()),
         _ => {
             let (Some(name), Some(target)) = (route.name(), target) else { return Ok(()) };
-            let mirrored = matches!(target, Target::Mirror { .. });
+            let mirrored = matches!(target, Target::Mirror(_));
             let action = required_action(route, &ctx.method);
             let local = target.local().as_str();
             let by_anyone = access.allowed(&Principal::Anonymous, local, mirrored, action);
@@ -300,7 +303,7 @@ fn authorize(
             } else if anonymous || authn.rejected || by_principal {
                 let actions =
                     if action == Action::Pull { "pull".to_string() } else { format!("pull,{}", action.as_str()) };
-                Err(access.challenge(&ctx.headers, conn, Some(format!("repository:{name}:{actions}"))))
+                Err(unauthorized(access.challenge(&ctx.headers, conn, Some(format!("repository:{name}:{actions}")))))
             } else {
                 Err(RegistryError::new(
                     Code::Denied,
@@ -309,6 +312,11 @@ fn authorize(
             }
         }
     }
+}
+
+/// A 401 that tells the client where to log in.
+pub fn unauthorized(challenge: String) -> RegistryError {
+    RegistryError::new(Code::Unauthorized, "authentication required").with_header(header::WWW_AUTHENTICATE, &challenge)
 }
 
 fn user_name(p: &Principal) -> &str {

@@ -6,11 +6,8 @@ use axum::response::Response;
 use futures_util::StreamExt;
 
 use super::error::{Code, RegistryError, Result};
-use super::names::Digest;
-use crate::storage::Store;
-
-/// Blob bodies are sent in large chunks: close to sendfile speed without sendfile.
-pub const CHUNK: usize = 1 << 20;
+use crate::oci::{Digest, ManifestMeta};
+use crate::storage::{Store, CHUNK};
 
 /// An inclusive byte range `[start, end]` within a blob of known size.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -79,6 +76,22 @@ pub fn blob_response(status: StatusCode, digest: &Digest, size: u64, range: Opti
         if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", r.start, r.end)) {
             h.insert(header::CONTENT_RANGE, v);
         }
+    }
+    resp
+}
+
+/// A manifest response; HEAD carries the same headers without the body.
+pub fn manifest_response(digest: &Digest, meta: &ManifestMeta, bytes: Vec<u8>, head: bool) -> Response {
+    let len = bytes.len();
+    let mut resp = Response::new(if head { Body::empty() } else { Body::from(bytes) });
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&meta.media_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    insert_digest(h, digest);
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        h.insert(header::ETAG, v);
     }
     resp
 }

@@ -12,10 +12,10 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
 use super::error::{Code, RegistryError, Result};
-use super::names::{Digest, Hasher, RepoName};
 use super::response::located;
 use super::{Ctx, Target};
-use crate::storage::{unix_now, upload_data, CommitError, UploadInfo};
+use crate::oci::{Algorithm, Digest, Hasher, RepoName};
+use crate::storage::{unix_now, UploadInfo};
 
 /// Per-session state kept in memory: a lock so two PATCHes never interleave, and the hash of
 /// the bytes received so far (lost on restart, then recomputed from the data file).
@@ -60,16 +60,8 @@ fn created(repo: &RepoName, d: &Digest) -> Response {
     located(StatusCode::CREATED, &format!("/v2/{repo}/blobs/{d}"), Some(d))
 }
 
-fn commit_error(e: CommitError) -> RegistryError {
-    match e {
-        CommitError::DigestMismatch { .. } => RegistryError::new(Code::DigestInvalid, e.to_string()),
-        CommitError::SizeMismatch { .. } => RegistryError::new(Code::SizeInvalid, e.to_string()),
-        CommitError::Io(io) => io.into(),
-    }
-}
-
 fn query_digest(ctx: &Ctx) -> Result<Option<Digest>> {
-    ctx.query.get("digest").map(|d| d.parse()).transpose()
+    Ok(ctx.query.get("digest").map(|d| d.parse()).transpose()?)
 }
 
 pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
@@ -80,11 +72,11 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
         if let Some(from) = ctx.query.get("from") {
             // `from` as the client names it: `library/nginx` is the mirrored docker.io/library/nginx.
             if let Ok(from) = super::resolve_target(&ctx.state, from, None).map(|t| t.local().clone()) {
-                let _hold = ctx.state.lru.hold_for_write(&d).await;
+                let _hold = ctx.state.cache.lru.hold_for_write(&d).await;
                 let readable = ctx.state.access.may_pull(&ctx.principal, &from);
                 if readable && store.is_blob_linked(&from, &d).await? && store.blob_size(&d).await?.is_some() {
                     store.link_blob(&repo, &d).await?;
-                    ctx.state.lru.protect(&d);
+                    ctx.state.cache.lru.protect(&d);
                     return Ok(created(&repo, &d));
                 }
             }
@@ -92,7 +84,7 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
         // Not mountable: fall through to an ordinary upload session, as the spec asks.
     } else if let Some(d) = query_digest(&ctx)? {
         let expected = content_length(&ctx);
-        let _hold = ctx.state.lru.hold_for_write(&d).await;
+        let _hold = ctx.state.cache.lru.hold_for_write(&d).await;
         let mut writer = store.begin_blob(d.algorithm()).await?;
         let mut body = ctx.take_body().into_data_stream();
         while let Some(chunk) = body.next().await {
@@ -104,9 +96,9 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
                 }
             }
         }
-        writer.commit(&d, expected).await.map_err(commit_error)?;
+        writer.commit(&d, expected).await.map_err(RegistryError::from)?;
         store.link_blob(&repo, &d).await?;
-        ctx.state.lru.protect(&d);
+        ctx.state.cache.lru.protect(&d);
         return Ok(created(&repo, &d));
     }
     let id = store.create_upload(&repo).await?;
@@ -123,7 +115,7 @@ async fn session(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<()> {
     let store = &ctx.state.store;
     let unknown = || RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"));
     let info = store.upload_info(id).await?.ok_or_else(unknown)?;
-    if info.repository != repo.as_str() {
+    if &info.repository != repo {
         return Err(unknown());
     }
     if expired(&info, ctx.state.config.upload_expiry) {
@@ -162,7 +154,7 @@ async fn append(
     repo: &RepoName,
     id: &str,
     state: &mut Option<(u64, Hasher)>,
-    algorithm: Option<super::names::Algorithm>,
+    algorithm: Option<Algorithm>,
 ) -> Result<u64> {
     let store = ctx.state.store.clone();
     let size = store.upload_size(id).await?;
@@ -195,8 +187,7 @@ async fn append(
     };
     // Keep the running hash only while it covers exactly the bytes on disk.
     if state.as_ref().is_none_or(|(hashed, _)| *hashed != size) {
-        *state =
-            if size == 0 { Some((0, Hasher::new(algorithm.unwrap_or(super::names::Algorithm::Sha256)))) } else { None };
+        *state = if size == 0 { Some((0, Hasher::new(algorithm.unwrap_or(Algorithm::Sha256)))) } else { None };
     }
     let mut file = store
         .append_upload(id)
@@ -264,14 +255,14 @@ pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> 
         Some((hashed, h)) if hashed == size && h.algorithm() == d.algorithm() => Some(h),
         _ => None,
     };
-    let _hold = ctx.state.lru.hold_for_write(&d).await;
-    let outcome = store.commit_staged(&upload_data(id), &d, hasher).await;
+    let _hold = ctx.state.cache.lru.hold_for_write(&d).await;
+    let outcome = store.commit_upload(id, &d, hasher).await;
     // Success or digest mismatch, the session is over and nothing of it is kept.
     store.delete_upload(id).await?;
     ctx.state.sessions.forget(id);
-    outcome.map_err(commit_error)?;
+    outcome.map_err(RegistryError::from)?;
     store.link_blob(&repo, &d).await?;
-    ctx.state.lru.protect(&d);
+    ctx.state.cache.lru.protect(&d);
     Ok(created(&repo, &d))
 }
 
@@ -283,10 +274,12 @@ pub async fn purge_expired(state: &crate::app::AppState) -> std::io::Result<usiz
     for id in store.list_uploads().await? {
         let slot = state.sessions.slot(&id);
         let Ok(_busy) = slot.try_lock() else { continue };
+        let expiry = state.config.upload_expiry;
         let stale = match store.upload_info(&id).await? {
-            Some(info) => expired(&info, state.config.upload_expiry),
-            // A folder without its record: a session cut short while being created.
-            None => true,
+            Some(info) => expired(&info, expiry),
+            // No record: a session being created right now (the record is written first), or the
+            // remains of one whose removal was cut short, which are gone once old enough.
+            None => store.upload_modified(&id).await?.is_some_and(|t| t.saturating_add(expiry.as_secs()) <= unix_now()),
         };
         if stale {
             store.delete_upload(&id).await?;

@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncSeekExt;
 
 use super::{Driver, Reader, StagedFile, Writer};
 
@@ -46,6 +46,56 @@ impl FsDriver {
 /// A temp-file name nobody else uses.
 pub fn unique_name() -> String {
     format!("{:032x}", rand::random::<u128>())
+}
+
+/// Replace the file at `path` with `content`, atomically and durably: a new file (with `mode`)
+/// beside it is written and fsynced, renamed over it, and the folder fsynced, so a crash leaves
+/// the old content or the new, never a mix, and the new survives a power loss once this returns.
+/// Missing folders are created (durably too). The one write-then-rename of regmirror: the store,
+/// the token key, htpasswd, TLS material and the access log all use it.
+pub fn atomic_write(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    create_dirs_durably_blocking(&dir)?;
+    let tmp = dir.join(format!(".{name}.{}.tmp", unique_name()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn create_dirs_durably_blocking(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = Some(dir);
+    while let Some(d) = cur {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d.to_path_buf());
+        cur = d.parent();
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
 }
 
 /// `create_dir_all`, then fsync the parent of every folder it created, so the new entries survive
@@ -92,12 +142,13 @@ impl Driver for FsDriver {
     }
 
     async fn put(&self, path: &str, content: &[u8]) -> io::Result<()> {
-        let tmp = format!("{TMP_DIR}/{}", unique_name());
-        let mut f = tokio::fs::File::create(self.full(&tmp)).await?;
-        f.write_all(content).await?;
-        f.sync_all().await?;
-        drop(f);
-        self.commit(&tmp, path).await
+        let (full, content) = (self.full(path), content.to_vec());
+        tokio::task::spawn_blocking(move || atomic_write(&full, &content, 0o644)).await.map_err(io::Error::other)?
+    }
+
+    async fn put_private(&self, path: &str, content: &[u8]) -> io::Result<()> {
+        let (full, content) = (self.full(path), content.to_vec());
+        tokio::task::spawn_blocking(move || atomic_write(&full, &content, 0o600)).await.map_err(io::Error::other)?
     }
 
     async fn delete(&self, path: &str) -> io::Result<()> {

@@ -12,6 +12,9 @@
 //! repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>  referrer descriptor
 //! uploads/<id>/data, uploads/<id>/info                       resumable upload sessions
 //! tmp/                                                        staged writes, renamed into place
+//! meta/token.key                                              the token signing key (0600)
+//! meta/access.log                                             last use of mirrored blobs (LRU)
+//! meta/gc.json                                                totals of `regmirror gc` runs
 //! ```
 //! Repository components never start with `_`, so the `_` directories cannot collide with names.
 
@@ -27,7 +30,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::registry::names::{Algorithm, Digest, Hasher, RepoName};
+use crate::oci::{Algorithm, Digest, Hasher, ManifestMeta, RepoName};
+
+/// Blob bytes are read (and sent) in chunks this large: close to sendfile speed without sendfile.
+pub const CHUNK: usize = 1 << 20;
 
 pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
 pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
@@ -39,6 +45,8 @@ pub trait Driver: Send + Sync + 'static {
     async fn get(&self, path: &str) -> io::Result<Option<Vec<u8>>>;
     /// Replace a small file atomically and durably.
     async fn put(&self, path: &str, content: &[u8]) -> io::Result<()>;
+    /// `put`, readable by the owner only (a key).
+    async fn put_private(&self, path: &str, content: &[u8]) -> io::Result<()>;
     /// Remove a file or a whole tree; a missing path is not an error.
     async fn delete(&self, path: &str) -> io::Result<()>;
     /// Names of the children of a directory, sorted; empty when it does not exist.
@@ -78,31 +86,17 @@ pub trait StagedFile: Send {
     fn finish(&mut self) -> io::Result<u64>;
 }
 
-/// How a manifest is recorded in a repository.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-pub struct ManifestMeta {
-    pub media_type: String,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub artifact_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub annotations: Option<serde_json::Map<String, serde_json::Value>>,
-}
-
 /// A tag: the digest it points to and when that answer was learned (upstream fetch or push).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TagRecord {
-    pub digest: String,
+    pub digest: Digest,
     /// Unix seconds.
     pub fetched_at: u64,
 }
 
 impl TagRecord {
     pub fn now(digest: &Digest) -> Self {
-        TagRecord { digest: digest.to_string(), fetched_at: unix_now() }
+        TagRecord { digest: digest.clone(), fetched_at: unix_now() }
     }
 }
 
@@ -113,7 +107,7 @@ pub fn unix_now() -> u64 {
 /// An upload session's record, kept on disk so it survives a restart.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UploadInfo {
-    pub repository: String,
+    pub repository: RepoName,
     pub started_at: u64,
 }
 
@@ -195,8 +189,29 @@ fn upload_dir(id: &str) -> String {
     format!("uploads/{id}")
 }
 
-pub fn upload_data(id: &str) -> String {
+fn upload_data(id: &str) -> String {
     format!("uploads/{id}/data")
+}
+
+/// Files of the store's own bookkeeping, under `meta/`.
+#[derive(Clone, Copy, Debug)]
+pub enum Meta {
+    /// The token signing key.
+    TokenKey,
+    /// The last use of every mirrored blob, appended to (eviction order).
+    AccessLog,
+    /// Totals of `regmirror gc` runs.
+    GcRecord,
+}
+
+impl Meta {
+    pub fn path(self) -> &'static str {
+        match self {
+            Meta::TokenKey => "meta/token.key",
+            Meta::AccessLog => "meta/access.log",
+            Meta::GcRecord => "meta/gc.json",
+        }
+    }
 }
 
 /// Upload ids are ours (hex); anything else cannot name a session and must not reach a path.
@@ -263,8 +278,28 @@ impl Store {
         Ok(out)
     }
 
-    pub fn driver(&self) -> &dyn Driver {
-        &*self.driver
+    // ---- bookkeeping ----
+
+    pub async fn read_meta(&self, meta: Meta) -> io::Result<Option<Vec<u8>>> {
+        self.driver.get(meta.path()).await
+    }
+
+    /// Replace a bookkeeping file; the token key is readable by the owner only.
+    pub async fn write_meta(&self, meta: Meta, content: &[u8]) -> io::Result<()> {
+        match meta {
+            Meta::TokenKey => self.driver.put_private(meta.path(), content).await,
+            _ => self.driver.put(meta.path(), content).await,
+        }
+    }
+
+    /// Whether the store takes a write now (readiness).
+    pub async fn check_writable(&self) -> io::Result<()> {
+        self.driver.put("tmp/.readyz", b"ok").await
+    }
+
+    /// Bytes of a fill's staging file (`None` once it is gone: committed or removed).
+    pub async fn read_staged_at(&self, staging: &str, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>> {
+        self.driver.read_at(staging, offset, len).await
     }
 
     // ---- blobs ----
@@ -323,12 +358,7 @@ impl Store {
 
     /// Verify a staged file (an upload session's data) against `expected` and move it into place.
     /// The staged file is consumed either way: a mismatch keeps nothing.
-    pub async fn commit_staged(
-        &self,
-        staged: &str,
-        expected: &Digest,
-        hasher: Option<Hasher>,
-    ) -> Result<u64, CommitError> {
+    async fn commit_staged(&self, staged: &str, expected: &Digest, hasher: Option<Hasher>) -> Result<u64, CommitError> {
         let outcome = async {
             let (actual, size) = match hasher {
                 Some(h) => {
@@ -416,8 +446,8 @@ impl Store {
         self.put_blob_bytes(d, bytes).await?;
         let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
         self.driver.put(&revision_link(repo, d), &json).await?;
-        if let Some(subject) = meta.subject.as_deref().and_then(|s| s.parse::<Digest>().ok()) {
-            let entry = format!("{}/{}-{}", referrers_dir(repo, &subject), d.algorithm().as_str(), d.hex());
+        if let Some(subject) = &meta.subject {
+            let entry = format!("{}/{}-{}", referrers_dir(repo, subject), d.algorithm().as_str(), d.hex());
             self.driver.put(&entry, d.to_string().as_bytes()).await?;
         }
         Ok(())
@@ -433,14 +463,13 @@ impl Store {
         let Some(meta) = self.manifest_meta(repo, d).await? else {
             return Ok(false);
         };
-        let digest = d.to_string();
         for tag in self.list_tags(repo).await? {
-            if self.tag(repo, &tag).await?.is_some_and(|t| t.digest == digest) {
+            if self.tag(repo, &tag).await?.is_some_and(|t| &t.digest == d) {
                 self.delete_tag(repo, &tag).await?;
             }
         }
-        if let Some(subject) = meta.subject.as_deref().and_then(|s| s.parse::<Digest>().ok()) {
-            let entry = format!("{}/{}-{}", referrers_dir(repo, &subject), d.algorithm().as_str(), d.hex());
+        if let Some(subject) = &meta.subject {
+            let entry = format!("{}/{}-{}", referrers_dir(repo, subject), d.algorithm().as_str(), d.hex());
             self.driver.delete(&entry).await?;
         }
         self.driver
@@ -496,16 +525,16 @@ impl Store {
     }
 
     /// Every repository that holds at least one manifest, in lexical order.
-    pub async fn list_repositories(&self) -> io::Result<Vec<String>> {
+    pub async fn list_repositories(&self) -> io::Result<Vec<RepoName>> {
         self.walk_repositories(true).await
     }
 
     /// Every repository with anything in it (blobs pushed without a manifest yet included).
-    pub async fn list_repositories_all(&self) -> io::Result<Vec<String>> {
+    pub async fn list_repositories_all(&self) -> io::Result<Vec<RepoName>> {
         self.walk_repositories(false).await
     }
 
-    async fn walk_repositories(&self, with_manifests_only: bool) -> io::Result<Vec<String>> {
+    async fn walk_repositories(&self, with_manifests_only: bool) -> io::Result<Vec<RepoName>> {
         let mut out = Vec::new();
         let mut pending = vec![String::new()];
         while let Some(prefix) = pending.pop() {
@@ -521,7 +550,10 @@ impl Store {
                 }
             }
             if is_repo {
-                out.push(prefix);
+                // Only names this registry could have written; anything else is not a repository.
+                if let Ok(name) = RepoName::parse(&prefix) {
+                    out.push(name);
+                }
             }
         }
         out.sort();
@@ -532,10 +564,11 @@ impl Store {
 
     pub async fn create_upload(&self, repo: &RepoName) -> io::Result<String> {
         let id = fs::unique_name();
-        let info = UploadInfo { repository: repo.to_string(), started_at: unix_now() };
+        let info = UploadInfo { repository: repo.clone(), started_at: unix_now() };
         let json = serde_json::to_vec(&info).map_err(io::Error::other)?;
-        self.driver.put(&upload_data(&id), b"").await?;
+        // The record first: a session folder without one is a leftover the purge may remove.
         self.driver.put(&format!("{}/info", upload_dir(&id)), &json).await?;
+        self.driver.put(&upload_data(&id), b"").await?;
         Ok(id)
     }
 
@@ -544,6 +577,11 @@ impl Store {
             return Ok(None);
         }
         Ok(self.driver.get(&format!("{}/info", upload_dir(id))).await?.and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    /// When a session's data was last written (Unix seconds), `None` without data.
+    pub async fn upload_modified(&self, id: &str) -> io::Result<Option<u64>> {
+        Ok(self.driver.stat(&upload_data(id)).await?.map(|(_, mtime)| mtime))
     }
 
     pub async fn upload_size(&self, id: &str) -> io::Result<u64> {
@@ -562,6 +600,12 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Verify a session's data against `expected` and make it the blob; the data is consumed
+    /// either way.
+    pub async fn commit_upload(&self, id: &str, expected: &Digest, hasher: Option<Hasher>) -> Result<u64, CommitError> {
+        self.commit_staged(&upload_data(id), expected, hasher).await
     }
 
     /// Cut a session's data back to `len` bytes (a chunk that was refused).

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::{CommitError, StagedFile, Store};
-use crate::registry::names::{Algorithm, Digest, Hasher};
+use crate::oci::{Algorithm, Digest, Hasher};
 
 /// How far (in bytes) the hasher or the file may fall behind the receiver before it waits: the
 /// memory a blob write holds, whatever the blob's size.
@@ -255,9 +255,9 @@ mod tests {
         let store = Store::new(FsDriver::new(dir.path()).unwrap());
         let mut w = store.begin_blob(Algorithm::Sha256).await.unwrap();
         w.write(Bytes::from(vec![7u8; 3 << 20])).await.unwrap();
-        assert_eq!(store.driver().list("tmp").await.unwrap().len(), 1);
+        assert_eq!(store.driver.list("tmp").await.unwrap().len(), 1);
         drop(w);
-        assert!(store.driver().list("tmp").await.unwrap().is_empty());
+        assert!(store.driver.list("tmp").await.unwrap().is_empty());
     }
 
     #[tokio::test]
@@ -272,6 +272,6 @@ mod tests {
         w.write(Bytes::from_static(b"expected")).await.unwrap();
         assert!(matches!(w.commit(&d, Some(9)).await, Err(CommitError::SizeMismatch { .. })));
         assert!(store.read_blob(&d).await.unwrap().is_none());
-        assert!(store.driver().list("tmp").await.unwrap().is_empty(), "staged bytes are deleted");
+        assert!(store.driver.list("tmp").await.unwrap().is_empty(), "staged bytes are deleted");
     }
 }

@@ -13,7 +13,7 @@ use reqwest::{Method, StatusCode};
 
 use crate::config::{Config, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::registry::names::{Digest, RepoName};
+use crate::oci::{Digest, RepoName, ACCEPT_ALL};
 use auth::{Challenge, TokenCache};
 
 /// Why an upstream could not answer; `cause()` is the metrics label.
@@ -270,8 +270,7 @@ impl Upstream {
         accept: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
         let mut headers = HeaderMap::new();
-        let accept = HeaderValue::from_str(accept)
-            .unwrap_or_else(|_| HeaderValue::from_static(crate::registry::manifests::ACCEPT_ALL));
+        let accept = HeaderValue::from_str(accept).unwrap_or_else(|_| HeaderValue::from_static(ACCEPT_ALL));
         headers.insert(ACCEPT, accept);
         self.send(method, repo, &format!("/v2/{repo}/manifests/{reference}"), headers, Kind::Manifest).await
     }
@@ -293,10 +292,24 @@ impl Upstream {
         self.send(method, repo, &format!("/v2/{repo}/blobs/{digest}"), headers, Kind::Blob).await
     }
 
-    /// A page of the tags list; `query` is already encoded (`n=…&last=…`).
-    pub async fn tags(&self, repo: &RepoName, query: &str) -> Result<reqwest::Response, UpstreamError> {
+    /// A page of the tags list: at most `n` tags, after `last`.
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        n: Option<&str>,
+        last: Option<&str>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let path = format!("/v2/{repo}/tags/list");
-        let query = (!query.is_empty()).then_some(query);
+        let query = {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            for (key, value) in [("n", n), ("last", last)] {
+                if let Some(v) = value {
+                    query.append_pair(key, v);
+                }
+            }
+            query.finish()
+        };
+        let query = (!query.is_empty()).then_some(query.as_str());
         self.send_query(Method::GET, repo, &path, query, HeaderMap::new(), Kind::Tags).await
     }
 
@@ -343,7 +356,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// All configured upstreams, by name.
+/// All configured upstreams, by name (a cheap `Clone`).
+#[derive(Clone)]
 pub struct Upstreams {
     by_name: HashMap<String, Arc<Upstream>>,
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use regmirror::app::{router, AppState};
+use regmirror::app::{router, start, AppState};
 use regmirror::config::Config;
 use regmirror::server::{run, Listener};
 use serde_json::json;
@@ -33,7 +33,8 @@ impl TestServer {
 
     pub async fn start_in(dir: tempfile::TempDir, toml: &str) -> TestServer {
         let config = Config::parse(toml, dir.path()).unwrap_or_else(|e| panic!("config: {e:?}"));
-        let state = AppState::new(config).unwrap();
+        // The same start as `regmirror serve`: store indexed, background tasks running.
+        let state = start(config).await.unwrap();
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -345,3 +346,39 @@ impl Drop for Proc {
     }
 }
 pub mod hub;
+
+pub const MIB: usize = 1 << 20;
+
+/// `size` bytes that differ with `seed`.
+pub fn blob_of(size: usize, seed: u8) -> Vec<u8> {
+    (0..size).map(|i| ((i * 31) as u8).wrapping_add(seed)).collect()
+}
+
+/// A blob and an image manifest over it, published on the hub as `library/<repo>:<tag>`:
+/// (blob digest, manifest digest, manifest bytes).
+pub fn hub_image(hub: &hub::Hub, repo: &str, tag: &str, blob: Vec<u8>) -> (String, String, Vec<u8>) {
+    let config = format!("{{\"architecture\":\"amd64\",\"os\":\"linux\",\"repo\":\"{repo}\"}}").into_bytes();
+    let blob_digest = hub.add_blob(blob.clone());
+    hub.add_blob(config.clone());
+    let m = image_manifest(&config, &[&blob]);
+    let d = hub.add_manifest(&format!("library/{repo}"), tag, OCI_MANIFEST, m.clone());
+    (blob_digest, d, m)
+}
+
+/// Bytes of blob content a regmirror store under `dir` holds on disk.
+pub fn blobs_on_disk(dir: &Path) -> u64 {
+    fn walk(p: &Path) -> u64 {
+        std::fs::read_dir(p).map_or(0, |rd| {
+            rd.flatten()
+                .map(|e| if e.path().is_dir() { walk(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) })
+                .sum()
+        })
+    }
+    walk(&dir.join("data/blobs"))
+}
+
+/// Whether the store of `s` holds blob `d`.
+pub fn blob_present(s: &TestServer, d: &str) -> bool {
+    let hex = d.trim_start_matches("sha256:");
+    s.dir.path().join(format!("data/blobs/sha256/{}/{hex}/data", &hex[..2])).exists()
+}

@@ -5,13 +5,15 @@ use std::str::FromStr;
 
 use sha2::Digest as _;
 
-use super::error::{Code, RegistryError};
+use super::Error;
 
 /// Longest repository name accepted (distribution's limit).
 const MAX_NAME_LEN: usize = 255;
 
-/// A content digest: `sha256:<64 hex>` or `sha512:<128 hex>`, always lowercase.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A content digest: `sha256:<64 hex>` or `sha512:<128 hex>`, always lowercase. Stored as its
+/// string form, and validated again when read back.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct Digest {
     algorithm: Algorithm,
     hex: String,
@@ -67,19 +69,18 @@ impl fmt::Display for Digest {
 }
 
 impl FromStr for Digest {
-    type Err = RegistryError;
+    type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = || RegistryError::new(Code::DigestInvalid, format!("invalid digest {s:?}"));
+        let invalid = || Error::DigestInvalid(format!("invalid digest {s:?}"));
         let (alg, hex) = s.split_once(':').ok_or_else(invalid)?;
         let algorithm = match alg {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
             _ => {
-                return Err(RegistryError::new(
-                    Code::DigestInvalid,
-                    format!("unsupported digest algorithm {alg:?} (sha256 and sha512 are supported)"),
-                ))
+                return Err(Error::DigestInvalid(format!(
+                    "unsupported digest algorithm {alg:?} (sha256 and sha512 are supported)"
+                )))
             }
         };
         let valid_hex =
@@ -129,13 +130,40 @@ impl Hasher {
 }
 
 /// A validated repository name of any depth (`library/nginx`, `a/b/c/d/e/f/g/h/i`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct RepoName(String);
 
+impl TryFrom<String> for RepoName {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        RepoName::parse(&s)
+    }
+}
+
+impl From<RepoName> for String {
+    fn from(n: RepoName) -> String {
+        n.0
+    }
+}
+
+impl TryFrom<String> for Digest {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        s.parse()
+    }
+}
+
+impl From<Digest> for String {
+    fn from(d: Digest) -> String {
+        d.to_string()
+    }
+}
+
 impl RepoName {
-    pub fn parse(s: &str) -> Result<Self, RegistryError> {
+    pub fn parse(s: &str) -> Result<Self, Error> {
         if s.is_empty() || s.len() > MAX_NAME_LEN || !s.split('/').all(valid_component) {
-            return Err(RegistryError::new(Code::NameInvalid, format!("invalid repository name {s:?}")));
+            return Err(Error::NameInvalid(format!("invalid repository name {s:?}")));
         }
         Ok(RepoName(s.to_string()))
     }
@@ -159,7 +187,7 @@ impl RepoName {
     }
 
     /// `prefix/self`; both halves are valid names, so the result is too (length aside).
-    pub fn prefixed(&self, prefix: &str) -> Result<RepoName, RegistryError> {
+    pub fn prefixed(&self, prefix: &str) -> Result<RepoName, Error> {
         RepoName::parse(&format!("{prefix}/{}", self.0))
     }
 
@@ -218,14 +246,14 @@ pub enum Reference {
 }
 
 impl Reference {
-    pub fn parse(s: &str) -> Result<Self, RegistryError> {
+    pub fn parse(s: &str) -> Result<Self, Error> {
         if s.contains(':') {
             return Ok(Reference::Digest(s.parse()?));
         }
         if valid_tag(s) {
             Ok(Reference::Tag(s.to_string()))
         } else {
-            Err(RegistryError::new(Code::ManifestInvalid, format!("invalid tag {s:?}")))
+            Err(Error::TagInvalid(format!("invalid tag {s:?}")))
         }
     }
 }

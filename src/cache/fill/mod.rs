@@ -2,17 +2,14 @@
 //! its own that streams the upstream body into a staging file while hashing, publishes how many
 //! bytes have arrived, resumes with `Range` when the connection breaks, and verifies digest and size
 //! before the blob becomes visible. Every requester, the first one included, is a pure reader of the
-//! fill: bytes that arrived recently come from a window kept in memory (so a client that keeps up
-//! with the upstream never waits for the disk), older ones from the growing staging file. A client
-//! that disconnects drops only its reader, and N clients cost one upstream fetch and constant memory.
-//!
-//! While clients are reading from memory, the fill keeps at most `PACE_LEAD` ahead of the fastest
-//! one: running further ahead gains nobody much (the blob is not visible before its last byte) and
-//! would push that client out of the window onto the disk. Pacing is bounded: a fill stops waiting
-//! for good when its readers make no progress for `READER_STALL`, or once it has waited
-//! `MAX_PACING` in all, so a slow or stuck client never holds the upstream transfer for long.
+//! fill: bytes that arrived recently come from a window kept in memory (`window`: so a client that
+//! keeps up with the upstream never waits for the disk), older ones from the growing staging file.
+//! A client that disconnects drops only its reader, and N clients cost one upstream fetch and
+//! constant memory.
 
-use std::collections::{HashMap, VecDeque};
+mod window;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,12 +19,11 @@ use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use tokio::sync::watch;
 
-use super::CacheError;
-use crate::app::AppState;
-use crate::registry::names::{Digest, RepoName};
-use crate::registry::response::CHUNK;
-use crate::storage::{BlobWriter, CommitError};
-use crate::upstream::{content_length, error_chain, Upstream, UpstreamError};
+use super::{Cache, CacheError, Content, Mirrored};
+use crate::oci::{Digest, RepoName};
+use crate::storage::{BlobWriter, CommitError, CHUNK};
+use crate::upstream::{content_length, error_chain, UpstreamError};
+use window::{Pacing, Reader, Shared, Source};
 
 /// How often in a row a broken upstream connection is resumed before the fill gives up: with
 /// the delays below, about 11 s of waiting in all.
@@ -42,19 +38,6 @@ const RESUME_MAX_DELAY: Duration = Duration::from_secs(5);
 /// A connection that delivered this much before breaking counts as progress: the next break is
 /// resumed as if it were the first.
 const PROGRESS_RESETS_RESUMES: u64 = 1 << 20;
-
-/// Bytes of a fill kept in memory, at most, for clients a little behind the newest.
-const WINDOW_KEEP: usize = 2 << 20;
-
-/// How far a fill may run ahead of its fastest reader; less than `WINDOW_KEEP`, so that reader is
-/// served from memory.
-const PACE_LEAD: u64 = 1 << 20;
-
-/// A fill waiting for its readers gives up pacing when the fastest has not moved for this long.
-const READER_STALL: Duration = Duration::from_millis(250);
-
-/// The most a fill waits for its readers in all.
-const MAX_PACING: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug)]
 pub enum Phase {
@@ -77,14 +60,6 @@ pub struct Staged {
     shared: Arc<Shared>,
 }
 
-/// What a fill and its readers share while it runs.
-#[derive(Debug, Default)]
-struct Shared {
-    window: Mutex<Window>,
-    /// A reader moved forward (or left).
-    advanced: tokio::sync::Notify,
-}
-
 #[derive(Clone, Debug)]
 pub struct Progress {
     pub phase: Phase,
@@ -94,173 +69,22 @@ pub struct Progress {
     pub not_found: Vec<(RepoName, UpstreamError)>,
 }
 
-/// The newest chunks of a fill. Bytes before `start` are in the staging file: a chunk leaves the
-/// window only once the file has it.
-#[derive(Debug, Default)]
-struct Window {
-    start: u64,
-    chunks: VecDeque<Bytes>,
-    len: usize,
-    /// Where each reader following the fill now has got to.
-    readers: Vec<Arc<AtomicU64>>,
-    /// The fill has ended; its memory is released.
-    closed: bool,
-}
-
-/// Where a reader finds the bytes at its position.
-enum Source {
-    Memory(Bytes),
-    /// In the staging file: at most this many bytes from there on.
-    File(usize),
-    /// The fill has ended: its outcome is (or is about to be) published.
-    Closed,
-}
-
-impl Shared {
-    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
-        self.window.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Wait, until `deadline` at most, while the fastest reader reading from memory is more than
-    /// `PACE_LEAD` behind `received`. False when that reader stalled or the deadline passed.
-    async fn wait_for_readers(&self, received: u64, deadline: Instant) -> bool {
-        let mut seen = None;
-        let mut stall_at = Instant::now() + READER_STALL;
-        loop {
-            let furthest = self.window().readers.iter().map(|r| r.load(Ordering::Relaxed)).max();
-            let Some(furthest) = furthest else { return true };
-            let lead = received.saturating_sub(furthest);
-            // Close enough, or so far behind that it reads from the file anyway.
-            if lead <= PACE_LEAD || lead > WINDOW_KEEP as u64 {
-                return true;
-            }
-            let now = Instant::now();
-            if seen != Some(furthest) {
-                seen = Some(furthest);
-                stall_at = now + READER_STALL;
-            }
-            let until = stall_at.min(deadline);
-            if now >= until {
-                return false;
-            }
-            let _ = tokio::time::timeout_at(until.into(), self.advanced.notified()).await;
-        }
-    }
-}
-
-/// A fill's side of pacing: how long it may still wait for its readers.
-struct Pacing {
-    left: Duration,
-    active: bool,
-}
-
-impl Pacing {
-    fn new() -> Self {
-        Pacing { left: MAX_PACING, active: true }
-    }
-
-    async fn keep_pace(&mut self, shared: &Shared, received: u64) {
-        if !self.active {
-            return;
-        }
-        let started = Instant::now();
-        let kept = shared.wait_for_readers(received, started + self.left).await;
-        self.left = self.left.saturating_sub(started.elapsed());
-        self.active = kept && !self.left.is_zero();
-    }
-}
-
-/// A reader's place among a fill's readers, given up when it is dropped.
-struct Reader {
-    shared: Arc<Shared>,
-    pos: Arc<AtomicU64>,
-}
-
-impl Reader {
-    fn join(shared: &Arc<Shared>, pos: u64) -> Self {
-        let pos = Arc::new(AtomicU64::new(pos));
-        shared.window().readers.push(pos.clone());
-        Reader { shared: shared.clone(), pos }
-    }
-
-    fn advanced_to(&self, pos: u64) {
-        self.pos.store(pos, Ordering::Relaxed);
-        self.shared.advanced.notify_one();
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        self.shared.window().readers.retain(|r| !Arc::ptr_eq(r, &self.pos));
-        self.shared.advanced.notify_one();
-    }
-}
-
-impl Window {
-    /// Add the newest chunk. A chunk leaves once the file has it and either no reader still
-    /// needs it or the window is over `WINDOW_KEEP`.
-    fn push(&mut self, chunk: Bytes, on_disk: u64) {
-        self.len += chunk.len();
-        self.chunks.push_back(chunk);
-        let slowest = self.readers.iter().map(|r| r.load(Ordering::Relaxed)).min().unwrap_or(u64::MAX);
-        while let Some(front) = self.chunks.front() {
-            let front_end = self.start + front.len() as u64;
-            let wanted = slowest < front_end && self.len - front.len() < WINDOW_KEEP;
-            if wanted || front_end > on_disk {
-                break;
-            }
-            self.len -= front.len();
-            self.start = front_end;
-            self.chunks.pop_front();
-        }
-    }
-
-    /// Up to `want` bytes at `pos`, which must be below what has been received.
-    fn locate(&self, pos: u64, want: usize) -> Source {
-        if self.closed {
-            return Source::Closed;
-        }
-        if pos < self.start {
-            return Source::File(want.min((self.start - pos) as usize));
-        }
-        let mut chunk_start = self.start;
-        for chunk in &self.chunks {
-            let chunk_end = chunk_start + chunk.len() as u64;
-            if pos < chunk_end {
-                let from = (pos - chunk_start) as usize;
-                return Source::Memory(chunk.slice(from..chunk.len().min(from + want)));
-            }
-            chunk_start = chunk_end;
-        }
-        Source::Memory(Bytes::new())
-    }
-}
-
-/// A repository a fill may fetch through: where the blob is asked for upstream, and the local
-/// repository that answer is about.
-#[derive(Clone)]
-struct Origin {
-    upstream: Arc<Upstream>,
-    remote: RepoName,
-    local: RepoName,
-}
-
 /// The repositories a fill may use, in the order they asked. The fill tries the next one only
 /// when the upstream says the current one does not have the blob; `closed` once it gave up.
 #[derive(Default)]
 struct Sources {
-    list: Vec<Origin>,
+    list: Vec<Mirrored>,
     current: usize,
     closed: bool,
 }
 
 impl Sources {
-    fn current(&self) -> Option<Origin> {
+    fn current(&self) -> Option<Mirrored> {
         self.list.get(self.current).cloned()
     }
 
     /// Move on to the next repository, or close when none is left.
-    fn advance(&mut self) -> Option<Origin> {
+    fn advance(&mut self) -> Option<Mirrored> {
         self.current += 1;
         let next = self.current();
         self.closed = next.is_none();
@@ -288,15 +112,7 @@ impl Fills {
     /// Join the fill for `digest`, or start one. A caller from another repository than the
     /// fill's must have checked with the upstream that its repository has the blob (a HEAD):
     /// it becomes a source the fill falls back to if the first repository does not have it.
-    pub fn join_or_start(
-        &self,
-        state: &AppState,
-        upstream: Arc<Upstream>,
-        remote: RepoName,
-        local: RepoName,
-        digest: Digest,
-    ) -> watch::Receiver<Progress> {
-        let source = Origin { upstream, remote, local };
+    pub fn join_or_start(&self, cache: &Cache, source: Mirrored, digest: Digest) -> watch::Receiver<Progress> {
         let mut running = lock(&self.running);
         if let Some(r) = running.get(&digest) {
             let mut sources = lock(&r.sources);
@@ -313,7 +129,7 @@ impl Fills {
         let sources = Arc::new(Mutex::new(Sources { list: vec![source], current: 0, closed: false }));
         running.insert(digest.clone(), Running { id, rx: rx.clone(), sources: sources.clone() });
         drop(running);
-        tokio::spawn(run(state.clone(), sources, digest, id, tx));
+        tokio::spawn(run(cache.clone(), sources, digest, id, tx));
         rx
     }
 
@@ -339,21 +155,21 @@ impl Fills {
     }
 }
 
-async fn run(state: AppState, sources: Arc<Mutex<Sources>>, digest: Digest, id: u64, tx: watch::Sender<Progress>) {
+async fn run(cache: Cache, sources: Arc<Mutex<Sources>>, digest: Digest, id: u64, tx: watch::Sender<Progress>) {
     let started = Instant::now();
-    state.metrics.fills_in_flight.inc();
+    cache.metrics.fills_in_flight.inc();
     let first = lock(&sources).current();
     if let Some(s) = &first {
         tracing::info!(upstream = s.upstream.name(), repository = %s.local, %digest, "fill started");
     }
-    let outcome = fetch(&state, &sources, &digest, &tx).await;
+    let outcome = fetch(&cache, &sources, &digest, &tx).await;
     let running = tx.borrow().phase.clone();
     // The repository that delivered the blob has it now; others link it as their clients finish.
     let outcome = match outcome {
         Ok((total, source)) => {
             let recorded = async {
-                state.store.mark_delivered(&digest, source.upstream.name()).await?;
-                state.store.link_blob(&source.local, &digest).await
+                cache.store.mark_delivered(&digest, source.upstream.name()).await?;
+                cache.store.link_blob(&source.local, &digest).await
             };
             match recorded.await {
                 Ok(()) => Ok((total, source)),
@@ -365,16 +181,12 @@ async fn run(state: AppState, sources: Arc<Mutex<Sources>>, digest: Digest, id: 
     match &outcome {
         Ok((total, source)) => {
             tracing::info!(upstream = source.upstream.name(), repository = %source.local, %digest, bytes = total, seconds = started.elapsed().as_secs_f64(), "fill finished");
-            state.metrics.fill_duration.observe(started.elapsed().as_secs_f64());
-            state.lru.touch(&digest, *total);
+            cache.metrics.fill_duration.observe(started.elapsed().as_secs_f64());
+            cache.lru.touch(&digest, *total);
             tx.send_modify(|p| p.phase = Phase::Done { total: *total });
         }
         Err(e) => {
-            let cause = match e {
-                CacheError::Upstream(u) => u.cause(),
-                CacheError::Storage(_) => "storage",
-                CacheError::Internal(_) => "internal",
-            };
+            let cause = e.cause();
             let repository = first.as_ref().map(|s| s.local.to_string()).unwrap_or_default();
             tracing::warn!(repository, %digest, cause, error = %e, "fill failed");
             tx.send_modify(|p| p.phase = Phase::Failed(e.clone()));
@@ -387,20 +199,20 @@ async fn run(state: AppState, sources: Arc<Mutex<Sources>>, digest: Digest, id: 
         window.chunks.clear();
         window.closed = true;
     }
-    state.fills.finished(&digest, id);
-    state.metrics.fills_in_flight.dec();
-    state.evict_wakeup.notify_one();
+    cache.fills.finished(&digest, id);
+    cache.metrics.fills_in_flight.dec();
+    cache.evict_wakeup.notify_one();
 }
 
 /// Stream the blob into a staging file, resuming on broken connections, then commit it. Returns
 /// its size and the source that delivered it.
 async fn fetch(
-    state: &AppState,
+    cache: &Cache,
     sources: &Mutex<Sources>,
     digest: &Digest,
     tx: &watch::Sender<Progress>,
-) -> Result<(u64, Origin), CacheError> {
-    let mut writer = state.store.begin_blob(digest.algorithm()).await?;
+) -> Result<(u64, Mirrored), CacheError> {
+    let mut writer = cache.store.begin_blob(digest.algorithm()).await?;
     let (staged, source) = match receive(sources, digest, tx, &mut writer).await {
         Ok(received) => received,
         Err(e) => {
@@ -414,12 +226,10 @@ async fn fetch(
         Err(CommitError::Io(e)) => Err(e.into()),
         Err(e) => {
             tracing::warn!(upstream = upstream.name(), %digest, error = %e, "upstream content rejected");
-            Err(upstream
-                .failed(UpstreamError::DigestMismatch {
-                    upstream: upstream.name().to_string(),
-                    digest: digest.to_string(),
-                })
-                .into())
+            Err(CacheError::Upstream(upstream.failed(UpstreamError::DigestMismatch {
+                upstream: upstream.name().to_string(),
+                digest: digest.to_string(),
+            })))
         }
     }
 }
@@ -436,7 +246,7 @@ async fn receive(
     digest: &Digest,
     tx: &watch::Sender<Progress>,
     writer: &mut BlobWriter,
-) -> Result<(Staged, Origin), CacheError> {
+) -> Result<(Staged, Mirrored), CacheError> {
     let mut staged: Option<Staged> = None;
     let mut pacing = Pacing::new();
     let mut resumes = 0;
@@ -459,7 +269,7 @@ async fn receive(
                         source = next;
                         continue;
                     }
-                    None => return Err(e.into()),
+                    None => return Err(CacheError::upstream(Content::Blob, e)),
                 }
             }
             Err(e) if offset > 0 && resumes < MAX_RESUMES && e.is_outage() => {
@@ -467,32 +277,28 @@ async fn receive(
                 resumes += 1;
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(CacheError::upstream(Content::Blob, e)),
         };
         if offset > 0 && (resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(offset)) {
             // The upstream ignored the range, or answered another: resuming would misplace bytes.
             let range = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok());
-            return Err(upstream
-                .failed(UpstreamError::Reset {
-                    upstream: upstream.name().to_string(),
-                    detail: format!(
-                        "resume at byte {offset} answered {} (Content-Range {})",
-                        resp.status(),
-                        range.unwrap_or("missing")
-                    ),
-                })
-                .into());
+            return Err(CacheError::Upstream(upstream.failed(UpstreamError::Reset {
+                upstream: upstream.name().to_string(),
+                detail: format!(
+                    "resume at byte {offset} answered {} (Content-Range {})",
+                    resp.status(),
+                    range.unwrap_or("missing")
+                ),
+            })));
         }
         let staged = match &staged {
             Some(s) => s.clone(),
             None => {
                 let Some(total) = content_length(&resp) else {
-                    return Err(upstream
-                        .failed(UpstreamError::Reset {
-                            upstream: upstream.name().to_string(),
-                            detail: "blob response without Content-Length".into(),
-                        })
-                        .into());
+                    return Err(CacheError::Upstream(upstream.failed(UpstreamError::Reset {
+                        upstream: upstream.name().to_string(),
+                        detail: "blob response without Content-Length".into(),
+                    })));
                 };
                 let s = Staged { total, staging: writer.staging_path().into(), shared: Arc::default() };
                 tx.send_modify(|p| p.phase = Phase::Streaming(s.clone()));
@@ -526,7 +332,7 @@ async fn receive(
         let detail = broken.map_or_else(|| "body ended early".to_string(), |e| error_chain(&e));
         let err = upstream.failed(UpstreamError::Reset { upstream: upstream.name().to_string(), detail });
         if resumes >= MAX_RESUMES {
-            return Err(err.into());
+            return Err(CacheError::Upstream(err));
         }
         tracing::info!(upstream = upstream.name(), %digest, offset = writer.written(), error = %err, "resuming fill with a range request");
         tokio::time::sleep(resume_delay(resumes)).await;
@@ -560,7 +366,7 @@ pub async fn wait_for_size(rx: &mut watch::Receiver<Progress>, local: &RepoName)
             (p.phase.clone(), p.not_found.iter().find(|(repo, _)| repo == local).map(|(_, e)| e.clone()))
         };
         if let Some(e) = absent {
-            return Err(e.into());
+            return Err(CacheError::upstream(Content::Blob, e));
         }
         match phase {
             Phase::Streaming(Staged { total, .. }) | Phase::Done { total } => return Ok(total),
@@ -576,15 +382,15 @@ pub async fn wait_for_size(rx: &mut watch::Receiver<Progress>, local: &RepoName)
 
 /// A client's view of a fill: bytes `[start, end)` as they land on disk. An error ends the stream
 /// with `Err`, which aborts the response: a client never receives a complete body with bad bytes.
-pub fn follow(
-    state: AppState,
+pub(super) fn follow(
+    cache: Cache,
     digest: Digest,
     rx: watch::Receiver<Progress>,
     start: u64,
     end: u64,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send {
     struct Follower {
-        state: AppState,
+        cache: Cache,
         digest: Digest,
         rx: watch::Receiver<Progress>,
         pos: u64,
@@ -595,9 +401,9 @@ pub fn follow(
         /// Counts this client among the fill's readers, once bytes flow.
         reader: Option<Reader>,
     }
-    let waiting = WaiterGauge::new(&state);
-    let hold = state.lru.hold(&digest);
-    let follower = Follower { state, digest, rx, pos: start, end, _waiting: waiting, _hold: hold, reader: None };
+    let waiting = WaiterGauge::new(&cache);
+    let hold = cache.lru.hold(&digest);
+    let follower = Follower { cache, digest, rx, pos: start, end, _waiting: waiting, _hold: hold, reader: None };
     futures_util::stream::unfold(follower, |mut f| async move {
         loop {
             if f.pos >= f.end {
@@ -627,15 +433,15 @@ pub fn follow(
                                 let _ = f.rx.changed().await;
                                 continue;
                             }
-                            Source::File(n) => read(&f.state, &f.digest, Some(&s.staging), f.pos, n).await,
+                            Source::File(n) => read(&f.cache, &f.digest, Some(&s.staging), f.pos, n).await,
                         }
                     }
-                    None => read(&f.state, &f.digest, None, f.pos, want).await,
+                    None => read(&f.cache, &f.digest, None, f.pos, want).await,
                 };
                 return match chunk {
                     Ok(chunk) if !chunk.is_empty() => {
                         f.pos += chunk.len() as u64;
-                        f.state.metrics.bytes_served.with_label_values(&["fill"]).inc_by(chunk.len() as u64);
+                        f.cache.metrics.bytes_served.with_label_values(&["fill"]).inc_by(chunk.len() as u64);
                         Some((Ok(chunk), f))
                     }
                     Ok(_) => Some((
@@ -661,20 +467,14 @@ pub fn follow(
 
 /// `want` bytes at `pos`, from the staging file or, once the fill has committed and the staging
 /// file is gone, from the store.
-async fn read(
-    state: &AppState,
-    digest: &Digest,
-    staging: Option<&str>,
-    pos: u64,
-    want: usize,
-) -> std::io::Result<Bytes> {
+async fn read(cache: &Cache, digest: &Digest, staging: Option<&str>, pos: u64, want: usize) -> std::io::Result<Bytes> {
     let chunk = match staging {
-        Some(path) => state.store.driver().read_at(path, pos, want).await?,
+        Some(path) => cache.store.read_staged_at(path, pos, want).await?,
         None => None,
     };
     let chunk = match chunk {
         Some(c) => c,
-        None => state
+        None => cache
             .store
             .read_blob_at(digest, pos, want)
             .await?
@@ -690,48 +490,14 @@ async fn read(
 struct WaiterGauge(prometheus::IntGauge);
 
 impl WaiterGauge {
-    fn new(state: &AppState) -> Self {
-        state.metrics.fill_waiters.inc();
-        WaiterGauge(state.metrics.fill_waiters.clone())
+    fn new(cache: &Cache) -> Self {
+        cache.metrics.fill_waiters.inc();
+        WaiterGauge(cache.metrics.fill_waiters.clone())
     }
 }
 
 impl Drop for WaiterGauge {
     fn drop(&mut self) {
         self.0.dec();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn chunk(n: usize) -> Bytes {
-        Bytes::from(vec![0u8; n])
-    }
-
-    #[test]
-    fn the_window_keeps_what_readers_need_and_only_what_is_on_disk_leaves() {
-        const MIB: usize = 1 << 20;
-        let mut w = Window::default();
-        // No reader: a chunk leaves as soon as the file has it, not before.
-        w.push(chunk(MIB), 0);
-        w.push(chunk(MIB), MIB as u64);
-        assert_eq!((w.start, w.len), (MIB as u64, MIB));
-        // A reader at 1.5 MiB holds the chunk it is in, and everything after it.
-        let reader = Arc::new(AtomicU64::new(3 * MIB as u64 / 2));
-        w.readers.push(reader.clone());
-        w.push(chunk(MIB), 3 * MIB as u64);
-        assert_eq!(w.start, MIB as u64);
-        assert!(matches!(w.locate(3 * MIB as u64 / 2, MIB), Source::Memory(b) if b.len() == MIB / 2));
-        // ... but not beyond WINDOW_KEEP.
-        for n in 3..8 {
-            w.push(chunk(MIB), (n * MIB) as u64);
-        }
-        assert!(w.len <= WINDOW_KEEP + MIB);
-        // Bytes before the window come from the file, never past where the window starts.
-        let start = w.start;
-        assert!(matches!(w.locate(start - 10, MIB), Source::File(10)));
-        assert!(matches!(w.locate(start, 100), Source::Memory(b) if b.len() == 100));
     }
 }
