@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::oci::RepoName;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -225,24 +227,81 @@ pub enum LogFormat {
 
 pub const DEFAULT_CONFIG_PATH: &str = "mirror.toml";
 
-/// Which local repositories hold mirrored content: the one answer to "private or mirrored?" that
-/// routing, access control, eviction and gc share.
+/// Where repositories come from: the one place that decides "private or mirrored?", both for
+/// the names clients use (routing) and for the names the store keeps (access control, eviction,
+/// gc).
 #[derive(Clone, Debug)]
 pub struct Namespaces {
     upstreams: Vec<String>,
+    private: Vec<String>,
+}
+
+/// Where a repository a client names comes from.
+#[derive(Debug, PartialEq)]
+pub enum Origin {
+    /// The private namespace: pushes accepted, never upstream.
+    Local(RepoName),
+    /// Mirrored from `upstream` (a configured name) as `remote`, kept as `local`.
+    Mirrored { upstream: String, remote: RepoName, local: RepoName },
+}
+
+/// Why a name cannot be routed.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum RouteError {
+    #[error(transparent)]
+    Name(#[from] crate::oci::Error),
+    #[error("no upstream is configured for registry {0:?}")]
+    UnknownRegistry(String),
 }
 
 impl Namespaces {
-    /// Mirrored content is kept as `<upstream name>/<repository>`; everything else is local
-    /// (pushed, never evicted).
-    pub fn is_mirrored(&self, local: &crate::oci::RepoName) -> bool {
-        local.strip_first().is_some() && self.upstreams.iter().any(|u| u == local.first_component())
+    /// Route a client's repository name (and containerd's `?ns=`), in the documented order: an
+    /// explicit registry; a name that starts with an upstream's name; the private namespaces;
+    /// else Docker Hub (with `library/` for one-component names), if it is configured.
+    pub fn route(&self, name: RepoName, ns: Option<&str>) -> Result<Origin, RouteError> {
+        let mirrored = |upstream: &str, remote: RepoName| -> Result<Origin, RouteError> {
+            let remote = if upstream == "docker.io" && !remote.as_str().contains('/') {
+                remote.prefixed("library")?
+            } else {
+                remote
+            };
+            let local = remote.prefixed(upstream)?;
+            Ok(Origin::Mirrored { upstream: upstream.to_string(), remote, local })
+        };
+        if let Some(ns) = ns {
+            if !self.upstreams.iter().any(|u| u == ns) {
+                return Err(RouteError::UnknownRegistry(ns.to_string()));
+            }
+            // containerd may also send the prefixed form; do not prefix twice.
+            let remote = if name.first_component() == ns { name.strip_first().unwrap_or(name) } else { name };
+            return mirrored(ns, remote);
+        }
+        if let Some(remote) = name.strip_first().filter(|_| self.is_upstream(name.first_component())) {
+            return mirrored(name.first_component(), remote);
+        }
+        if self.private.iter().any(|ns| name.is_under(ns)) || !self.is_upstream("docker.io") {
+            return Ok(Origin::Local(name));
+        }
+        mirrored("docker.io", name)
+    }
+
+    /// Whether a repository the store keeps holds mirrored content: it is kept as
+    /// `<upstream name>/<repository>`; everything else is local (pushed, never evicted).
+    pub fn is_mirrored(&self, local: &RepoName) -> bool {
+        local.strip_first().is_some() && self.is_upstream(local.first_component())
+    }
+
+    fn is_upstream(&self, name: &str) -> bool {
+        self.upstreams.iter().any(|u| u == name)
     }
 }
 
 impl Config {
     pub fn namespaces(&self) -> Namespaces {
-        Namespaces { upstreams: self.upstreams.iter().map(|u| u.name.clone()).collect() }
+        Namespaces {
+            upstreams: self.upstreams.iter().map(|u| u.name.clone()).collect(),
+            private: self.private_namespaces.clone(),
+        }
     }
 }
 
@@ -276,25 +335,105 @@ impl Config {
     /// Parse and validate; relative paths resolve against `base` (the config file's folder).
     pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<String>> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| vec![describe_toml_error(&e, text)])?;
-        let mut v = Validator { problems: Vec::new() };
-        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let mut v = Validator { problems: Vec::new(), base: base.to_path_buf() };
+        let (listen, http_listen, shutdown_timeout, max_manifest_size) = v.server(&raw.server);
+        let namespaces = v.private(raw.private);
+        let upstreams = v.upstreams(raw.upstream)?;
+        let (tag_ttl, serve_stale, upstream_timeout, pins, pin_refresh) = v.cache(&raw.cache, &upstreams);
+        let max_size = raw.storage.max_size.as_deref().map(|s| v.size("storage.max_size", s));
+        let upload_expiry = v.duration("storage.upload_expiry", raw.storage.upload_expiry.as_deref().unwrap_or("24h"));
+        let tls = v.tls(raw.tls);
+        let metrics_listen = raw.metrics.map(|m| v.addr("metrics.listen", &m.listen));
+        let log_format = v.log(&raw.log);
+        let auth = raw.auth.map(|a| v.auth(a));
+        let storage_root = v.resolve(raw.storage.root.unwrap_or_else(|| "data".into()));
+        if !v.problems.is_empty() {
+            return Err(v.problems);
+        }
+        Ok(Config {
+            listen,
+            http_listen,
+            shutdown_timeout,
+            max_manifest_size,
+            storage_root,
+            max_size,
+            upload_expiry,
+            private_namespaces: namespaces,
+            upstreams,
+            tag_ttl,
+            serve_stale,
+            upstream_timeout,
+            pins,
+            pin_refresh,
+            tls,
+            metrics_listen,
+            log_format,
+            auth,
+        })
+    }
+}
 
-        let listen = v.addr("server.listen", raw.server.listen.as_deref().unwrap_or("0.0.0.0:5000"));
-        let http_listen = raw.server.http_listen.as_deref().map(|s| v.addr("server.http_listen", s));
+/// toml's own message names the key; add where it is, as line and column.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let msg = e.message().trim().to_string();
+    let location = e
+        .span()
+        .map(|s| {
+            let before = &text[..s.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" (line {line}, column {column})")
+        })
+        .unwrap_or_default();
+    format!("{msg}{location}")
+}
+
+struct Validator {
+    problems: Vec<String>,
+    /// The config file's folder: relative paths are relative to it.
+    base: PathBuf,
+}
+/// One section of `mirror.toml` each.
+impl Validator {
+    /// A path from the file, relative to the file's folder.
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            p
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn server(&mut self, server: &RawServer) -> (SocketAddr, Option<SocketAddr>, Duration, u64) {
+        let v = self;
+        let listen = v.addr("server.listen", server.listen.as_deref().unwrap_or("0.0.0.0:5000"));
+        let http_listen = server.http_listen.as_deref().map(|s| v.addr("server.http_listen", s));
         let shutdown_timeout =
-            v.duration("server.shutdown_timeout", raw.server.shutdown_timeout.as_deref().unwrap_or("30s"));
+            v.duration("server.shutdown_timeout", server.shutdown_timeout.as_deref().unwrap_or("30s"));
         let max_manifest_size =
-            v.size("server.max_manifest_size", raw.server.max_manifest_size.as_deref().unwrap_or("4MiB"));
+            v.size("server.max_manifest_size", server.max_manifest_size.as_deref().unwrap_or("4MiB"));
 
-        let namespaces = raw.private.namespaces.unwrap_or_else(|| vec!["private".to_string()]);
+        (listen, http_listen, shutdown_timeout, max_manifest_size)
+    }
+
+    fn private(&mut self, private: RawPrivate) -> Vec<String> {
+        let v = self;
+        let namespaces = private.namespaces.unwrap_or_else(|| vec!["private".to_string()]);
         for (i, ns) in namespaces.iter().enumerate() {
-            if crate::oci::RepoName::parse(ns).is_err() {
+            if RepoName::parse(ns).is_err() {
                 v.problem(format!("private.namespaces[{i}] = {ns:?} is not a valid repository name prefix (lowercase letters, digits, '.', '_', '-', separated by '/')"));
             }
         }
 
+        namespaces
+    }
+
+    fn upstreams(&mut self, raw_upstreams: Vec<RawUpstream>) -> Result<Vec<UpstreamConfig>, Vec<String>> {
+        let v = self;
+        let base = v.base.clone();
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let mut upstreams = Vec::new();
-        for (i, u) in raw.upstream.into_iter().enumerate() {
+        for (i, u) in raw_upstreams.into_iter().enumerate() {
             let key = format!("upstream[{i}]");
             if upstreams.iter().any(|x: &UpstreamConfig| x.name == u.name) {
                 v.problem(format!("{key}.name = {:?} is a duplicate: each upstream needs its own name", u.name));
@@ -353,31 +492,45 @@ impl Config {
             });
         }
 
-        let tag_ttl = v.duration("cache.tag_ttl", raw.cache.tag_ttl.as_deref().unwrap_or("5m"));
-        let upstream_timeout =
-            v.duration("cache.upstream_timeout", raw.cache.upstream_timeout.as_deref().unwrap_or("30s"));
-        let pin_refresh = v.duration("cache.pin_refresh", raw.cache.pin_refresh.as_deref().unwrap_or("1h"));
-        let max_size = raw.storage.max_size.as_deref().map(|s| v.size("storage.max_size", s));
-        let upload_expiry = v.duration("storage.upload_expiry", raw.storage.upload_expiry.as_deref().unwrap_or("24h"));
+        Ok(upstreams)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn cache(
+        &mut self,
+        cache: &RawCache,
+        upstreams: &[UpstreamConfig],
+    ) -> (Duration, bool, Duration, Vec<Pin>, Duration) {
+        let v = self;
+        let tag_ttl = v.duration("cache.tag_ttl", cache.tag_ttl.as_deref().unwrap_or("5m"));
+        let upstream_timeout = v.duration("cache.upstream_timeout", cache.upstream_timeout.as_deref().unwrap_or("30s"));
+        let pin_refresh = v.duration("cache.pin_refresh", cache.pin_refresh.as_deref().unwrap_or("1h"));
         let mut pins = Vec::new();
-        for (i, p) in raw.cache.pin.iter().enumerate() {
+        for (i, p) in cache.pin.iter().enumerate() {
             let parsed = p.rsplit_once(':').and_then(|(name, tag)| {
                 let (upstream, repository) = name.split_once('/')?;
                 let known = upstreams.iter().any(|u| u.name == upstream);
                 let valid_tag = tag == "*" || crate::oci::valid_tag(tag);
-                (known && valid_tag && crate::oci::RepoName::parse(repository).is_ok()).then(|| Pin {
+                (known && valid_tag && RepoName::parse(repository).is_ok()).then(|| Pin {
                     upstream: upstream.to_string(),
                     repository: repository.to_string(),
                     tag: (tag != "*").then(|| tag.to_string()),
                 })
             });
             match parsed {
-                Some(pin) => pins.push(pin),
-                None => v.problem(format!("cache.pin[{i}] = {p:?} is not a pinnable image: use UPSTREAM/REPOSITORY:TAG (or :*) with a configured upstream name, such as \"docker.io/library/alpine:3.20\"")),
-            }
+            Some(pin) => pins.push(pin),
+            None => v.problem(format!("cache.pin[{i}] = {p:?} is not a pinnable image: use UPSTREAM/REPOSITORY:TAG (or :*) with a configured upstream name, such as \"docker.io/library/alpine:3.20\"")),
+        }
         }
 
-        let tls = match raw.tls {
+        (tag_ttl, cache.serve_stale.unwrap_or(true), upstream_timeout, pins, pin_refresh)
+    }
+
+    fn tls(&mut self, tls: Option<RawTls>) -> TlsConfig {
+        let v = self;
+        let base = v.base.clone();
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let tls = match tls {
             None => TlsConfig::Off,
             Some(t) => match t.mode.as_deref().unwrap_or("self-signed") {
                 "off" => TlsConfig::Off,
@@ -408,8 +561,12 @@ impl Config {
             },
         };
 
-        let metrics_listen = raw.metrics.map(|m| v.addr("metrics.listen", &m.listen));
-        let log_format = match raw.log.format.as_deref().unwrap_or("text") {
+        tls
+    }
+
+    fn log(&mut self, log: &RawLog) -> LogFormat {
+        let v = self;
+        let log_format = match log.format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
@@ -418,89 +575,47 @@ impl Config {
             }
         };
 
-        let auth = raw.auth.map(|a| {
-            let anonymous = match a.anonymous.as_deref().unwrap_or("pull-mirror") {
-                "pull-mirror" => Anonymous::PullMirror,
-                "pull" => Anonymous::Pull,
-                "none" => Anonymous::None,
+        log_format
+    }
+
+    fn auth(&mut self, a: RawAuth) -> AuthConfig {
+        let v = self;
+        let anonymous = match a.anonymous.as_deref().unwrap_or("pull-mirror") {
+            "pull-mirror" => Anonymous::PullMirror,
+            "pull" => Anonymous::Pull,
+            "none" => Anonymous::None,
+            other => {
+                v.problem(format!(
+                    "auth.anonymous = {other:?} is not allowed: use \"pull-mirror\", \"pull\" or \"none\""
+                ));
+                Anonymous::None
+            }
+        };
+        let token_ttl = v.duration("auth.token_ttl", a.token_ttl.as_deref().unwrap_or("5m"));
+        let mut grants = Vec::new();
+        for (i, g) in a.grant.into_iter().enumerate() {
+            let access = match g.access.as_str() {
+                "pull" => Action::Pull,
+                "push" => Action::Push,
+                "delete" => Action::Delete,
                 other => {
                     v.problem(format!(
-                        "auth.anonymous = {other:?} is not allowed: use \"pull-mirror\", \"pull\" or \"none\""
+                        "auth.grant[{i}].access = {other:?} is not allowed: use \"pull\", \"push\" or \"delete\""
                     ));
-                    Anonymous::None
+                    Action::Pull
                 }
             };
-            let token_ttl = v.duration("auth.token_ttl", a.token_ttl.as_deref().unwrap_or("5m"));
-            let mut grants = Vec::new();
-            for (i, g) in a.grant.into_iter().enumerate() {
-                let access = match g.access.as_str() {
-                    "pull" => Action::Pull,
-                    "push" => Action::Push,
-                    "delete" => Action::Delete,
-                    other => {
-                        v.problem(format!(
-                            "auth.grant[{i}].access = {other:?} is not allowed: use \"pull\", \"push\" or \"delete\""
-                        ));
-                        Action::Pull
-                    }
-                };
-                let mut repositories = Vec::new();
-                for (j, r) in g.repositories.iter().enumerate() {
-                    match glob::Pattern::new(r) {
-                        Ok(p) => repositories.push(p),
-                        Err(e) => {
-                            v.problem(format!("auth.grant[{i}].repositories[{j}] = {r:?} is not a valid glob: {e}"))
-                        }
-                    }
+            let mut repositories = Vec::new();
+            for (j, r) in g.repositories.iter().enumerate() {
+                match glob::Pattern::new(r) {
+                    Ok(p) => repositories.push(p),
+                    Err(e) => v.problem(format!("auth.grant[{i}].repositories[{j}] = {r:?} is not a valid glob: {e}")),
                 }
-                grants.push(Grant { users: g.users, repositories, access });
             }
-            AuthConfig { htpasswd: resolve(a.htpasswd), anonymous, token_ttl, grants }
-        });
-
-        if !v.problems.is_empty() {
-            return Err(v.problems);
+            grants.push(Grant { users: g.users, repositories, access });
         }
-        Ok(Config {
-            listen,
-            http_listen,
-            shutdown_timeout,
-            max_manifest_size,
-            storage_root: resolve(raw.storage.root.unwrap_or_else(|| "data".into())),
-            max_size,
-            upload_expiry,
-            private_namespaces: namespaces,
-            upstreams,
-            tag_ttl,
-            serve_stale: raw.cache.serve_stale.unwrap_or(true),
-            upstream_timeout,
-            pins,
-            pin_refresh,
-            tls,
-            metrics_listen,
-            log_format,
-            auth,
-        })
+        AuthConfig { htpasswd: v.resolve(a.htpasswd), anonymous, token_ttl, grants }
     }
-}
-
-/// toml's own message names the key; add where it is, as line and column.
-fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
-    let msg = e.message().trim().to_string();
-    let location = e
-        .span()
-        .map(|s| {
-            let before = &text[..s.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            format!(" (line {line}, column {column})")
-        })
-        .unwrap_or_default();
-    format!("{msg}{location}")
-}
-
-struct Validator {
-    problems: Vec<String>,
 }
 
 impl Validator {
@@ -653,6 +768,36 @@ mod tests {
             problems("[cache]\npin = [\"quay.io/x:1\"]\n"),
             vec!["cache.pin[0] = \"quay.io/x:1\" is not a pinnable image: use UPSTREAM/REPOSITORY:TAG (or :*) with a configured upstream name, such as \"docker.io/library/alpine:3.20\""]
         );
+    }
+
+    #[test]
+    fn names_route_to_their_origin() {
+        let c = Config::parse(
+            "[[upstream]]\nname = \"docker.io\"\nurl = \"https://a.io\"\n[[upstream]]\nname = \"ghcr.io\"\nurl = \"https://b.io\"\n",
+            Path::new("/x"),
+        )
+        .unwrap();
+        let ns = c.namespaces();
+        let name = |s: &str| RepoName::parse(s).unwrap();
+        let mirrored =
+            |u: &str, r: &str, l: &str| Origin::Mirrored { upstream: u.into(), remote: name(r), local: name(l) };
+        assert_eq!(
+            ns.route(name("nginx"), None),
+            Ok(mirrored("docker.io", "library/nginx", "docker.io/library/nginx"))
+        );
+        assert_eq!(ns.route(name("ghcr.io/org/x"), None), Ok(mirrored("ghcr.io", "org/x", "ghcr.io/org/x")));
+        assert_eq!(ns.route(name("org/x"), Some("ghcr.io")), Ok(mirrored("ghcr.io", "org/x", "ghcr.io/org/x")));
+        assert_eq!(ns.route(name("ghcr.io/org/x"), Some("ghcr.io")), Ok(mirrored("ghcr.io", "org/x", "ghcr.io/org/x")));
+        assert_eq!(ns.route(name("private/a"), None), Ok(Origin::Local(name("private/a"))));
+        assert_eq!(ns.route(name("x"), Some("quay.io")), Err(RouteError::UnknownRegistry("quay.io".into())));
+        // The names the store keeps answer the same question the same way.
+        assert!(ns.is_mirrored(&name("docker.io/library/nginx")) && !ns.is_mirrored(&name("private/a")));
+        assert!(!ns.is_mirrored(&name("docker.io")));
+        // Without a docker.io upstream, names that match nothing are local.
+        let ns = Config::parse("[[upstream]]\nname = \"ghcr.io\"\nurl = \"https://b.io\"\n", Path::new("/x"))
+            .unwrap()
+            .namespaces();
+        assert_eq!(ns.route(name("team/app"), None), Ok(Origin::Local(name("team/app"))));
     }
 
     #[test]

@@ -10,7 +10,6 @@ pub mod token;
 pub mod uploads;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -20,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use crate::app::AppState;
 use crate::auth::{Authn, ConnInfo, Principal};
 use crate::cache::Mirrored;
-use crate::config::Action;
+use crate::config::{Action, Origin, RouteError};
 use crate::oci::RepoName;
 use error::{Code, RegistryError, Result};
 
@@ -134,36 +133,19 @@ impl Target {
 
 /// Decide which upstream (if any) serves `name`, in the documented order.
 pub fn resolve_target(state: &AppState, name: &str, ns: Option<&str>) -> Result<Target> {
-    let name = RepoName::parse(name)?;
-    let mirror = |upstream: &Arc<crate::upstream::Upstream>, remote: RepoName| -> Result<Target> {
-        let remote = if upstream.name() == "docker.io" && !remote.as_str().contains('/') {
-            remote.prefixed("library")?
-        } else {
-            remote
-        };
-        let local = remote.prefixed(upstream.name())?;
-        Ok(Target::Mirror(Mirrored { upstream: upstream.clone(), remote, local }))
-    };
-    if let Some(ns) = ns {
-        let upstream = state.upstreams.get(ns).ok_or_else(|| {
-            RegistryError::new(Code::NameUnknown, format!("no upstream is configured for registry {ns:?}"))
-        })?;
-        // containerd may also send the prefixed form; do not prefix twice.
-        let remote = if name.first_component() == ns { name.strip_first().unwrap_or(name) } else { name };
-        return mirror(upstream, remote);
-    }
-    if let Some(upstream) = state.upstreams.get(name.first_component()) {
-        if let Some(remote) = name.strip_first() {
-            return mirror(upstream, remote);
+    let route = state.cache.namespaces.route(RepoName::parse(name)?, ns).map_err(|e| match e {
+        RouteError::Name(e) => e.into(),
+        RouteError::UnknownRegistry(_) => RegistryError::new(Code::NameUnknown, e.to_string()),
+    })?;
+    Ok(match route {
+        Origin::Local(name) => Target::Local(name),
+        Origin::Mirrored { upstream, remote, local } => {
+            let upstream = state.upstreams.get(&upstream).cloned().ok_or_else(|| {
+                RegistryError::internal(format!("upstream {upstream} is configured but has no client"))
+            })?;
+            Target::Mirror(Mirrored { upstream, remote, local })
         }
-    }
-    if state.config.private_namespaces.iter().any(|ns| name.is_under(ns)) {
-        return Ok(Target::Local(name));
-    }
-    match state.upstreams.get("docker.io") {
-        Some(upstream) => mirror(upstream, name),
-        None => Ok(Target::Local(name)),
-    }
+    })
 }
 
 fn query_params(req: &Request) -> HashMap<String, String> {

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use regmirror::app::{router, start, AppState};
 use regmirror::config::Config;
 use regmirror::server::{run, Listener};
+use futures_util::StreamExt;
 use serde_json::json;
 use sha2::Digest as _;
 
@@ -382,3 +383,62 @@ pub fn blob_present(s: &TestServer, d: &str) -> bool {
     let hex = d.trim_start_matches("sha256:");
     s.dir.path().join(format!("data/blobs/sha256/{}/{hex}/data", &hex[..2])).exists()
 }
+
+// ---- The binary as a process: configs, streamed bodies ----
+
+pub fn write_config(dir: &Path, port: u16, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("mirror.toml");
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_timeout = \"30s\"\n[storage]\nroot = \"data\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\n{extra}"
+    );
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+/// Deterministic pseudo-random bytes, generated in chunks so nothing large sits in memory.
+pub fn chunk(seed: u64, index: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) ^ index.wrapping_mul(0xBF58476D1CE4E5B9) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn streamed_body(seed: u64, chunks: u64, chunk_len: usize) -> (reqwest::Body, String) {
+    let mut h = sha2::Sha256::new();
+    for i in 0..chunks {
+        h.update(chunk(seed, i, chunk_len));
+    }
+    let digest = format!("sha256:{}", hex::encode(h.finalize()));
+    let stream = futures_util::stream::iter(0..chunks).map(move |i| Ok::<_, std::io::Error>(chunk(seed, i, chunk_len)));
+    (reqwest::Body::wrap_stream(stream), digest)
+}
+
+/// Upload a streamed blob monolithically to `repo`; returns its digest.
+pub async fn upload_streamed(
+    c: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    seed: u64,
+    chunks: u64,
+    chunk_len: usize,
+) -> String {
+    let (body, digest) = streamed_body(seed, chunks, chunk_len);
+    let r = c.post(format!("{base}/v2/{repo}/blobs/uploads/?digest={digest}")).body(body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    digest
+}
+
+pub async fn download_digest(resp: reqwest::Response) -> String {
+    let mut h = sha2::Sha256::new();
+    let mut s = resp.bytes_stream();
+    while let Some(c) = s.next().await {
+        h.update(c.unwrap());
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+

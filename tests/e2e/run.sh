@@ -25,6 +25,30 @@
 #   REGMIRROR_E2E=skip   exit 0 with a skip line when the machine cannot run the suite
 #   REGMIRROR_BIN    the regmirror binary to test
 #
+# Cases, in the order they run (each asserts from regmirror's metrics that the mirror served it):
+#   client-isolation               clients in the namespace reach the mirror and nothing else
+#   auth-token-flow                401 challenge on /v2/, anonymous and user tokens
+#   dockerd-pull                   docker pull through registry-mirrors, verified TLS
+#   dockerd-platform-arm64         docker pull --platform linux/arm64 of a multi-arch image
+#   dockerd-pull-by-digest         docker pull image@sha256:...
+#   dockerd-x509-without-ca        without the CA, the mirror is refused with an x509 error
+#   dockerd-manifest-list          a Docker manifest list
+#   dockerd-push-anonymous-refused docker push without login is refused
+#   dockerd-push-private           docker login (README snippet), push to private/, pull back
+#   containerd-start               containerd with hosts.toml from the README
+#   containerd-pull-docker.io      ctr pull of a docker.io image
+#   containerd-pull-ghcr.io        ctr pull of a ghcr.io image (?ns=ghcr.io)
+#   containerd-all-platforms       ctr pull --all-platforms
+#   podman-pull                    podman pull via registries.conf
+#   podman-push-private            podman login + push
+#   skopeo-copy-all                skopeo copy --all
+#   skopeo-ghcr.io-path            skopeo through the ghcr.io path prefix
+#   skopeo-push-private            skopeo copy --dest-creds into private/
+#   dockerd-stale-upstream-down    upstream stopped: a fresh daemon still pulls (stale serving)
+#   dockerd-private-fresh-daemon   a fresh daemon logs in and pulls a private image
+#   no-secrets-in-log              no password, token, hash or credential in the JSON log
+#   metrics-endpoint               metrics agree with the upstreams' own request logs
+#
 # Output: one PASS/FAIL/SKIP line per case, then exactly one "N passed, M failed" line.
 # Exit status: 0 when nothing failed.
 
