@@ -175,9 +175,9 @@ pub fn run(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = tokio::runtime::Runtime::new()
-                .map_err(|e| e.to_string())
-                .and_then(|rt| rt.block_on(crate::prefetch::run(base, ca, &images, platform.as_deref())));
+            let result = tokio::runtime::Runtime::new().map_err(|e| e.to_string()).and_then(|rt| {
+                rt.block_on(crate::prefetch::run(base, ca, &images, platform.as_deref())).map_err(|e| e.to_string())
+            });
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

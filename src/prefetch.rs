@@ -13,6 +13,27 @@ use serde_json::Value;
 use crate::oci::ACCEPT_ALL;
 use crate::upstream::auth::Challenge;
 
+/// Why a prefetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PrefetchError {
+    #[error("{0:?} is not an image reference")]
+    Image(String),
+    #[error("{url}: {detail}")]
+    Request { url: String, detail: String },
+    #[error("{url}: the mirror refused access")]
+    Refused { url: String },
+    #[error("the mirror's CA or the HTTP client: {0}")]
+    Client(String),
+    #[error("{got} bytes, expected {size}")]
+    Short { got: u64, size: u64 },
+    #[error("{0} image(s) failed")]
+    Failed(usize),
+}
+
+fn request_error(url: impl ToString, e: impl std::error::Error) -> PrefetchError {
+    PrefetchError::Request { url: url.to_string(), detail: crate::upstream::error_chain(&e) }
+}
+
 /// An image as users write it, mapped to the mirror's path form (`docker.io/library/nginx`).
 #[derive(Debug, PartialEq)]
 pub struct ImageRef {
@@ -21,7 +42,7 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
-    pub fn parse(s: &str) -> Result<ImageRef, String> {
+    pub fn parse(s: &str) -> Result<ImageRef, PrefetchError> {
         let (rest, reference) = match s.split_once('@') {
             Some((n, d)) => (n, d.to_string()),
             None => match s.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
@@ -38,7 +59,7 @@ impl ImageRef {
         } else {
             format!("docker.io/library/{rest}")
         };
-        crate::oci::RepoName::parse(&name).map_err(|_| format!("{s:?} is not an image reference"))?;
+        crate::oci::RepoName::parse(&name).map_err(|_| PrefetchError::Image(s.to_string()))?;
         Ok(ImageRef { name, reference })
     }
 }
@@ -51,8 +72,8 @@ struct Client {
 
 impl Client {
     /// GET with the mirror's anonymous token flow when it asks for one.
-    async fn get(&self, path: &str, accept: Option<&str>) -> Result<reqwest::Response, String> {
-        let url = self.base.join(path).map_err(|e| e.to_string())?;
+    async fn get(&self, path: &str, accept: Option<&str>) -> Result<reqwest::Response, PrefetchError> {
+        let url = self.base.join(path).map_err(|e| request_error(path, e))?;
         for _ in 0..2 {
             let mut req = self.http.get(url.clone());
             if let Some(a) = accept {
@@ -61,12 +82,12 @@ impl Client {
             if let Some(t) = self.token.lock().await.as_ref() {
                 req = req.header(AUTHORIZATION, format!("Bearer {t}"));
             }
-            let resp = req.send().await.map_err(|e| format!("{url}: {}", crate::upstream::error_chain(&e)))?;
+            let resp = req.send().await.map_err(|e| request_error(&url, e))?;
             if resp.status() == StatusCode::UNAUTHORIZED {
                 let challenge =
                     resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(Challenge::parse);
                 if let Some(Challenge::Bearer { realm, service, scope }) = challenge {
-                    let mut token_url = reqwest::Url::parse(&realm).map_err(|e| e.to_string())?;
+                    let mut token_url = reqwest::Url::parse(&realm).map_err(|e| request_error(&realm, e))?;
                     {
                         let mut q = token_url.query_pairs_mut();
                         if let Some(s) = service {
@@ -76,35 +97,37 @@ impl Client {
                             q.append_pair("scope", &s);
                         }
                     }
+                    let token_error = |e| request_error(&realm, e);
                     let v: Value = self
                         .http
                         .get(token_url)
                         .send()
                         .await
-                        .map_err(|e| e.to_string())?
+                        .map_err(token_error)?
                         .json()
                         .await
-                        .map_err(|e| e.to_string())?;
+                        .map_err(token_error)?;
                     *self.token.lock().await = v["token"].as_str().map(str::to_string);
                     continue;
                 }
             }
             if !resp.status().is_success() {
-                return Err(format!("{url}: {}", resp.status()));
+                return Err(PrefetchError::Request { url: url.to_string(), detail: resp.status().to_string() });
             }
             return Ok(resp);
         }
-        Err(format!("{url}: the mirror refused access"))
+        Err(PrefetchError::Refused { url: url.to_string() })
     }
 }
 
 /// Everything one image needs: its manifests (fetched here) and its blobs (digest, size).
-async fn plan(client: &Client, image: &ImageRef, platform: Option<&str>) -> Result<Vec<(String, u64)>, String> {
+async fn plan(client: &Client, image: &ImageRef, platform: Option<&str>) -> Result<Vec<(String, u64)>, PrefetchError> {
     let manifest = |reference: String| {
         let path = format!("/v2/{}/manifests/{reference}", image.name);
         async move {
-            let bytes = client.get(&path, Some(ACCEPT_ALL)).await?.bytes().await.map_err(|e| e.to_string())?;
-            serde_json::from_slice::<Value>(&bytes).map_err(|e| format!("{path}: {e}"))
+            let bytes =
+                client.get(&path, Some(ACCEPT_ALL)).await?.bytes().await.map_err(|e| request_error(&path, e))?;
+            serde_json::from_slice::<Value>(&bytes).map_err(|e| request_error(&path, e))
         }
     };
     let top = manifest(image.reference.clone()).await?;
@@ -145,14 +168,18 @@ pub async fn run(
     ca: Option<Vec<u8>>,
     images: &[String],
     platform: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), PrefetchError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut builder = reqwest::Client::builder();
     if let Some(pem) = ca {
-        builder = builder.tls_certs_merge([reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string())?]);
+        let ca = reqwest::Certificate::from_pem(&pem).map_err(|e| PrefetchError::Client(e.to_string()))?;
+        builder = builder.tls_certs_merge([ca]);
     }
-    let client =
-        Arc::new(Client { http: builder.build().map_err(|e| e.to_string())?, base, token: Default::default() });
+    let client = Arc::new(Client {
+        http: builder.build().map_err(|e| PrefetchError::Client(e.to_string()))?,
+        base,
+        token: Default::default(),
+    });
     let tty = std::io::stderr().is_terminal();
     let mut failures = 0;
     for image in images {
@@ -198,7 +225,7 @@ pub async fn run(
                     let mut body = resp.bytes_stream();
                     let mut got = 0u64;
                     while let Some(chunk) = body.next().await {
-                        let n = chunk.map_err(|e| e.to_string())?.len() as u64;
+                        let n = chunk.map_err(|e| request_error(&digest, e))?.len() as u64;
                         got += n;
                         if let Some(b) = &layer_bar {
                             b.inc(n);
@@ -208,7 +235,7 @@ pub async fn run(
                         }
                     }
                     if got != size {
-                        return Err(format!("{got} bytes, expected {size}"));
+                        return Err(PrefetchError::Short { got, size });
                     }
                     Ok(())
                 }
@@ -239,7 +266,7 @@ pub async fn run(
         }
     }
     if failures > 0 {
-        return Err(format!("{failures} image(s) failed"));
+        return Err(PrefetchError::Failed(failures));
     }
     Ok(())
 }

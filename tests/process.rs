@@ -151,4 +151,3 @@ async fn sigterm_lets_a_256_mib_download_finish_then_exits_0() {
     let r = c.get(format!("{base}/v2/private/term/blobs/{digest}")).send().await.unwrap();
     assert_eq!(download_digest(r).await, digest);
 }
-

@@ -138,4 +138,3 @@ async fn sighup_swaps_a_files_mode_certificate_without_dropping_a_download() {
     }
     assert_eq!(format!("sha256:{}", hex::encode(h.finalize())), digest);
 }
-

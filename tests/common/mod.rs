@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use futures_util::StreamExt;
 use regmirror::app::{router, start, AppState};
 use regmirror::config::Config;
 use regmirror::server::{run, Listener};
-use futures_util::StreamExt;
 use serde_json::json;
 use sha2::Digest as _;
 
@@ -441,4 +441,3 @@ pub async fn download_digest(resp: reqwest::Response) -> String {
     }
     format!("sha256:{}", hex::encode(h.finalize()))
 }
-
