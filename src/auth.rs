@@ -329,7 +329,7 @@ impl Access {
         URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
     }
 
-    fn issue_token(&self, who: &Principal, ttl: Duration, access: Vec<AccessEntry>) -> String {
+    pub fn issue_token(&self, who: &Principal, ttl: Duration, access: Vec<AccessEntry>) -> String {
         let sub = match who {
             Principal::Anonymous => String::new(),
             Principal::User(u) => u.clone(),
@@ -342,7 +342,7 @@ impl Access {
 
     /// The principal and grants of a valid token of ours. A token of a user who has since been
     /// removed from the htpasswd file is no longer valid.
-    fn verify_token(&self, token: &str) -> Option<(Principal, Vec<AccessEntry>)> {
+    pub fn verify_token(&self, token: &str) -> Option<(Principal, Vec<AccessEntry>)> {
         let (payload, sig) = token.rsplit_once('.')?;
         if !bool::from(self.sign(payload).as_bytes().ct_eq(sig.as_bytes())) {
             return None;

@@ -138,7 +138,7 @@ fn expired(info: &UploadInfo, expiry: std::time::Duration) -> bool {
 }
 
 /// A chunk's `Content-Range: <start>-<end>` (the `bytes ` prefix and a `/total` suffix allowed).
-fn parse_content_range(value: &str) -> Option<(u64, u64)> {
+pub fn parse_content_range(value: &str) -> Option<(u64, u64)> {
     let r = value.trim().trim_start_matches("bytes").trim_start_matches([' ', '=']);
     let (a, b) = r.split_once('-')?;
     let start = a.trim().parse().ok()?;
