@@ -4,6 +4,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -154,6 +155,7 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
         "/auth/token" => "/auth/token",
         _ => "other",
     };
+    let head = method == axum::http::Method::HEAD;
     let resp = next.run(req).await;
     let info = resp
         .extensions()
@@ -161,29 +163,96 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
         .cloned()
         .unwrap_or(RequestInfo { route: path_route, ..Default::default() });
     let status = resp.status();
-    let elapsed = started.elapsed();
     state.metrics.requests.with_label_values(&[method.as_str(), info.route, status.as_str()]).inc();
-    state.metrics.request_duration.with_label_values(&[method.as_str(), info.route]).observe(elapsed.as_secs_f64());
-    let bytes = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    let error = resp.extensions().get::<LoggedError>().map(|e| e.0.as_str());
-    tracing::info!(
-        target: "regmirror::request",
-        method = %method,
-        route = info.route,
-        repository = info.repository.as_deref().unwrap_or(""),
-        reference = info.reference.as_deref().unwrap_or(""),
-        status = status.as_u16(),
-        bytes,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-        cache = info.cache.unwrap_or(""),
-        upstream = info.upstream.as_deref().unwrap_or(""),
-        error = error.unwrap_or(""),
-        "request"
-    );
-    resp
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&[method.as_str(), info.route])
+        .observe(started.elapsed().as_secs_f64());
+    let expected = match head {
+        true => Some(0),
+        false => resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()),
+    };
+    let line = RequestLine {
+        method,
+        status: status.as_u16(),
+        info,
+        error: resp.extensions().get::<LoggedError>().map(|e| e.0.clone()),
+        started,
+        expected,
+        sent: 0,
+        finished: head,
+    };
+    resp.map(|body| Body::new(LoggedBody { inner: body, line }))
+}
+
+/// What the request log says of one request, written when its response body is done: sent to
+/// the last byte, or dropped early (the client went away, or the body failed).
+struct RequestLine {
+    method: axum::http::Method,
+    status: u16,
+    info: RequestInfo,
+    error: Option<String>,
+    started: Instant,
+    /// The body's length as announced (0 for HEAD), when known.
+    expected: Option<u64>,
+    sent: u64,
+    finished: bool,
+}
+
+impl Drop for RequestLine {
+    fn drop(&mut self) {
+        let aborted = !self.finished && self.expected.is_none_or(|n| self.sent < n);
+        tracing::info!(
+            target: "regmirror::request",
+            method = %self.method,
+            route = self.info.route,
+            repository = self.info.repository.as_deref().unwrap_or(""),
+            reference = self.info.reference.as_deref().unwrap_or(""),
+            status = self.status,
+            bytes = self.sent,
+            duration_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            aborted,
+            cache = self.info.cache.unwrap_or(""),
+            upstream = self.info.upstream.as_deref().unwrap_or(""),
+            error = self.error.as_deref().unwrap_or(""),
+            "request"
+        );
+    }
+}
+
+/// A response body that counts what it hands to the connection.
+struct LoggedBody {
+    inner: Body,
+    line: RequestLine,
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.line.sent += data.len() as u64;
+                }
+            }
+            std::task::Poll::Ready(None) => self.line.finished = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use common::hub::Hub;
 use common::*;
+use futures_util::StreamExt;
 
 fn spawn_with(dir: &std::path::Path, toml: &str) -> (Proc, String, String) {
     let (port, metrics_port) = (free_port(), free_port());
@@ -180,4 +181,54 @@ fn check_config_prints_every_problem_and_fails() {
         .output()
         .unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+/// The request lines of a JSON log so far.
+fn request_lines(log: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "request")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_request_log_times_a_download_to_its_last_byte_and_shows_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_proc, base, _) = spawn_with(
+        dir.path(),
+        "[storage]\nroot = \"data\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"http://127.0.0.1:9\"\n",
+    );
+    wait_until_up(&format!("{base}/healthz")).await;
+    let c = client();
+    let size = 64 * MIB;
+    let d = push_blob(&c, &base, "private/timed", &blob_of(size, 3)).await;
+    let url = format!("{base}/v2/private/timed/blobs/{d}");
+    let blob_lines = |log: &std::path::Path| -> Vec<serde_json::Value> {
+        request_lines(log).into_iter().filter(|v| v["method"] == "GET" && v["reference"] == d.as_str()).collect()
+    };
+    let log = dir.path().join("log");
+
+    // The whole blob: the line counts every byte, and its time covers the transfer, not the
+    // headers only.
+    let started = std::time::Instant::now();
+    let got = c.get(&url).send().await.unwrap().bytes().await.unwrap().len();
+    let client_ms = started.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(got, size);
+    eventually("the download is logged", || blob_lines(&log).len() == 1).await;
+    let line = &blob_lines(&log)[0];
+    assert_eq!(line["bytes"], size as u64, "{line}");
+    assert_eq!(line["aborted"], false, "{line}");
+    let logged_ms = line["duration_ms"].as_f64().unwrap();
+    assert!(logged_ms >= client_ms / 2.0, "logged {logged_ms} ms for a download the client timed at {client_ms} ms");
+
+    // A client that leaves after the first chunk: logged as aborted, with what was really sent.
+    let mut body = c.get(&url).send().await.unwrap().bytes_stream();
+    body.next().await.unwrap().unwrap();
+    drop(body);
+    eventually("the aborted download is logged", || blob_lines(&log).len() == 2).await;
+    let line = &blob_lines(&log)[1];
+    assert_eq!(line["aborted"], true, "{line}");
+    assert!(line["bytes"].as_u64().unwrap() < size as u64, "{line}");
 }

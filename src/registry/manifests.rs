@@ -16,7 +16,12 @@ fn unknown(repo: &RepoName, reference: &str) -> RegistryError {
 }
 
 pub async fn get(ctx: Ctx, target: Target, reference: &str, info: &mut RequestInfo) -> Result<Response> {
-    let reference = Reference::parse(reference)?;
+    // A reference that is no valid tag names no manifest: 404, as the conformance suite, zot and
+    // distribution have it (a PUT under it is still a 400).
+    let reference = match Reference::parse(reference) {
+        Err(crate::oci::Error::TagInvalid(_)) => return Err(unknown(target.local(), reference)),
+        parsed => parsed?,
+    };
     let repo = match &target {
         Target::Mirror(m) => {
             let client_accept = accept_header(&ctx.headers);
