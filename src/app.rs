@@ -68,7 +68,8 @@ impl AppState {
             Some(_) => crate::auth::signing_key(&store).await?,
             None => rand::random(),
         };
-        let access = Access::new(config.auth.clone(), key, config.namespaces(), metrics.clone())?;
+        let proxies = config.trusted_proxies.clone();
+        let access = Access::new(config.auth.clone(), key, config.namespaces(), proxies, metrics.clone())?;
         let cache = Cache::new(&config, store.clone(), metrics.clone());
         Ok(AppState(Arc::new(Shared {
             config,

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use axum::http::{header, HeaderMap};
@@ -17,7 +17,7 @@ use hmac::{KeyInit, Mac};
 use sha2::Digest as _;
 use subtle::ConstantTimeEq;
 
-use crate::config::{Action, Anonymous, AuthConfig, Namespaces};
+use crate::config::{Action, Anonymous, AuthConfig, Namespaces, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::oci::RepoName;
 use crate::storage::{fs::atomic_write, unix_now, Meta, Store};
@@ -111,18 +111,12 @@ pub struct Access {
     users: RwLock<Users>,
     /// Signs tokens. Kept in the store (`meta/token.key`), so tokens outlive a restart.
     key: [u8; 32],
-    /// Successful password checks, so bcrypt runs once per (user, password) and not per request.
-    verified: moka::sync::Cache<[u8; 32], String>,
-    /// Recently rejected (user, password) pairs: a client retrying the same wrong password costs
-    /// no further bcrypt.
-    rejected: moka::sync::Cache<[u8; 32], ()>,
-    /// bcrypt runs on blocking threads, this many at a time: a flood of guesses never occupies
-    /// the threads that serve pulls.
-    hashing: tokio::sync::Semaphore,
-    failures: moka::sync::Cache<IpAddr, u32>,
+    /// Password checks and their bookkeeping.
+    checks: PasswordChecks,
     /// Which repositories hold mirrored content.
     namespaces: Namespaces,
-    metrics: Metrics,
+    /// Whose forwarded headers count (the realm, the address failures are counted for).
+    proxies: TrustedProxies,
 }
 
 /// The token signing key kept in the store (so tokens outlive a restart and, on a shared store,
@@ -136,6 +130,123 @@ pub async fn signing_key(store: &Store) -> Result<[u8; 32], AuthError> {
     let key: [u8; 32] = rand::random();
     store.write_meta(Meta::TokenKey, &key).await.map_err(broken)?;
     Ok(key)
+}
+
+/// Password checks: bcrypt on blocking threads, a few at a time and a few per address, answers
+/// remembered, failures counted and slowed down per address. A cheap `Clone`: every part is shared.
+#[derive(Clone)]
+struct PasswordChecks {
+    /// Successful checks, so bcrypt runs once per (user, password) and not per request.
+    verified: moka::sync::Cache<[u8; 32], String>,
+    /// Recently rejected (user, password) pairs: a client retrying the same wrong password costs
+    /// no further bcrypt.
+    rejected: moka::sync::Cache<[u8; 32], ()>,
+    /// bcrypt runs on blocking threads, this many at a time: a flood of guesses never occupies
+    /// the threads that serve pulls.
+    hashing: Arc<tokio::sync::Semaphore>,
+    failures: moka::sync::Cache<IpAddr, u32>,
+    /// Checks queued or running per address: one address cannot fill the queue.
+    in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    metrics: Metrics,
+}
+
+/// Checks one address may have queued or running at once; more are refused unchecked.
+const CHECKS_PER_ADDRESS: usize = 4;
+
+/// An address's place among the checks in flight, given back when dropped.
+struct InFlight {
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl PasswordChecks {
+    /// Check `user`'s password against `hash` (`None`: an unknown user, checked against a dummy
+    /// hash so it costs the same), after slowing down an address that failed too often.
+    async fn check(&self, user: String, password: String, hash: Option<String>, client: Option<IpAddr>) -> bool {
+        let _slot = match client {
+            Some(ip) => match self.enter(ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::warn!(user, address = %ip, "too many password checks from one address; refused unchecked");
+                    return false;
+                }
+            },
+            None => None,
+        };
+        self.throttle(client).await;
+        let key: [u8; 32] = sha2::Sha256::digest(format!("{user}\0{password}").as_bytes()).into();
+        if let Some(u) = self.verified.get(&key) {
+            return bool::from(u.as_bytes().ct_eq(user.as_bytes()));
+        }
+        let ok = if self.rejected.contains_key(&key) {
+            false
+        } else {
+            let known = hash.is_some();
+            let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_string());
+            let Ok(permit) = self.hashing.clone().acquire_owned().await else { return false };
+            self.metrics.password_checks.inc();
+            let matched = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                bcrypt::verify(password, &hash).unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false);
+            let ok = matched && known;
+            if ok {
+                self.verified.insert(key, user.clone());
+            } else {
+                self.rejected.insert(key, ());
+            }
+            ok
+        };
+        if !ok {
+            self.failed(&user, client);
+        }
+        ok
+    }
+
+    fn enter(&self, ip: IpAddr) -> Option<InFlight> {
+        let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= CHECKS_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(InFlight { map: self.in_flight.clone(), ip })
+    }
+
+    /// Slow down an address that failed too often, before its next password is checked.
+    async fn throttle(&self, client: Option<IpAddr>) {
+        let Some(ip) = client else { return };
+        let n = self.failures.get(&ip).unwrap_or(0);
+        if n >= FREE_FAILURES {
+            let delay = Duration::from_millis(250 << (n + 1 - FREE_FAILURES).min(5));
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Record a failed attempt; repeated failures from one address are answered ever more slowly.
+    fn failed(&self, user: &str, client: Option<IpAddr>) {
+        self.metrics.auth_failures.inc();
+        let address = client.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
+        tracing::warn!(user, address, "authentication failed");
+        if let Some(ip) = client {
+            let n = self.failures.get(&ip).unwrap_or(0) + 1;
+            self.failures.insert(ip, n);
+        }
+    }
 }
 
 /// How many bcrypt checks may run at once: half the cores, so pulls always have the other half.
@@ -152,6 +263,7 @@ impl Access {
         config: Option<AuthConfig>,
         key: [u8; 32],
         namespaces: Namespaces,
+        proxies: TrustedProxies,
         metrics: Metrics,
     ) -> Result<Access, AuthError> {
         let path = config.as_ref().map(|c| c.htpasswd.clone()).unwrap_or_default();
@@ -160,12 +272,25 @@ impl Access {
             config,
             users: RwLock::new(users),
             key,
-            verified: moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(300)).build(),
-            rejected: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(600)).build(),
-            hashing: tokio::sync::Semaphore::new(hashing_threads()),
-            failures: moka::sync::Cache::builder().max_capacity(100_000).time_to_idle(Duration::from_secs(600)).build(),
+            checks: PasswordChecks {
+                verified: moka::sync::Cache::builder()
+                    .max_capacity(10_000)
+                    .time_to_live(Duration::from_secs(300))
+                    .build(),
+                rejected: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_live(Duration::from_secs(600))
+                    .build(),
+                hashing: Arc::new(tokio::sync::Semaphore::new(hashing_threads())),
+                failures: moka::sync::Cache::builder()
+                    .max_capacity(100_000)
+                    .time_to_idle(Duration::from_secs(600))
+                    .build(),
+                in_flight: Arc::default(),
+                metrics: metrics.clone(),
+            },
             namespaces,
-            metrics,
+            proxies,
         };
         if access.config.is_some() {
             access.reload_users()?;
@@ -192,8 +317,8 @@ impl Access {
         let mut users = self.users.write().unwrap_or_else(|e| e.into_inner());
         users.modified = modified;
         users.hashes = hashes;
-        self.verified.invalidate_all();
-        self.rejected.invalidate_all();
+        self.checks.verified.invalidate_all();
+        self.checks.rejected.invalidate_all();
         Ok(())
     }
 
@@ -201,57 +326,6 @@ impl Access {
     fn user_exists(&self, user: &str) -> bool {
         let _ = self.reload_users();
         self.users.read().unwrap_or_else(|e| e.into_inner()).hashes.contains_key(user)
-    }
-
-    /// Check a user's password (constant time for known and unknown users alike). bcrypt runs on
-    /// a blocking thread, a bounded number at a time.
-    async fn check_password(&self, user: &str, password: &str) -> bool {
-        let _ = self.reload_users();
-        let key: [u8; 32] = sha2::Sha256::digest(format!("{user}\0{password}").as_bytes()).into();
-        if let Some(u) = self.verified.get(&key) {
-            return bool::from(u.as_bytes().ct_eq(user.as_bytes()));
-        }
-        if self.rejected.contains_key(&key) {
-            return false;
-        }
-        let hash = self.users.read().unwrap_or_else(|e| e.into_inner()).hashes.get(user).cloned();
-        let known = hash.is_some();
-        let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_string());
-        let password = password.to_string();
-        let matched = {
-            let Ok(_permit) = self.hashing.acquire().await else { return false };
-            self.metrics.password_checks.inc();
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false)).await.unwrap_or(false)
-        };
-        let ok = matched && known;
-        if ok {
-            self.verified.insert(key, user.to_string());
-        } else {
-            self.rejected.insert(key, ());
-        }
-        ok
-    }
-
-    /// Slow down an address that failed too often, before its next password is checked.
-    async fn throttle(&self, peer: Option<SocketAddr>) {
-        let Some(ip) = peer.map(|p| p.ip()) else { return };
-        let n = self.failures.get(&ip).unwrap_or(0);
-        if n >= FREE_FAILURES {
-            let delay = Duration::from_millis(250 << (n + 1 - FREE_FAILURES).min(5));
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    /// Record a failed attempt; repeated failures from one address are answered ever more slowly.
-    fn failed(&self, user: &str, peer: Option<SocketAddr>) {
-        self.metrics.auth_failures.inc();
-        let ip = peer.map(|p| p.ip());
-        let address = ip.map_or_else(|| "unknown".to_string(), |ip| ip.to_string());
-        tracing::warn!(user, address, "authentication failed");
-        if let Some(ip) = ip {
-            let n = self.failures.get(&ip).unwrap_or(0) + 1;
-            self.failures.insert(ip, n);
-        }
     }
 
     /// Who sent this request. Our own tokens name a user (or anonymous) and what they allow.
@@ -278,9 +352,15 @@ impl Access {
         if !identity_needed {
             return Authn::anonymous();
         }
-        let peer = conn.map(|c| c.peer);
-        self.throttle(peer).await;
-        if self.check_password(&user, &password).await {
+        // Behind a trusted proxy, the client it forwards for is the one slowed down.
+        let client = conn.map(|c| self.proxies.client(headers, c.peer.ip()));
+        let _ = self.reload_users();
+        let hash = self.users.read().unwrap_or_else(|e| e.into_inner()).hashes.get(&user).cloned();
+        // Checked in a task of its own: a client that hangs up mid-check neither frees a hashing
+        // slot early nor escapes being counted.
+        let (checks, claimed) = (self.checks.clone(), user.clone());
+        let checked = tokio::spawn(async move { checks.check(claimed, password, hash, client).await });
+        if checked.await.unwrap_or(false) {
             return Authn {
                 principal: Principal::User(user),
                 rejected: false,
@@ -288,7 +368,6 @@ impl Access {
                 token_access: None,
             };
         }
-        self.failed(&user, peer);
         Authn { principal: Principal::Anonymous, rejected: true, authenticated: false, token_access: None }
     }
 
@@ -314,7 +393,7 @@ impl Access {
 
     /// The `WWW-Authenticate` value that tells a client where to get a token (for `scope`).
     pub fn challenge(&self, headers: &HeaderMap, conn: Option<ConnInfo>, scope: Option<String>) -> String {
-        let realm = realm(headers, conn);
+        let realm = self.realm(headers, conn);
         let mut value = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
         if let Some(scope) = scope {
             value.push_str(&format!(",scope=\"{scope}\""));
@@ -398,6 +477,25 @@ impl Access {
         Ok(Grant { token: self.issue_token(&who, config.token_ttl, access), expires_in: config.token_ttl })
     }
 
+    /// The token endpoint's absolute URL, as the client reached us. Behind a trusted
+    /// TLS-terminating proxy, its `X-Forwarded-Proto` / `X-Forwarded-Host` win; anyone else's are
+    /// ignored (they would let a caller send clients' passwords to a host of its choosing).
+    fn realm(&self, headers: &HeaderMap, conn: Option<ConnInfo>) -> String {
+        let header = |name: &str| {
+            headers.get(name).and_then(|v| v.to_str().ok()).map(|v| v.split(',').next().unwrap_or(v).trim().to_string())
+        };
+        let forwarded = |name: &str| header(name).filter(|_| conn.is_some_and(|c| self.proxies.trusts(c.peer.ip())));
+        let host = forwarded("x-forwarded-host").or_else(|| header("host")).unwrap_or_else(|| "localhost".into());
+        let scheme = forwarded("x-forwarded-proto").filter(|p| p == "http" || p == "https").unwrap_or_else(|| {
+            if conn.is_some_and(|c| c.tls) {
+                "https".into()
+            } else {
+                "http".into()
+            }
+        });
+        format!("{scheme}://{host}/auth/token")
+    }
+
     pub fn may_pull(&self, who: &Principal, repo: &RepoName) -> bool {
         self.allowed(who, repo.as_str(), self.namespaces.is_mirrored(repo), Action::Pull)
     }
@@ -450,23 +548,6 @@ fn basic_credentials(value: &str) -> Option<(String, String)> {
     Some((user.to_string(), password.to_string()))
 }
 
-/// The token endpoint's absolute URL, as the client reached us (through a TLS-terminating proxy
-/// too: `X-Forwarded-Proto` / `X-Forwarded-Host` win).
-fn realm(headers: &HeaderMap, conn: Option<ConnInfo>) -> String {
-    let header = |name: &str| {
-        headers.get(name).and_then(|v| v.to_str().ok()).map(|v| v.split(',').next().unwrap_or(v).trim().to_string())
-    };
-    let host = header("x-forwarded-host").or_else(|| header("host")).unwrap_or_else(|| "localhost".into());
-    let scheme = header("x-forwarded-proto").filter(|p| p == "http" || p == "https").unwrap_or_else(|| {
-        if conn.is_some_and(|c| c.tls) {
-            "https".into()
-        } else {
-            "http".into()
-        }
-    });
-    format!("{scheme}://{host}/auth/token")
-}
-
 /// `user:$2y$...` lines; comments and blank lines ignored.
 pub fn parse_htpasswd(text: &str) -> HashMap<String, String> {
     text.lines()
@@ -511,7 +592,7 @@ mod tests {
     #[test]
     fn tokens_are_signed_and_expire() {
         let namespaces = crate::config::Config::parse("", Path::new("/x")).unwrap().namespaces();
-        let a = Access::new(None, rand::random(), namespaces.clone(), Metrics::new()).unwrap();
+        let a = Access::new(None, rand::random(), namespaces.clone(), Default::default(), Metrics::new()).unwrap();
         let access = vec![AccessEntry {
             kind: "repository".into(),
             name: "private/a".into(),
@@ -528,7 +609,7 @@ mod tests {
         assert_eq!(a.verify_token(&forged), None);
         let expired = a.issue_token(&Principal::User("alice".into()), Duration::ZERO, access);
         assert_eq!(a.verify_token(&expired), None);
-        let other = Access::new(None, rand::random(), namespaces, Metrics::new()).unwrap();
+        let other = Access::new(None, rand::random(), namespaces, Default::default(), Metrics::new()).unwrap();
         assert_eq!(other.verify_token(&t), None);
     }
 }

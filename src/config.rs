@@ -51,6 +51,7 @@ struct RawGrant {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
     http_listen: Option<String>,
     shutdown_timeout: Option<String>,
     max_manifest_size: Option<String>,
@@ -117,6 +118,8 @@ struct RawLog {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Reverse proxies whose `X-Forwarded-*` headers count.
+    pub trusted_proxies: TrustedProxies,
     pub http_listen: Option<SocketAddr>,
     pub shutdown_timeout: Duration,
     pub max_manifest_size: u64,
@@ -226,6 +229,33 @@ pub enum LogFormat {
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "mirror.toml";
+
+/// The reverse proxies in front of regmirror (addresses or CIDRs). Their `X-Forwarded-Proto`,
+/// `X-Forwarded-Host` and `X-Forwarded-For` are believed; anyone else's are ignored.
+#[derive(Clone, Debug, Default)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client behind the connection from `peer`: `peer` itself, or, when `peer` is a trusted
+    /// proxy, the last address in `X-Forwarded-For` that is not one of ours.
+    pub fn client(&self, headers: &axum::http::HeaderMap, peer: std::net::IpAddr) -> std::net::IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let forwarded: Vec<std::net::IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse().ok())
+            .collect();
+        forwarded.iter().rev().find(|ip| !self.trusts(**ip)).copied().unwrap_or(peer)
+    }
+}
 
 /// Where repositories come from: the one place that decides "private or mirrored?", both for
 /// the names clients use (routing) and for the names the store keeps (access control, eviction,
@@ -337,6 +367,7 @@ impl Config {
         let raw: RawConfig = toml::from_str(text).map_err(|e| vec![describe_toml_error(&e, text)])?;
         let mut v = Validator { problems: Vec::new(), base: base.to_path_buf() };
         let (listen, http_listen, shutdown_timeout, max_manifest_size) = v.server(&raw.server);
+        let trusted_proxies = v.trusted_proxies(raw.server.trusted_proxies.as_deref().unwrap_or_default());
         let namespaces = v.private(raw.private);
         let upstreams = v.upstreams(raw.upstream)?;
         let (tag_ttl, serve_stale, upstream_timeout, pins, pin_refresh) = v.cache(&raw.cache, &upstreams);
@@ -352,6 +383,7 @@ impl Config {
         }
         Ok(Config {
             listen,
+            trusted_proxies,
             http_listen,
             shutdown_timeout,
             max_manifest_size,
@@ -414,6 +446,21 @@ impl Validator {
             v.size("server.max_manifest_size", server.max_manifest_size.as_deref().unwrap_or("4MiB"));
 
         (listen, http_listen, shutdown_timeout, max_manifest_size)
+    }
+
+    fn trusted_proxies(&mut self, entries: &[String]) -> TrustedProxies {
+        let mut nets = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            let parsed =
+                e.parse::<ipnet::IpNet>().ok().or_else(|| e.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from));
+            match parsed {
+                Some(net) => nets.push(net),
+                None => self.problem(format!(
+                    "server.trusted_proxies[{i}] = {e:?} is not an address or CIDR: use e.g. \"10.0.0.5\" or \"10.0.0.0/8\""
+                )),
+            }
+        }
+        TrustedProxies(nets)
     }
 
     fn private(&mut self, private: RawPrivate) -> Vec<String> {

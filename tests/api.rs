@@ -595,13 +595,16 @@ async fn upload_sessions_expire_with_their_data() {
         assert_eq!(r.status(), 202);
         locations.push(loc);
     }
-    // Both sessions started two hours ago (the record is what the server goes by).
+    // Both sessions started, and last received bytes, two hours ago.
     for loc in &locations {
         let id = loc.rsplit('/').next().unwrap();
         let info = s.dir.path().join(format!("data/uploads/{id}/info"));
         let mut v: Value = serde_json::from_slice(&std::fs::read(&info).unwrap()).unwrap();
         v["started_at"] = json!(v["started_at"].as_u64().unwrap() - 7200);
         std::fs::write(&info, serde_json::to_vec(&v).unwrap()).unwrap();
+        let data = s.dir.path().join(format!("data/uploads/{id}/data"));
+        let aged = std::process::Command::new("touch").arg("-d").arg("2 hours ago").arg(&data).status().unwrap();
+        assert!(aged.success());
     }
     // One is asked about: it is gone. The other is swept by the purge.
     let r = c.patch(s.url(&locations[0])).body("more").send().await.unwrap();
@@ -610,6 +613,17 @@ async fn upload_sessions_expire_with_their_data() {
     assert_eq!(upload_ids(&s).len(), 1);
     assert_eq!(regmirror::registry::uploads::purge_expired(&s.state).await.unwrap(), 1);
     assert!(upload_ids(&s).is_empty());
+    // A session started long ago that is still receiving bytes is not cut off.
+    let r = c.post(s.url("/v2/private/old/blobs/uploads/")).send().await.unwrap();
+    let busy = location(&r);
+    let id = busy.rsplit('/').next().unwrap().to_string();
+    let info = s.dir.path().join(format!("data/uploads/{id}/info"));
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&info).unwrap()).unwrap();
+    v["started_at"] = json!(v["started_at"].as_u64().unwrap() - 7200);
+    std::fs::write(&info, serde_json::to_vec(&v).unwrap()).unwrap();
+    assert_eq!(c.patch(s.url(&busy)).body("still sending").send().await.unwrap().status(), 202);
+    assert_eq!(regmirror::registry::uploads::purge_expired(&s.state).await.unwrap(), 0);
+    assert_eq!(c.delete(s.url(&busy)).send().await.unwrap().status(), 204);
     // A fresh session is not touched.
     let r = c.post(s.url("/v2/private/old/blobs/uploads/")).send().await.unwrap();
     assert_eq!(r.status(), 202);

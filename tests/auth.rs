@@ -369,3 +369,52 @@ async fn a_token_allows_its_scope_only_and_dies_with_its_user() {
     std::fs::write(&htpasswd, kept).unwrap();
     assert_eq!(push_as(&c, &base, "private/team-a/a", Some(&t)).await, 401);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_headers_count_only_from_trusted_proxies() {
+    let hub = Hub::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!("[server]\ntrusted_proxies = [\"127.0.0.2\"]\n{}", auth_config(dir.path(), &hub.url()));
+    let s = TestServer::start_in(dir, &toml).await;
+    let from = |ip: [u8; 4]| reqwest::Client::builder().local_address(std::net::IpAddr::from(ip)).build().unwrap();
+    let challenge = |c: reqwest::Client| {
+        let url = s.url("/v2/");
+        async move {
+            let r = c
+                .get(url)
+                .header("x-forwarded-proto", "https")
+                .header("x-forwarded-host", "mirror.example")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 401);
+            r.headers()["www-authenticate"].to_str().unwrap().to_string()
+        }
+    };
+    // Anyone else's forwarded headers are ignored: the realm is where the client really is.
+    let direct = challenge(from([127, 0, 0, 1])).await;
+    assert!(direct.starts_with(&format!("Bearer realm=\"http://{}/auth/token\"", s.addr)), "{direct}");
+    // The proxy's are believed.
+    let proxied = challenge(from([127, 0, 0, 2])).await;
+    assert!(proxied.starts_with("Bearer realm=\"https://mirror.example/auth/token\""), "{proxied}");
+
+    // Behind the proxy, failed logins slow down the client that failed, not everyone behind it.
+    let proxy = from([127, 0, 0, 2]);
+    let login = |client: &'static str, pw: String| {
+        let (proxy, url) = (proxy.clone(), s.url("/auth/token?service=regmirror"));
+        async move {
+            let started = std::time::Instant::now();
+            let r =
+                proxy.get(url).header("x-forwarded-for", client).basic_auth("alice", Some(pw)).send().await.unwrap();
+            assert_eq!(r.status(), 401);
+            started.elapsed()
+        }
+    };
+    for n in 0..6 {
+        login("10.1.1.1", format!("guess {n}")).await;
+    }
+    let guesser = login("10.1.1.1", "guess again".into()).await;
+    let neighbour = login("10.1.1.2", "a typo".into()).await;
+    assert!(guesser >= std::time::Duration::from_millis(400), "the guesser was not slowed down: {guesser:?}");
+    assert!(neighbour < std::time::Duration::from_millis(400), "a client behind the same proxy was: {neighbour:?}");
+}

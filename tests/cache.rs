@@ -718,4 +718,27 @@ async fn the_clients_accept_header_decides_as_the_upstream_would() {
     assert_eq!(get(docker_only, "latest").await.status(), 404);
     // A Docker manifest list is what that client asked for.
     assert_eq!(get(docker_only, "list").await.status(), 200);
+
+    // A client that reads no lists at all gets what the upstream gives it (distribution picks the
+    // linux/amd64 image of a list), and that answer never becomes the tag for everyone else.
+    let c2 = client();
+    let arm_config = br#"{"architecture":"arm64","os":"linux"}"#;
+    let docker_m = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": sha256(arm_config), "size": arm_config.len()},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": sha256(b"arm layer"), "size": 9}]}))
+    .unwrap();
+    let list = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [
+        {"mediaType": "application/vnd.docker.distribution.manifest.v2+json", "digest": sha256(&docker_m), "size": docker_m.len(), "platform": {"os": "linux", "architecture": "amd64"}}]}))
+    .unwrap();
+    assert_eq!(put_manifest(&c2, &upstream.url(), "library/multi", "amd", DOCKER_LIST, &list).await.status(), 201);
+    let v2_only = "application/vnd.docker.distribution.manifest.v2+json";
+    let r = get(v2_only, "amd").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &docker_m[..], "the upstream's answer for this client");
+    let r = get(DOCKER_LIST, "amd").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &list[..], "the tag was taken over by one client's answer");
 }
+
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";

@@ -6,7 +6,7 @@ use futures_util::Stream;
 use reqwest::Method;
 use tokio::sync::watch;
 
-use super::fill::{follow, wait_for_size, wait_until_done, Phase, Progress};
+use super::fill::{follow, wait_for_size, wait_until_done, NeedsCheck, Phase, Progress};
 use super::lru::InUse;
 use super::{Cache, CacheError, Content, Mirrored, Obtained};
 use crate::oci::{Digest, RepoName};
@@ -74,7 +74,10 @@ impl Cache {
     async fn find_blob(&self, m: &Mirrored, d: &Digest, head: bool) -> Result<(BlobSource, Obtained), CacheError> {
         let Mirrored { upstream, remote, local } = m;
         let missing = |e| CacheError::upstream(Content::Blob, e);
-        if self.store.is_blob_linked(local, d).await? {
+        // Linked here and delivered by this upstream: a hit. A link without the delivery (a store
+        // from before blobs recorded it) is verified by fetching the blob once more.
+        let delivered = self.store.delivered_by(d, upstream.name()).await?;
+        if delivered && self.store.is_blob_linked(local, d).await? {
             if let Some(stored) = self.stored_blob(d, true).await? {
                 return Ok((stored, Obtained::Hit));
             }
@@ -83,8 +86,7 @@ impl Cache {
         // upstream. The upstream still decides whether this repository has the blob, so nothing
         // leaks across repositories. Bytes this upstream never delivered (a push) are fetched
         // again and verified, never handed out on the upstream's word.
-        let stored = self.store.blob_size(d).await?.is_some();
-        if stored && self.store.delivered_by(d, upstream.name()).await? {
+        if delivered && self.store.blob_size(d).await?.is_some() {
             upstream.blob(Method::HEAD, remote, d, 0).await.map_err(missing)?;
             self.store.link_blob(local, d).await?;
             if let Some(stored) = self.stored_blob(d, true).await? {
@@ -104,10 +106,7 @@ impl Cache {
         // Joining a fill another repository started: the upstream decides whether this repository
         // has the blob, as it does for stored blobs above. Having checked, this repository becomes
         // a source the fill falls back to.
-        if self.fills.runs_without(d, local) {
-            upstream.blob(Method::HEAD, remote, d, 0).await.map_err(missing)?;
-        }
-        let mut rx = self.fills.join_or_start(self, m.clone(), d.clone());
+        let mut rx = self.join_fill(m, d).await?;
         let total = wait_for_size(&mut rx, local).await?;
         self.link_when_done(local.clone(), d.clone(), rx.clone());
         Ok((
@@ -123,12 +122,30 @@ impl Cache {
         if stored && self.store.delivered_by(d, m.upstream.name()).await? {
             return Ok(self.store.link_blob(&m.local, d).await?);
         }
-        let mut rx = self.fills.join_or_start(self, m.clone(), d.clone());
+        let mut rx = self.join_fill(m, d).await?;
         wait_for_size(&mut rx, &m.local).await?;
         match wait_until_done(&mut rx).await {
             Phase::Done { .. } => Ok(self.store.link_blob(&m.local, d).await?),
             Phase::Failed(e) => Err(e),
             _ => Err(CacheError::Internal(format!("fill of {d} ended without a result"))),
+        }
+    }
+
+    /// Join (or start) the fill of `d` for `m`, confirming with the upstream first when the fill
+    /// runs for another repository.
+    async fn join_fill(&self, m: &Mirrored, d: &Digest) -> Result<watch::Receiver<Progress>, CacheError> {
+        let mut confirmed = false;
+        loop {
+            match self.fills.join_or_start(self, m.clone(), d.clone(), confirmed) {
+                Ok(rx) => return Ok(rx),
+                Err(NeedsCheck) => {
+                    m.upstream
+                        .blob(Method::HEAD, &m.remote, d, 0)
+                        .await
+                        .map_err(|e| CacheError::upstream(Content::Blob, e))?;
+                    confirmed = true;
+                }
+            }
         }
     }
 

@@ -46,14 +46,47 @@ pub async fn load(cache: &Cache) -> std::io::Result<()> {
     let blobs = cache.store.scan_blobs().await?;
     cache.store.stats().reset(blobs.iter().map(|b| b.1).sum(), blobs.len() as u64);
     let mut protected = HashSet::new();
-    for repo in cache.store.list_repositories_all().await? {
-        if !cache.namespaces.is_mirrored(&repo) {
-            protected.extend(cache.store.repository_digests(&repo).await?);
+    let repositories = cache.store.list_repositories_all().await?;
+    for repo in &repositories {
+        if !cache.namespaces.is_mirrored(repo) {
+            protected.extend(cache.store.repository_digests(repo).await?);
         }
     }
+    mark_provenance(cache, &repositories, &protected).await?;
     cache.lru.load(protected, blobs);
     cache.loaded.store(true, Ordering::Release);
     Ok(())
+}
+
+/// Stores written before blobs recorded which upstream delivered them: once, mark every blob that
+/// only mirrored repositories hold as delivered by their upstreams. A blob a private repository
+/// holds too may have come from a push; it is verified against its upstream on its next use.
+async fn mark_provenance(
+    cache: &Cache,
+    repositories: &[crate::oci::RepoName],
+    local: &HashSet<crate::oci::Digest>,
+) -> std::io::Result<()> {
+    use crate::storage::Meta;
+    if cache.store.read_meta(Meta::ProvenanceMarked).await?.is_some() {
+        return Ok(());
+    }
+    let mut marked = 0u64;
+    for repo in repositories.iter().filter(|r| cache.namespaces.is_mirrored(r)) {
+        let upstream = repo.first_component();
+        for d in cache.store.repository_digests(repo).await? {
+            if local.contains(&d) || cache.store.blob_size(&d).await?.is_none() {
+                continue;
+            }
+            if !cache.store.delivered_by(&d, upstream).await? {
+                cache.store.mark_delivered(&d, upstream).await?;
+                marked += 1;
+            }
+        }
+    }
+    if marked > 0 {
+        tracing::info!(blobs = marked, "recorded which upstream delivered the blobs of an older store");
+    }
+    cache.store.write_meta(Meta::ProvenanceMarked, b"1\n").await
 }
 
 /// One eviction pass: least recently used mirrored content first, until the store is 5 % under

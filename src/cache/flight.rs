@@ -26,6 +26,22 @@ impl<K, V> Default for Flights<K, V> {
     }
 }
 
+/// Takes a flight out of the map when its task ends, however it ends.
+struct Leave<K: Eq + Hash, V> {
+    map: Running<K, V>,
+    key: K,
+    id: u64,
+}
+
+impl<K: Eq + Hash, V> Drop for Leave<K, V> {
+    fn drop(&mut self) {
+        let mut running = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if running.get(&self.key).is_some_and(|(running_id, _)| *running_id == self.id) {
+            running.remove(&self.key);
+        }
+    }
+}
+
 /// Counts a caller among those waiting, until it has its answer or goes away.
 struct Waiting(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -58,14 +74,11 @@ where
                     let work = start();
                     let (map, done_key) = (self.running.clone(), key.clone());
                     let task = tokio::spawn(async move {
-                        let value = work.await;
-                        // Gone from the map before anyone sees the result: a caller that reads
-                        // the store after this flight and still finds it stale starts a new one.
-                        let mut running = map.lock().unwrap_or_else(|e| e.into_inner());
-                        if running.get(&done_key).is_some_and(|(running_id, _)| *running_id == id) {
-                            running.remove(&done_key);
-                        }
-                        value
+                        // Gone from the map before anyone sees the result (a caller that reads the
+                        // store after this flight and still finds it stale starts a new one), and
+                        // gone too if the work panics, so the key is never stuck.
+                        let _leave = Leave { map, key: done_key, id };
+                        work.await
                     });
                     let pending = task.map(Result::ok).boxed().shared();
                     running.insert(key, (id, pending.clone()));

@@ -12,7 +12,9 @@ use reqwest::Method;
 
 use super::flight::Flights;
 use super::{Cache, CacheError, Clock, Content, Mirrored, Obtained};
-use crate::oci::{describe, upstream_accept, Algorithm, Digest, ManifestMeta, Reference, RepoName, ACCEPT_ALL};
+use crate::oci::{
+    acceptable, describe, upstream_accept, Algorithm, Digest, ManifestMeta, Reference, RepoName, ACCEPT_ALL,
+};
 use crate::storage::{Store, TagRecord};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -48,7 +50,17 @@ impl Cache {
         reference: &Reference,
         client_accept: Option<&str>,
     ) -> Result<Arc<Resolved>, CacheError> {
-        let found = resolve(self, m, reference, client_accept).await;
+        let found = match resolve(self, m, reference).await {
+            // What the tag points to is not a type this client reads. The upstream, asked with the
+            // client's own Accept, may have another answer for it (distribution picks one platform
+            // of a manifest list for a client that cannot read lists): ask it, but never let that
+            // narrower answer stand for the tag for everyone.
+            Ok(r) if r.obtained != Obtained::Hit && !acceptable(&r.meta.media_type, client_accept) => match reference {
+                Reference::Tag(_) => narrow(self, m, reference, client_accept).await,
+                Reference::Digest(_) => Ok(r),
+            },
+            found => found,
+        };
         match &found {
             Ok(r) => {
                 self.count(m, "manifest", r.obtained.label());
@@ -105,17 +117,35 @@ pub struct NextPage {
 }
 
 /// Find a mirrored manifest: in the store while it is fresh, otherwise through one shared
-/// upstream request.
-async fn resolve(
+/// upstream request that asks for every manifest type, so the tag always records what it
+/// really points to.
+async fn resolve(cache: &Cache, m: &Mirrored, reference: &Reference) -> Result<Arc<Resolved>, CacheError> {
+    let ttl = cache.policy.tag_ttl;
+    if let Some(found) = cached(&cache.store, &cache.clock, &m.local, reference, ttl).await? {
+        return Ok(Arc::new(found));
+    }
+    let key = FlightKey {
+        upstream: m.upstream.name().to_string(),
+        remote: m.remote.clone(),
+        reference: reference.to_string(),
+        accept: ACCEPT_ALL.to_string(),
+    };
+    let (cache_, m, reference) = (cache.clone(), m.clone(), reference.clone());
+    cache
+        .manifest_flights
+        .run(key, move || async move { refresh(&cache_, &m, &reference, ACCEPT_ALL).await.map(Arc::new) })
+        .await
+        .unwrap_or_else(|| Err(CacheError::Internal("manifest fetch task failed".into())))
+}
+
+/// The upstream's answer for a client that reads only the types in `client_accept`: kept by
+/// digest (content is content), never under the tag. One request per distinct Accept at a time.
+async fn narrow(
     cache: &Cache,
     m: &Mirrored,
     reference: &Reference,
     client_accept: Option<&str>,
 ) -> Result<Arc<Resolved>, CacheError> {
-    let ttl = cache.policy.tag_ttl;
-    if let Some(found) = cached(&cache.store, &cache.clock, &m.local, reference, ttl).await? {
-        return Ok(Arc::new(found));
-    }
     let accept = upstream_accept(client_accept);
     let key = FlightKey {
         upstream: m.upstream.name().to_string(),
@@ -123,10 +153,18 @@ async fn resolve(
         reference: reference.to_string(),
         accept: accept.clone(),
     };
-    let (cache_, m, reference) = (cache.clone(), m.clone(), reference.clone());
+    let (cache_, m, reference) = (cache.clone(), m.clone(), reference.to_string());
+    let limit = cache.policy.max_manifest_size;
+    let work = move || async move {
+        let f = fetch(&m.upstream, &m.remote, &reference, None, &accept, limit)
+            .await
+            .map_err(|e| CacheError::upstream(Content::Manifest, e))?;
+        cache_.store.put_manifest(&m.local, &f.digest, &f.meta, &f.bytes).await?;
+        Ok(Arc::new(Resolved { digest: f.digest, meta: f.meta, bytes: f.bytes, obtained: Obtained::Miss }))
+    };
     cache
         .manifest_flights
-        .run(key, move || async move { refresh(&cache_, &m, &reference, &accept).await.map(Arc::new) })
+        .run(key, work)
         .await
         .unwrap_or_else(|| Err(CacheError::Internal("manifest fetch task failed".into())))
 }

@@ -110,7 +110,7 @@ fn content_length(ctx: &Ctx) -> Option<u64> {
 }
 
 /// The session's id, checked to belong to `repo` and not to have expired. An expired session
-/// is removed on the spot (the purge task would remove it soon anyway).
+/// nobody is using right now is removed on the spot (the purge task would remove it soon anyway).
 async fn session(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<()> {
     let store = &ctx.state.store;
     let unknown = || RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"));
@@ -118,8 +118,27 @@ async fn session(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<()> {
     if &info.repository != repo {
         return Err(unknown());
     }
-    if expired(&info, ctx.state.config.upload_expiry) {
-        store.delete_upload(id).await?;
+    if expired(ctx, id, &info).await? {
+        let slot = ctx.state.sessions.slot(id);
+        if let Ok(_idle) = slot.try_lock() {
+            store.delete_upload(id).await?;
+            ctx.state.sessions.forget(id);
+        }
+        return Err(unknown());
+    }
+    Ok(())
+}
+
+/// `session`, for a request that holds the session's lock: when the session is gone (finished,
+/// cancelled or expired while the request waited), its in-memory slot goes too.
+async fn session_locked(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<()> {
+    let store = &ctx.state.store;
+    let unknown = || RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"));
+    let found = match store.upload_info(id).await? {
+        Some(info) if &info.repository == repo => !expired(ctx, id, &info).await?,
+        _ => false,
+    };
+    if !found {
         ctx.state.sessions.forget(id);
         return Err(unknown());
     }
@@ -133,8 +152,15 @@ async fn existing_slot(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<Slot> {
     Ok(ctx.state.sessions.slot(id))
 }
 
-fn expired(info: &UploadInfo, expiry: std::time::Duration) -> bool {
-    info.started_at.saturating_add(expiry.as_secs()) <= unix_now()
+/// Whether a session has seen no activity (a new session, or bytes written) for
+/// `storage.upload_expiry`: an upload that keeps sending is never cut off.
+async fn expired(ctx: &Ctx, id: &str, info: &UploadInfo) -> std::io::Result<bool> {
+    let last = ctx.state.store.upload_modified(id).await?.unwrap_or(0).max(info.started_at);
+    Ok(idle_too_long(last, ctx.state.config.upload_expiry))
+}
+
+fn idle_too_long(last_activity: u64, expiry: std::time::Duration) -> bool {
+    last_activity.saturating_add(expiry.as_secs()) <= unix_now()
 }
 
 /// A chunk's `Content-Range: <start>-<end>` (the `bytes ` prefix and a `/total` suffix allowed).
@@ -218,14 +244,18 @@ async fn append(
     }
     file.flush().await?;
     file.shutdown().await?;
-    if let Some(n) = announced.filter(|n| *n != added && failure.is_none()) {
+    if let Some(n) = announced.filter(|n| *n != added) {
+        // A chunk is whole or not at all: the client resends the range it announced.
         store.truncate_upload(id, size).await?;
         *state = None;
-        let got = if added > n { format!("more than {n}") } else { added.to_string() };
-        return Err(refuse(format!("chunk announced {n} bytes in Content-Range but brought {got}"), size));
+        if failure.is_none() {
+            let got = if added > n { format!("more than {n}") } else { added.to_string() };
+            return Err(refuse(format!("chunk announced {n} bytes in Content-Range but brought {got}"), size));
+        }
     }
     if let Some(e) = failure {
-        // What arrived is kept: the client can ask for the status and resume from there.
+        // Without a Content-Range what arrived is kept: the client can ask for the status and
+        // resume from there.
         return Err(RegistryError::new(Code::BlobUploadInvalid, format!("reading request body: {e}")));
     }
     Ok(size + added)
@@ -236,7 +266,7 @@ pub async fn patch(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> {
     let slot = existing_slot(&ctx, &repo, id).await?;
     let mut state = slot.lock().await;
     // Checked again under the session's lock: a PUT that finished it while this PATCH waited wins.
-    session(&ctx, &repo, id).await?;
+    session_locked(&ctx, &repo, id).await?;
     let size = append(&mut ctx, &repo, id, &mut state, None).await?;
     Ok(session_response(StatusCode::ACCEPTED, &repo, id, size))
 }
@@ -246,7 +276,7 @@ pub async fn finish(mut ctx: Ctx, target: Target, id: &str) -> Result<Response> 
     let store = ctx.state.store.clone();
     let slot = existing_slot(&ctx, &repo, id).await?;
     let mut state = slot.lock().await;
-    session(&ctx, &repo, id).await?;
+    session_locked(&ctx, &repo, id).await?;
     let d = query_digest(&ctx)?.ok_or_else(|| {
         RegistryError::new(Code::DigestInvalid, "the digest query parameter is required to finish an upload")
     })?;
@@ -275,11 +305,12 @@ pub async fn purge_expired(state: &crate::app::AppState) -> std::io::Result<usiz
         let slot = state.sessions.slot(&id);
         let Ok(_busy) = slot.try_lock() else { continue };
         let expiry = state.config.upload_expiry;
+        let last_write = store.upload_modified(&id).await?;
         let stale = match store.upload_info(&id).await? {
-            Some(info) => expired(&info, expiry),
+            Some(info) => idle_too_long(last_write.unwrap_or(0).max(info.started_at), expiry),
             // No record: a session being created right now (the record is written first), or the
             // remains of one whose removal was cut short, which are gone once old enough.
-            None => store.upload_modified(&id).await?.is_some_and(|t| t.saturating_add(expiry.as_secs()) <= unix_now()),
+            None => last_write.is_some_and(|t| idle_too_long(t, expiry)),
         };
         if stale {
             store.delete_upload(&id).await?;
@@ -319,7 +350,7 @@ pub async fn cancel(ctx: Ctx, target: Target, id: &str) -> Result<Response> {
     let repo = target.require_local()?;
     let slot = existing_slot(&ctx, repo, id).await?;
     let _guard = slot.lock().await;
-    session(&ctx, repo, id).await?;
+    session_locked(&ctx, repo, id).await?;
     ctx.state.store.delete_upload(id).await?;
     ctx.state.sessions.forget(id);
     let mut resp = Response::new(Body::empty());

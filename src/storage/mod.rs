@@ -202,6 +202,8 @@ pub enum Meta {
     AccessLog,
     /// Totals of `regmirror gc` runs.
     GcRecord,
+    /// Present once the blobs of an older store have been given their provenance.
+    ProvenanceMarked,
 }
 
 impl Meta {
@@ -210,6 +212,7 @@ impl Meta {
             Meta::TokenKey => "meta/token.key",
             Meta::AccessLog => "meta/access.log",
             Meta::GcRecord => "meta/gc.json",
+            Meta::ProvenanceMarked => "meta/provenance.v1",
         }
     }
 }

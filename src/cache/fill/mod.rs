@@ -102,6 +102,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A fill of the blob runs for another repository: the caller's repository must be confirmed
+/// with the upstream before it may join.
+#[derive(Debug)]
+pub struct NeedsCheck;
+
 #[derive(Default)]
 pub struct Fills {
     running: Mutex<HashMap<Digest, Running>>,
@@ -110,17 +115,27 @@ pub struct Fills {
 
 impl Fills {
     /// Join the fill for `digest`, or start one. A caller from another repository than the
-    /// fill's must have checked with the upstream that its repository has the blob (a HEAD):
-    /// it becomes a source the fill falls back to if the first repository does not have it.
-    pub fn join_or_start(&self, cache: &Cache, source: Mirrored, digest: Digest) -> watch::Receiver<Progress> {
+    /// fill's must have checked with the upstream that its repository has the blob (a HEAD,
+    /// `confirmed`; without it the answer is `Err(NeedsCheck)`): it then becomes a source the
+    /// fill falls back to if the first repository does not have it.
+    pub fn join_or_start(
+        &self,
+        cache: &Cache,
+        source: Mirrored,
+        digest: Digest,
+        confirmed: bool,
+    ) -> Result<watch::Receiver<Progress>, NeedsCheck> {
         let mut running = lock(&self.running);
         if let Some(r) = running.get(&digest) {
             let mut sources = lock(&r.sources);
             if !sources.closed {
                 if !sources.list.iter().any(|s| s.local == source.local) {
+                    if !confirmed {
+                        return Err(NeedsCheck);
+                    }
                     sources.list.push(source);
                 }
-                return r.rx.clone();
+                return Ok(r.rx.clone());
             }
             // That fill has given up: this caller starts a fresh one, through its own repository.
         }
@@ -130,7 +145,7 @@ impl Fills {
         running.insert(digest.clone(), Running { id, rx: rx.clone(), sources: sources.clone() });
         drop(running);
         tokio::spawn(run(cache.clone(), sources, digest, id, tx));
-        rx
+        Ok(rx)
     }
 
     /// Whether a fill of `digest` is running that `local` is not yet one of the sources of.
@@ -158,6 +173,8 @@ impl Fills {
 async fn run(cache: Cache, sources: Arc<Mutex<Sources>>, digest: Digest, id: u64, tx: watch::Sender<Progress>) {
     let started = Instant::now();
     cache.metrics.fills_in_flight.inc();
+    // However the fill ends, a panic included, it leaves the map: the next request starts anew.
+    let _leave = Leave { cache: cache.clone(), digest: digest.clone(), id };
     let first = lock(&sources).current();
     if let Some(s) = &first {
         tracing::info!(upstream = s.upstream.name(), repository = %s.local, %digest, "fill started");
@@ -199,9 +216,21 @@ async fn run(cache: Cache, sources: Arc<Mutex<Sources>>, digest: Digest, id: u64
         window.chunks.clear();
         window.closed = true;
     }
-    cache.fills.finished(&digest, id);
-    cache.metrics.fills_in_flight.dec();
     cache.evict_wakeup.notify_one();
+}
+
+/// Takes a fill out of the running ones when its task ends.
+struct Leave {
+    cache: Cache,
+    digest: Digest,
+    id: u64,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.cache.fills.finished(&self.digest, self.id);
+        self.cache.metrics.fills_in_flight.dec();
+    }
 }
 
 /// Stream the blob into a staging file, resuming on broken connections, then commit it. Returns
