@@ -348,7 +348,9 @@ async fn serve(config: Config) -> Result<(), String> {
         listeners.push(Listener { tcp: bind(addr).await?, tls: None, app: crate::app::metrics_router(state.clone()) });
         tracing::info!(address = %addr, "metrics on /metrics");
     }
-    let result = run(listeners, state.metrics.clone(), shutdown_signal(), drain).await.map_err(|e| e.to_string());
+    let limits = config.limits.clone();
+    let result =
+        run(listeners, state.metrics.clone(), shutdown_signal(), drain, limits).await.map_err(|e| e.to_string());
     if let Err(e) = state.cache.lru.persist() {
         tracing::warn!(error = %e, "could not persist access times");
     }

@@ -51,6 +51,10 @@ struct RawGrant {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_upload_size: Option<String>,
     trusted_proxies: Option<Vec<String>>,
     http_listen: Option<String>,
     shutdown_timeout: Option<String>,
@@ -120,6 +124,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Reverse proxies whose `X-Forwarded-*` headers count.
     pub trusted_proxies: TrustedProxies,
+    /// What one client may take of the server.
+    pub limits: Limits,
     pub http_listen: Option<SocketAddr>,
     pub shutdown_timeout: Duration,
     pub max_manifest_size: u64,
@@ -229,6 +235,19 @@ pub enum LogFormat {
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "mirror.toml";
+
+/// Bounds no client can push the server past.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// A request's headers must have arrived within this long (slow-header attacks).
+    pub header_read_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more wait in the listen queue.
+    pub max_connections: usize,
+    /// The largest blob a push may upload (`None`: no limit).
+    pub max_upload_size: Option<u64>,
+}
 
 /// The reverse proxies in front of regmirror (addresses or CIDRs). Their `X-Forwarded-Proto`,
 /// `X-Forwarded-Host` and `X-Forwarded-For` are believed; anyone else's are ignored.
@@ -368,6 +387,7 @@ impl Config {
         let mut v = Validator { problems: Vec::new(), base: base.to_path_buf() };
         let (listen, http_listen, shutdown_timeout, max_manifest_size) = v.server(&raw.server);
         let trusted_proxies = v.trusted_proxies(raw.server.trusted_proxies.as_deref().unwrap_or_default());
+        let limits = v.limits(&raw.server);
         let namespaces = v.private(raw.private);
         let upstreams = v.upstreams(raw.upstream)?;
         let (tag_ttl, serve_stale, upstream_timeout, pins, pin_refresh) = v.cache(&raw.cache, &upstreams);
@@ -384,6 +404,7 @@ impl Config {
         Ok(Config {
             listen,
             trusted_proxies,
+            limits,
             http_listen,
             shutdown_timeout,
             max_manifest_size,
@@ -446,6 +467,23 @@ impl Validator {
             v.size("server.max_manifest_size", server.max_manifest_size.as_deref().unwrap_or("4MiB"));
 
         (listen, http_listen, shutdown_timeout, max_manifest_size)
+    }
+
+    fn limits(&mut self, server: &RawServer) -> Limits {
+        let header_read_timeout =
+            self.duration("server.header_read_timeout", server.header_read_timeout.as_deref().unwrap_or("10s"));
+        let idle_timeout = self.duration("server.idle_timeout", server.idle_timeout.as_deref().unwrap_or("120s"));
+        let max_connections = server.max_connections.unwrap_or(4096);
+        if max_connections == 0 {
+            self.problem("server.max_connections = 0 would serve nobody: use at least 1 (default 4096)".into());
+        }
+        for (key, d) in [("server.header_read_timeout", header_read_timeout), ("server.idle_timeout", idle_timeout)] {
+            if d.is_zero() && self.problems.iter().all(|p| !p.starts_with(key)) {
+                self.problem(format!("{key} must be longer than 0s"));
+            }
+        }
+        let max_upload_size = server.max_upload_size.as_deref().map(|s| self.size("server.max_upload_size", s));
+        Limits { header_read_timeout, idle_timeout, max_connections: max_connections.max(1), max_upload_size }
     }
 
     fn trusted_proxies(&mut self, entries: &[String]) -> TrustedProxies {

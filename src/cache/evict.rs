@@ -58,6 +58,41 @@ pub async fn load(cache: &Cache) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Evict least recently used mirrored content, `bytes` at least where there is that much.
+async fn evict(cache: &Cache, bytes: u64) -> Evicted {
+    let mut done = Evicted::default();
+    for (d, size) in cache.lru.take_victims(bytes) {
+        match cache.store.delete_blob(&d).await {
+            Ok(()) => {
+                cache.lru.evicted(&d);
+                done.blobs += 1;
+                done.bytes += size;
+            }
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "could not evict");
+                cache.lru.give_back(d, size);
+            }
+        }
+    }
+    cache.metrics.evictions.inc_by(done.blobs);
+    cache.metrics.evicted_bytes.inc_by(done.bytes);
+    done
+}
+
+/// The disk is too full for a blob of `bytes` more: evict least recently used mirrored content
+/// to make room, whatever `storage.max_size` says (on a full disk that bound cannot hold anyway).
+pub async fn make_room(cache: &Cache, bytes: u64) -> Evicted {
+    let _one_at_a_time = cache.evicting.lock().await;
+    let done = evict(cache, bytes).await;
+    tracing::info!(
+        evicted = done.blobs,
+        evicted_bytes = done.bytes,
+        wanted = bytes,
+        "evicted to make room on a full disk"
+    );
+    done
+}
+
 /// Stores written before blobs recorded which upstream delivered them: once, mark every blob that
 /// only mirrored repositories hold as delivered by their upstreams. A blob a private repository
 /// holds too may have come from a push; it is verified against its upstream on its next use.
@@ -103,22 +138,7 @@ pub async fn pass(cache: &Cache, max: u64) -> Evicted {
     }
     let started = Instant::now();
     let low = max - max / 20;
-    let mut done = Evicted::default();
-    for (d, size) in cache.lru.take_victims(bytes - low) {
-        match cache.store.delete_blob(&d).await {
-            Ok(()) => {
-                cache.lru.evicted(&d);
-                done.blobs += 1;
-                done.bytes += size;
-            }
-            Err(e) => {
-                tracing::warn!(digest = %d, error = %e, "could not evict");
-                cache.lru.give_back(d, size);
-            }
-        }
-    }
-    cache.metrics.evictions.inc_by(done.blobs);
-    cache.metrics.evicted_bytes.inc_by(done.bytes);
+    let done = evict(cache, bytes - low).await;
     let after = stats.bytes.load(Ordering::Relaxed).max(0) as u64;
     tracing::info!(
         evicted = done.blobs,

@@ -23,6 +23,9 @@ pub enum Code {
     RangeInvalid,
     PaginationInvalid,
     ManifestTooLarge,
+    UploadTooLarge,
+    /// The store is full (ENOSPC, or a quota).
+    StorageFull,
     Unavailable,
     Internal,
 }
@@ -53,6 +56,8 @@ impl Code {
                 ("PAGINATION_NUMBER_INVALID", S::BAD_REQUEST, "invalid number of results requested")
             }
             Code::ManifestTooLarge => ("MANIFEST_INVALID", S::PAYLOAD_TOO_LARGE, "manifest exceeds the size limit"),
+            Code::UploadTooLarge => ("BLOB_UPLOAD_INVALID", S::PAYLOAD_TOO_LARGE, "upload exceeds the size limit"),
+            Code::StorageFull => ("UNAVAILABLE", S::INSUFFICIENT_STORAGE, "the registry's storage is full"),
             Code::Unavailable => ("UNAVAILABLE", S::SERVICE_UNAVAILABLE, "upstream registry unavailable"),
             Code::Internal => ("UNKNOWN", S::INTERNAL_SERVER_ERROR, "internal error"),
         }
@@ -101,6 +106,9 @@ impl std::error::Error for RegistryError {}
 
 impl From<std::io::Error> for RegistryError {
     fn from(err: std::io::Error) -> Self {
+        if crate::storage::is_full(&err) {
+            return Self::new(Code::StorageFull, format!("storage: {err}"));
+        }
         Self::internal(format!("storage: {err}"))
     }
 }
@@ -150,6 +158,7 @@ impl From<crate::cache::CacheError> for RegistryError {
                 }
             }
             E::Upstream(_) => Self::new(Code::Unavailable, err.to_string()),
+            E::Storage(io) if crate::storage::is_full(io) => Self::new(Code::StorageFull, err.to_string()),
             E::Storage(_) | E::Internal(_) => Self::internal(err),
         }
     }

@@ -84,12 +84,24 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
         // Not mountable: fall through to an ordinary upload session, as the spec asks.
     } else if let Some(d) = query_digest(&ctx)? {
         let expected = content_length(&ctx);
+        let limit = ctx.state.config.limits.max_upload_size;
+        if let (Some(len), Some(limit)) = (expected, limit) {
+            check_size(len, limit)?;
+        }
         let _hold = ctx.state.cache.lru.hold_for_write(&d).await;
         let mut writer = store.begin_blob(d.algorithm()).await?;
         let mut body = ctx.take_body().into_data_stream();
         while let Some(chunk) = body.next().await {
             match chunk {
-                Ok(c) => writer.write(c).await?,
+                Ok(c) => {
+                    if let Some(limit) = limit {
+                        if let Err(e) = check_size(writer.written() + c.len() as u64, limit) {
+                            writer.abort().await;
+                            return Err(e);
+                        }
+                    }
+                    writer.write(c).await?
+                }
                 Err(e) => {
                     writer.abort().await;
                     return Err(RegistryError::new(Code::BlobUploadInvalid, format!("reading request body: {e}")));
@@ -103,6 +115,17 @@ pub async fn start(ctx: Ctx, target: Target) -> Result<Response> {
     }
     let id = store.create_upload(&repo).await?;
     Ok(session_response(StatusCode::ACCEPTED, &repo, &id, 0))
+}
+
+/// A blob of `size` bytes against `server.max_upload_size`.
+fn check_size(size: u64, limit: u64) -> Result<()> {
+    if size > limit {
+        return Err(RegistryError::new(
+            Code::UploadTooLarge,
+            format!("the upload exceeds server.max_upload_size ({limit} bytes)"),
+        ));
+    }
+    Ok(())
 }
 
 fn content_length(ctx: &Ctx) -> Option<u64> {
@@ -219,9 +242,14 @@ async fn append(
         .append_upload(id)
         .await?
         .ok_or_else(|| RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}")))?;
+    let limit = ctx.state.config.limits.max_upload_size;
+    if let (Some(len), Some(limit)) = (content_length(ctx), limit) {
+        check_size(size + len, limit)?;
+    }
     let mut body = ctx.take_body().into_data_stream();
     let mut added = 0u64;
     let mut failure = None;
+    let mut too_large = None;
     while let Some(chunk) = body.next().await {
         match chunk {
             Ok(c) => {
@@ -229,7 +257,17 @@ async fn append(
                     added += c.len() as u64;
                     break;
                 }
-                file.write_all(&c).await?;
+                if let Some(e) = limit.and_then(|l| check_size(size + added + c.len() as u64, l).err()) {
+                    too_large = Some(e);
+                    break;
+                }
+                if let Err(e) = file.write_all(&c).await {
+                    // A full disk: the session stays as it was before this request.
+                    drop(file);
+                    store.truncate_upload(id, size).await?;
+                    *state = None;
+                    return Err(e.into());
+                }
                 if let Some((hashed, h)) = state.as_mut() {
                     h.update(&c);
                     *hashed += c.len() as u64;
@@ -244,6 +282,12 @@ async fn append(
     }
     file.flush().await?;
     file.shutdown().await?;
+    if let Some(e) = too_large {
+        // Nothing of the request that went over the limit is kept.
+        store.truncate_upload(id, size).await?;
+        *state = None;
+        return Err(e);
+    }
     if let Some(n) = announced.filter(|n| *n != added) {
         // A chunk is whole or not at all: the client resends the range it announced.
         store.truncate_upload(id, size).await?;

@@ -271,6 +271,17 @@ impl Driver for FsDriver {
     fn staging_path(&self) -> String {
         format!("{TMP_DIR}/{}", unique_name())
     }
+
+    fn available(&self) -> io::Result<Option<u64>> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.root.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: `path` is a valid C string; `stat` is written by statvfs before it is read.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64)))
+    }
 }
 
 /// Read at `offset` into `buf`'s spare capacity and extend it by what was read. Serving a blob

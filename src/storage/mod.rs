@@ -75,6 +75,13 @@ pub trait Driver: Send + Sync + 'static {
     async fn commit(&self, from: &str, to: &str) -> io::Result<()>;
     /// A fresh path for staging a write.
     fn staging_path(&self) -> String;
+    /// Bytes that can still be written, when the backend can tell.
+    fn available(&self) -> io::Result<Option<u64>>;
+}
+
+/// Whether an error means the store is full (no space left, or over a quota).
+pub fn is_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(code) if code == libc::ENOSPC || code == libc::EDQUOT)
 }
 
 /// A staged blob file, written front to back by one thread.
@@ -293,6 +300,11 @@ impl Store {
             Meta::TokenKey => self.driver.put_private(meta.path(), content).await,
             _ => self.driver.put(meta.path(), content).await,
         }
+    }
+
+    /// Bytes the store can still take, when the backend can tell.
+    pub fn available(&self) -> io::Result<Option<u64>> {
+        self.driver.available()
     }
 
     /// Whether the store takes a write now (readiness).

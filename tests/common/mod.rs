@@ -41,6 +41,7 @@ impl TestServer {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let listeners = vec![Listener { tcp, tls: None, app: router(state.clone()) }];
         let metrics = state.metrics.clone();
+        let limits = state.config.limits.clone();
         let task = tokio::spawn(async move {
             let _ = run(
                 listeners,
@@ -49,6 +50,7 @@ impl TestServer {
                     let _ = stopped.await;
                 },
                 std::time::Duration::from_secs(1),
+                limits,
             )
             .await;
         });

@@ -242,7 +242,7 @@ async fn fetch(
     tx: &watch::Sender<Progress>,
 ) -> Result<(u64, Mirrored), CacheError> {
     let mut writer = cache.store.begin_blob(digest.algorithm()).await?;
-    let (staged, source) = match receive(sources, digest, tx, &mut writer).await {
+    let (staged, source) = match receive(cache, sources, digest, tx, &mut writer).await {
         Ok(received) => received,
         Err(e) => {
             writer.abort().await;
@@ -271,6 +271,7 @@ fn resume_delay(n: u32) -> Duration {
 
 /// Receive the whole body into `writer`, resuming with `Range` when the connection breaks.
 async fn receive(
+    cache: &Cache,
     sources: &Mutex<Sources>,
     digest: &Digest,
     tx: &watch::Sender<Progress>,
@@ -329,6 +330,9 @@ async fn receive(
                         detail: "blob response without Content-Length".into(),
                     })));
                 };
+                // Refused before any client has its response headers: a full disk is an error
+                // clients can read, not a download cut short.
+                ensure_room(cache, total).await?;
                 let s = Staged { total, staging: writer.staging_path().into(), shared: Arc::default() };
                 tx.send_modify(|p| p.phase = Phase::Streaming(s.clone()));
                 staged.insert(s).clone()
@@ -367,6 +371,28 @@ async fn receive(
         tokio::time::sleep(resume_delay(resumes)).await;
         resumes += 1;
     }
+}
+
+/// Free space kept beyond a blob's size for the store's own small writes (links, tags, logs).
+const ROOM_MARGIN: u64 = 1 << 20;
+
+/// Make sure the store can take `total` more bytes. With `storage.max_size` set, mirrored content
+/// is evicted to make room; otherwise a full disk fails the fill.
+async fn ensure_room(cache: &Cache, total: u64) -> Result<(), CacheError> {
+    let wanted = total.saturating_add(ROOM_MARGIN);
+    let free = |cache: &Cache| cache.store.available().map(|f| f.unwrap_or(u64::MAX));
+    let available = free(cache)?;
+    if available >= wanted {
+        return Ok(());
+    }
+    if cache.policy.max_size.is_some() {
+        super::evict::make_room(cache, wanted - available).await;
+        if free(cache)? >= wanted {
+            return Ok(());
+        }
+    }
+    tracing::warn!(needed = total, available, "the store is full");
+    Err(std::io::Error::from_raw_os_error(libc::ENOSPC).into())
 }
 
 /// Where a 206's `Content-Range: bytes START-END/TOTAL` starts.
