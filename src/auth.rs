@@ -292,8 +292,9 @@ impl Access {
             namespaces,
             proxies,
         };
-        if access.config.is_some() {
+        if let Some(config) = &access.config {
             access.reload_users()?;
+            warn_if_world_readable(&config.htpasswd);
         }
         Ok(access)
     }
@@ -548,6 +549,21 @@ fn basic_credentials(value: &str) -> Option<(String, String)> {
     Some((user.to_string(), password.to_string()))
 }
 
+/// bcrypt hashes can be attacked offline: say so when every user of the machine can read them.
+fn warn_if_world_readable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o004 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "auth.htpasswd is readable by every user of this machine: `chmod o-r` it (the systemd unit gives it to the service's group)"
+            );
+        }
+    }
+}
+
 /// `user:$2y$...` lines; comments and blank lines ignored.
 pub fn parse_htpasswd(text: &str) -> HashMap<String, String> {
     text.lines()
@@ -570,8 +586,20 @@ pub fn set_password(path: &Path, user: &str, password: &str) -> Result<(), AuthE
     let mut lines: Vec<String> =
         text.lines().filter(|l| l.split_once(':').map(|(u, _)| u) != Some(user)).map(str::to_string).collect();
     lines.push(format!("{user}:{hash}"));
-    atomic_write(path, (lines.join("\n") + "\n").as_bytes(), 0o600)
-        .map_err(|source| AuthError::Write { path: path.to_path_buf(), source })
+    // The new file keeps the old one's mode and group, so a service that could read it still can.
+    let (mode, group) = {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        match std::fs::metadata(path) {
+            Ok(m) => (m.permissions().mode() & 0o777, Some(m.gid())),
+            Err(_) => (0o600, None),
+        }
+    };
+    let failed = |source| AuthError::Write { path: path.to_path_buf(), source };
+    atomic_write(path, (lines.join("\n") + "\n").as_bytes(), mode).map_err(failed)?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(failed)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

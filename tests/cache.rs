@@ -742,3 +742,18 @@ async fn the_clients_accept_header_decides_as_the_upstream_would() {
 }
 
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+#[tokio::test]
+async fn an_upstream_that_stalls_after_its_headers_is_resumed_within_the_timeout() {
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "stalled", "latest", blob_of(4 << 20, 26));
+    let toml = config(&hub.url()).replace("upstream_timeout = \"5s\"", "upstream_timeout = \"1s\"");
+    let s = TestServer::start(&toml).await;
+    hub.state.stall_after.store(1 << 20, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let r = client().get(s.url(&format!("/v2/library/stalled/blobs/{blob_digest}"))).send().await.unwrap();
+    assert_eq!(sha256(&r.bytes().await.unwrap()), blob_digest);
+    // One silent second, then a range request finished the blob.
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(hub.count(&hub.state.counters.cdn_range_gets), 1);
+}

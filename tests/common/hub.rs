@@ -45,6 +45,8 @@ pub struct HubState {
     pub corrupt: AtomicBool,
     /// The CDN breaks the connection after this many bytes, once (0 = never).
     pub reset_after: AtomicU64,
+    /// The CDN stops sending after this many bytes and keeps the connection open, once (0 = never).
+    pub stall_after: AtomicU64,
     /// The CDN sends at most this many bytes of a body until raised (u64::MAX = no gate).
     pub gate: tokio::sync::watch::Sender<u64>,
     pub token_ttl: AtomicU64,
@@ -307,6 +309,7 @@ async fn cdn_handler(State(state): State<Arc<HubState>>, req: Request) -> Respon
     }
     let start = start.unwrap_or(0).min(total);
     let reset_after = state.reset_after.swap(0, Ordering::SeqCst);
+    let stall_after = state.stall_after.swap(0, Ordering::SeqCst);
     let gate = state.gate.subscribe();
     let data = Bytes::from(bytes);
     // Send in 64 KiB pieces, honouring the gate and the one-time reset.
@@ -315,6 +318,10 @@ async fn cdn_handler(State(state): State<Arc<HubState>>, req: Request) -> Respon
         async move {
             if pos >= total {
                 return None;
+            }
+            if stall_after > 0 && pos >= start + stall_after {
+                // Headers sent, then silence on an open connection.
+                std::future::pending::<()>().await;
             }
             if reset_after > 0 && pos >= start + reset_after {
                 return Some((Err(std::io::Error::other("connection reset by test")), (total, gate)));
@@ -330,6 +337,9 @@ async fn cdn_handler(State(state): State<Arc<HubState>>, req: Request) -> Respon
             }
             let allowed = *gate.borrow();
             let mut end = (pos + 65536).min(total).min(allowed.max(pos + 1));
+            if stall_after > 0 {
+                end = end.min(start + stall_after);
+            }
             if reset_after > 0 {
                 end = end.min(start + reset_after);
             }
