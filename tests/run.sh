@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Run every test regmirror has: unit and integration tests (cargo test), then the end-to-end
-# suite with real clients (docker, containerd, podman, skopeo). Installs the Debian packages the
-# tests use when they are missing (needs root and apt-get). REGMIRROR_E2E=skip skips the tests
-# that need real clients and root.
+# Run every test regmirror has: the dependency policy (cargo deny), unit and integration tests
+# (cargo test), the fuzz targets briefly (cargo fuzz, nightly), then the end-to-end suite with
+# real clients (docker, containerd, podman, skopeo). Installs the Debian packages and cargo tools
+# the tests use when they are missing (Debian packages need root and apt-get). REGMIRROR_E2E=skip
+# skips the tests that need real clients and root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(docker-registry skopeo podman docker.io containerd umoci nginx-light prometheus iproute2 openssl curl systemd)
+PACKAGES=(docker-registry skopeo podman docker.io containerd umoci nginx-light prometheus iproute2 openssl curl systemd sslscan)
 
 install_missing() {
   local missing=()
@@ -32,8 +33,21 @@ if [ "${REGMIRROR_E2E:-}" != "skip" ]; then
   install_missing
 fi
 
+# cargo tools from crates.io, built once into ~/.cargo/bin.
+cargo_tool() { # binary crate
+  command -v "$1" >/dev/null 2>&1 || cargo install --locked "$2"
+}
+
+echo "== cargo deny (licenses, bans, sources; no advisory database can be fetched here)"
+cargo_tool cargo-deny cargo-deny
+cargo deny --locked check licenses bans sources
+
 echo "== cargo test"
 cargo test
+
+echo "== fuzz targets, ${FUZZ_SECONDS:-15} s each"
+cargo_tool cargo-fuzz cargo-fuzz
+FUZZ_SECONDS=${FUZZ_SECONDS:-15} bash fuzz/run.sh
 
 if [ "${REGMIRROR_E2E:-}" = "skip" ]; then
   echo "== end-to-end suite skipped (REGMIRROR_E2E=skip)"
