@@ -801,7 +801,7 @@ mod tests {
     fn exact_error_texts() {
         assert_eq!(
             problems("[server]\nlisten = \"0.0.0.0:5000\"\nlisten_port = 1\n"),
-            vec!["unknown field `listen_port`, expected one of `listen`, `http_listen`, `shutdown_timeout`, `max_manifest_size` (line 3, column 1)"]
+            vec!["unknown field `listen_port`, expected one of `listen`, `header_read_timeout`, `idle_timeout`, `max_connections`, `max_upload_size`, `trusted_proxies`, `http_listen`, `shutdown_timeout`, `max_manifest_size` (line 3, column 1)"]
         );
         assert_eq!(
             problems("[server]\nmax_manifest_size = \"4 megs\"\n"),

@@ -103,7 +103,10 @@ async fn one_json_log_line_per_request_with_every_field() {
     wait_until_up(&format!("{base}/healthz")).await;
     let c = client();
     let d = push_blob(&c, &base, "private/logged", b"log me").await;
-    assert_eq!(c.get(format!("{base}/v2/private/logged/blobs/{d}")).send().await.unwrap().status(), 200);
+    let r = c.get(format!("{base}/v2/private/logged/blobs/{d}")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Read to the end: the log counts what was really sent.
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"log me");
     assert_eq!(c.get(format!("{base}/v2/library/down/manifests/1.0")).send().await.unwrap().status(), 503);
     drop(proc);
     let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
