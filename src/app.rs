@@ -92,7 +92,8 @@ pub async fn start(config: Config) -> Result<AppState, StartError> {
     tracing::info!(ms = started.elapsed().as_millis() as u64, "store indexed");
     evict::spawn(state.cache.clone());
     let config = &state.config;
-    pins::spawn(state.cache.clone(), state.upstreams.clone(), config.pins.clone(), config.pin_refresh);
+    let (pins, every, referrers) = (config.pins.clone(), config.pin_refresh, config.pin_referrers);
+    pins::spawn(state.cache.clone(), state.upstreams.clone(), pins, every, referrers);
     uploads::spawn_purge(state.clone());
     Ok(state)
 }

@@ -57,6 +57,9 @@ enum Command {
         /// Only this platform of multi-platform images, e.g. linux/arm64 (default: all).
         #[arg(long)]
         platform: Option<String>,
+        /// Also every referrer (signatures, SBOMs, attestations) of every manifest, recursively.
+        #[arg(long)]
+        referrers: bool,
     },
     /// Remove blobs no manifest references any more (after private manifests were deleted).
     /// Safe while the server runs.
@@ -155,7 +158,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Prefetch { images, config, mirror, platform } => {
+        Command::Prefetch { images, config, mirror, platform, referrers } => {
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -176,7 +179,8 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             };
             let result = tokio::runtime::Runtime::new().map_err(|e| e.to_string()).and_then(|rt| {
-                rt.block_on(crate::prefetch::run(base, ca, &images, platform.as_deref())).map_err(|e| e.to_string())
+                rt.block_on(crate::prefetch::run(base, ca, &images, platform.as_deref(), referrers))
+                    .map_err(|e| e.to_string())
             });
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -94,6 +94,7 @@ struct RawCache {
     #[serde(default)]
     pin: Vec<String>,
     pin_refresh: Option<String>,
+    pin_referrers: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,6 +142,8 @@ pub struct Config {
     pub upstream_timeout: Duration,
     pub pins: Vec<Pin>,
     pub pin_refresh: Duration,
+    /// Pinned images keep their referrers (signatures, SBOMs, attestations) too.
+    pub pin_referrers: bool,
     pub tls: TlsConfig,
     pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
@@ -418,6 +421,7 @@ impl Config {
             upstream_timeout,
             pins,
             pin_refresh,
+            pin_referrers: raw.cache.pin_referrers.unwrap_or(false),
             tls,
             metrics_listen,
             log_format,

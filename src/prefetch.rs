@@ -9,6 +9,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::StatusCode;
 use serde_json::Value;
+use sha2::Digest as _;
 
 use crate::oci::ACCEPT_ALL;
 use crate::upstream::auth::Challenge;
@@ -120,18 +121,28 @@ impl Client {
     }
 }
 
-/// Everything one image needs: its manifests (fetched here) and its blobs (digest, size).
-async fn plan(client: &Client, image: &ImageRef, platform: Option<&str>) -> Result<Vec<(String, u64)>, PrefetchError> {
+/// Everything one image needs: its manifests (fetched here) and its blobs (digest, size). With
+/// `referrers`, also every referrer of every manifest (signatures, SBOMs, attestations), and
+/// theirs in turn: a signature of an SBOM counts.
+async fn plan(
+    client: &Client,
+    image: &ImageRef,
+    platform: Option<&str>,
+    referrers: bool,
+) -> Result<Vec<(String, u64)>, PrefetchError> {
     let manifest = |reference: String| {
         let path = format!("/v2/{}/manifests/{reference}", image.name);
         async move {
             let bytes =
                 client.get(&path, Some(ACCEPT_ALL)).await?.bytes().await.map_err(|e| request_error(&path, e))?;
-            serde_json::from_slice::<Value>(&bytes).map_err(|e| request_error(&path, e))
+            let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+            let json = serde_json::from_slice::<Value>(&bytes).map_err(|e| request_error(&path, e))?;
+            Ok::<_, PrefetchError>((digest, json))
         }
     };
-    let top = manifest(image.reference.clone()).await?;
+    let (top_digest, top) = manifest(image.reference.clone()).await?;
     let mut images = Vec::new();
+    let mut manifests = vec![top_digest];
     match top["manifests"].as_array() {
         Some(children) => {
             for child in children {
@@ -143,16 +154,53 @@ async fn plan(client: &Client, image: &ImageRef, platform: Option<&str>) -> Resu
                 );
                 if platform.is_none_or(|want| want == this) {
                     if let Some(d) = child["digest"].as_str() {
-                        images.push(manifest(d.to_string()).await?);
+                        let (digest, m) = manifest(d.to_string()).await?;
+                        manifests.push(digest);
+                        images.push(m);
                     }
                 }
             }
         }
         None => images.push(top),
     }
+    if referrers {
+        let mut seen = std::collections::HashSet::new();
+        let mut found = 0;
+        while let Some(subject) = manifests.pop() {
+            if !seen.insert(subject.clone()) {
+                continue;
+            }
+            let path = format!("/v2/{}/referrers/{subject}", image.name);
+            let list: Value = client
+                .get(&path, Some(crate::oci::OCI_INDEX))
+                .await?
+                .json()
+                .await
+                .map_err(|e| request_error(&path, e))?;
+            for referrer in list["manifests"].as_array().into_iter().flatten() {
+                let Some(d) = referrer["digest"].as_str() else { continue };
+                let (digest, m) = manifest(d.to_string()).await?;
+                found += 1;
+                // An index among the referrers (an attestation index) brings its children.
+                for child in m["manifests"].as_array().into_iter().flatten() {
+                    if let Some(c) = child["digest"].as_str() {
+                        let (child_digest, child) = manifest(c.to_string()).await?;
+                        manifests.push(child_digest);
+                        images.push(child);
+                    }
+                }
+                manifests.push(digest);
+                images.push(m);
+            }
+        }
+        println!("{}: {found} referrer(s)", image.name);
+    }
     let mut blobs = Vec::new();
     for m in &images {
-        for desc in std::iter::once(&m["config"]).chain(m["layers"].as_array().into_iter().flatten()) {
+        let descriptors = std::iter::once(&m["config"])
+            .chain(m["layers"].as_array().into_iter().flatten())
+            .chain(m["blobs"].as_array().into_iter().flatten());
+        for desc in descriptors {
             if let (Some(d), Some(size)) = (desc["digest"].as_str(), desc["size"].as_u64()) {
                 if !blobs.iter().any(|(x, _): &(String, u64)| x == d) {
                     blobs.push((d.to_string(), size));
@@ -168,6 +216,7 @@ pub async fn run(
     ca: Option<Vec<u8>>,
     images: &[String],
     platform: Option<&str>,
+    referrers: bool,
 ) -> Result<(), PrefetchError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut builder = reqwest::Client::builder();
@@ -184,7 +233,7 @@ pub async fn run(
     let mut failures = 0;
     for image in images {
         let parsed = ImageRef::parse(image)?;
-        let blobs = match plan(&client, &parsed, platform).await {
+        let blobs = match plan(&client, &parsed, platform, referrers).await {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("{image}: {e}");

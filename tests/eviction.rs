@@ -44,7 +44,7 @@ async fn eviction_keeps_the_bound_in_lru_order_and_spares_private_pinned_and_in_
             .status(),
         201
     );
-    pins::refresh(&s.state.cache, &s.state.upstreams, &s.state.config.pins).await;
+    pins::refresh(&s.state.cache, &s.state.upstreams, &s.state.config.pins, false).await;
     assert!(blob_present(&s, &pinned_layer));
 
     // img0 is used again and again; the others once each, in order.

@@ -31,6 +31,8 @@ install_missing() {
 
 if [ "${REGMIRROR_E2E:-}" != "skip" ]; then
   install_missing
+  # oras-py (PyPI), a real OCI artifact client for the referrers tests.
+  python3 -c "import oras.client" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check oras
 fi
 
 # cargo tools from crates.io, built once into ~/.cargo/bin.

@@ -50,6 +50,10 @@ pub async fn load(cache: &Cache) -> std::io::Result<()> {
     for repo in &repositories {
         if !cache.namespaces.is_mirrored(repo) {
             protected.extend(cache.store.repository_digests(repo).await?);
+        } else {
+            for (subject, referrer) in cache.store.referrer_pairs(repo).await? {
+                cache.lru.relate(&subject, &referrer);
+            }
         }
     }
     mark_provenance(cache, &repositories, &protected).await?;

@@ -30,6 +30,8 @@ struct Index {
     in_use: HashMap<Digest, usize>,
     /// Taken as victims, being deleted: nobody may start reading them.
     evicting: HashSet<Digest>,
+    /// Subject → the manifests that refer to it: a referrer never outlives its subject here.
+    referrers: HashMap<Digest, HashSet<Digest>>,
     /// Accesses not yet appended to the log.
     dirty: Vec<(Digest, u64)>,
     log_lines: u64,
@@ -113,6 +115,11 @@ impl Lru {
         let mut idx = self.lock();
         idx.remove(d);
         idx.protected.insert(d.clone());
+    }
+
+    /// `referrer` refers to `subject` (a signature, an SBOM): evicting the subject evicts it too.
+    pub fn relate(&self, subject: &Digest, referrer: &Digest) {
+        self.lock().referrers.entry(subject.clone()).or_default().insert(referrer.clone());
     }
 
     /// Replace the set of pinned digests (after a pin refresh).
@@ -245,7 +252,20 @@ impl Lru {
             idx.entries.remove(&d);
             idx.evicting.insert(d.clone());
             total += e.size;
-            out.push((d, e.size));
+            out.push((d.clone(), e.size));
+            // Its referrers go with it (and theirs: a signature of an SBOM).
+            let mut related: Vec<Digest> = idx.referrers.remove(&d).into_iter().flatten().collect();
+            while let Some(r) = related.pop() {
+                if idx.pinned.contains(&r) || idx.in_use.contains_key(&r) {
+                    continue;
+                }
+                if let Some(re) = idx.remove(&r) {
+                    idx.evicting.insert(r.clone());
+                    total += re.size;
+                    related.extend(idx.referrers.remove(&r).into_iter().flatten());
+                    out.push((r, re.size));
+                }
+            }
         }
         for (key, d) in skipped {
             idx.order.insert(key, d);
@@ -306,6 +326,21 @@ mod tests {
         // Held now: no later pass may choose it.
         lru.touch(&d(1), 10);
         assert_eq!(lru.take_victims(100), vec![]);
+    }
+
+    #[test]
+    fn a_subjects_referrers_leave_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let lru = Lru::new(dir.path());
+        // d(1) is the oldest; d(2) refers to it, d(3) to d(2); d(4) is unrelated and newer.
+        lru.load(HashSet::new(), vec![(d(1), 10, 100), (d(2), 1, 300), (d(3), 1, 400), (d(4), 10, 200)]);
+        lru.relate(&d(1), &d(2));
+        lru.relate(&d(2), &d(3));
+        let mut taken: Vec<Digest> = lru.take_victims(1).into_iter().map(|(d, _)| d).collect();
+        taken.sort();
+        let mut expected = vec![d(1), d(2), d(3)];
+        expected.sort();
+        assert_eq!(taken, expected);
     }
 
     #[test]

@@ -71,6 +71,15 @@ impl Cache {
         found
     }
 
+    /// Keep a manifest fetched from the upstream; a referrer is tied to its subject for eviction.
+    pub(crate) async fn store_manifest(&self, local: &RepoName, f: &Fetched) -> std::io::Result<()> {
+        self.store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await?;
+        if let Some(subject) = &f.meta.subject {
+            self.lru.relate(subject, &f.digest);
+        }
+        Ok(())
+    }
+
     /// The tags of a mirrored repository: the upstream's page, or the cached tags when it is down.
     pub async fn tags(&self, m: &Mirrored, n: Option<&str>, last: Option<&str>) -> Result<TagList, CacheError> {
         let listed = match m.upstream.tags(&m.remote, n, last).await {
@@ -159,7 +168,7 @@ async fn narrow(
         let f = fetch(&m.upstream, &m.remote, &reference, None, &accept, limit)
             .await
             .map_err(|e| CacheError::upstream(Content::Manifest, e))?;
-        cache_.store.put_manifest(&m.local, &f.digest, &f.meta, &f.bytes).await?;
+        cache_.store_manifest(&m.local, &f).await?;
         Ok(Arc::new(Resolved { digest: f.digest, meta: f.meta, bytes: f.bytes, obtained: Obtained::Miss }))
     };
     cache
@@ -228,7 +237,7 @@ async fn refresh(cache: &Cache, m: &Mirrored, reference: &Reference, accept: &st
     let tag = match reference {
         Reference::Digest(d) => {
             let f = fetch(upstream, remote, &d.to_string(), Some(d), accept, limit).await.map_err(missing)?;
-            store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await?;
+            cache.store_manifest(local, &f).await?;
             return Ok(Resolved { digest: f.digest, meta: f.meta, bytes: f.bytes, obtained: Obtained::Miss });
         }
         Reference::Tag(tag) => tag,
@@ -246,7 +255,7 @@ async fn refresh(cache: &Cache, m: &Mirrored, reference: &Reference, accept: &st
             Ok(Resolved { digest, meta, bytes, obtained: Obtained::Revalidated })
         }
         (Ok(Some(f)), _) => {
-            store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await?;
+            cache.store_manifest(local, &f).await?;
             store.set_tag(local, tag, &now(&f.digest)).await?;
             Ok(Resolved { digest: f.digest, meta: f.meta, bytes: f.bytes, obtained: Obtained::Miss })
         }

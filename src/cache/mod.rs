@@ -14,6 +14,7 @@ pub mod flight;
 pub mod lru;
 pub mod manifests;
 pub mod pins;
+pub mod referrers;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -74,6 +75,7 @@ pub struct Shared {
     pub store: Store,
     pub fills: fill::Fills,
     pub manifest_flights: manifests::ManifestFlights,
+    pub referrer_flights: referrers::ReferrerFlights,
     pub lru: Arc<lru::Lru>,
     pub metrics: Metrics,
     pub policy: Policy,
@@ -100,6 +102,7 @@ impl Cache {
             store,
             fills: Default::default(),
             manifest_flights: Default::default(),
+            referrer_flights: Default::default(),
             lru: Arc::new(lru::Lru::new(&config.storage_root)),
             metrics,
             policy: Policy {

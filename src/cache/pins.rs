@@ -7,11 +7,11 @@ use std::time::Duration;
 use super::manifests::{fetch, load};
 use super::{Cache, CacheError, Content, Mirrored};
 use crate::config::Pin;
-use crate::oci::{describe, Digest, RepoName, ACCEPT_ALL};
+use crate::oci::{describe, Digest, Reference, RepoName, ACCEPT_ALL};
 use crate::storage::TagRecord;
 use crate::upstream::Upstreams;
 
-pub fn spawn(cache: Cache, upstreams: Upstreams, pins: Vec<Pin>, every: Duration) {
+pub fn spawn(cache: Cache, upstreams: Upstreams, pins: Vec<Pin>, every: Duration, referrers: bool) {
     if pins.is_empty() {
         return;
     }
@@ -19,13 +19,15 @@ pub fn spawn(cache: Cache, upstreams: Upstreams, pins: Vec<Pin>, every: Duration
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            refresh(&cache, &upstreams, &pins).await;
+            refresh(&cache, &upstreams, &pins, referrers).await;
         }
     });
 }
 
-/// Re-resolve every pin, fetch what changed, and replace the pinned set.
-pub async fn refresh(cache: &Cache, upstreams: &Upstreams, pins: &[Pin]) {
+/// Re-resolve every pin, fetch what changed, and replace the pinned set. With `referrers`, every
+/// referrer of a pinned image (signatures, SBOMs, attestations, recursively) is fetched and
+/// pinned too.
+pub async fn refresh(cache: &Cache, upstreams: &Upstreams, pins: &[Pin], referrers: bool) {
     let mut pinned = HashSet::new();
     for pin in pins {
         let (Some(upstream), Ok(remote)) = (upstreams.get(&pin.upstream), RepoName::parse(&pin.repository)) else {
@@ -38,12 +40,20 @@ pub async fn refresh(cache: &Cache, upstreams: &Upstreams, pins: &[Pin]) {
             None => cache.store.list_tags(&m.local).await.unwrap_or_default(),
         };
         for tag in tags {
+            let image = format!("{}/{}:{tag}", pin.upstream, pin.repository);
             if let Err(e) = warm_tag(cache, &m, &tag).await {
-                tracing::warn!(image = %format!("{}/{}:{tag}", pin.upstream, pin.repository), error = %e, "pin refresh failed; keeping what is cached");
+                tracing::warn!(image, error = %e, "pin refresh failed; keeping what is cached");
             }
             // Whatever the cache holds for the tag stays pinned, fetched just now or not.
             if let Ok(Some(rec)) = cache.store.tag(&m.local, &tag).await {
-                closure(cache, &m.local, &rec.digest, &mut pinned).await;
+                if referrers {
+                    let mut image_manifests = HashSet::new();
+                    closure(cache, &m.local, &rec.digest, false, &mut image_manifests).await;
+                    if let Err(e) = warm_referrers(cache, &m, image_manifests).await {
+                        tracing::warn!(image, error = %e, "fetching the referrers of a pinned image failed; keeping what is cached");
+                    }
+                }
+                closure(cache, &m.local, &rec.digest, referrers, &mut pinned).await;
             }
         }
     }
@@ -60,7 +70,7 @@ pub async fn warm_tag(cache: &Cache, m: &Mirrored, tag: &str) -> Result<(), Cach
     let missing = |e| CacheError::upstream(Content::Manifest, e);
     let invalid = |e: crate::oci::Error| CacheError::Internal(format!("{local}:{tag}: {e}"));
     let top = fetch(upstream, remote, tag, None, ACCEPT_ALL, limit).await.map_err(missing)?;
-    cache.store.put_manifest(local, &top.digest, &top.meta, &top.bytes).await?;
+    cache.store_manifest(local, &top).await?;
     let now = TagRecord { digest: top.digest.clone(), fetched_at: cache.clock.now() };
     cache.store.set_tag(local, tag, &now).await?;
     let described = describe(&top.bytes, Some(&top.meta.media_type)).map_err(invalid)?;
@@ -72,7 +82,7 @@ pub async fn warm_tag(cache: &Cache, m: &Mirrored, tag: &str) -> Result<(), Cach
                 let f = fetch(upstream, remote, &child.to_string(), Some(&child), ACCEPT_ALL, limit)
                     .await
                     .map_err(missing)?;
-                cache.store.put_manifest(local, &f.digest, &f.meta, &f.bytes).await?;
+                cache.store_manifest(local, &f).await?;
                 f.bytes
             }
         };
@@ -84,12 +94,18 @@ pub async fn warm_tag(cache: &Cache, m: &Mirrored, tag: &str) -> Result<(), Cach
     Ok(())
 }
 
-/// Every digest a manifest stands for in the store: itself, its children, their blobs.
-pub async fn closure(cache: &Cache, local: &RepoName, top: &Digest, out: &mut HashSet<Digest>) {
+/// Every digest a manifest stands for in the store: itself, its children, their blobs, and with
+/// `referrers` the manifests that refer to any of them, with everything those stand for.
+pub async fn closure(cache: &Cache, local: &RepoName, top: &Digest, referrers: bool, out: &mut HashSet<Digest>) {
     let mut pending = vec![top.clone()];
     while let Some(d) = pending.pop() {
         if !out.insert(d.clone()) {
             continue;
+        }
+        if referrers {
+            if let Ok(found) = cache.store.referrers(local, &d).await {
+                pending.extend(found.into_iter().map(|(r, _)| r));
+            }
         }
         let Ok(Some((meta, bytes))) = load(&cache.store, local, &d).await else { continue };
         if let Ok(described) = describe(&bytes, Some(&meta.media_type)) {
@@ -97,4 +113,30 @@ pub async fn closure(cache: &Cache, local: &RepoName, top: &Digest, out: &mut Ha
             pending.extend(described.children);
         }
     }
+}
+
+/// Fetch every referrer of `subjects` (and of those referrers, and so on), with their blobs.
+async fn warm_referrers(cache: &Cache, m: &Mirrored, subjects: HashSet<Digest>) -> Result<(), CacheError> {
+    let mut pending: Vec<Digest> = subjects.into_iter().collect();
+    let mut seen = HashSet::new();
+    while let Some(subject) = pending.pop() {
+        if !seen.insert(subject.clone()) {
+            continue;
+        }
+        let listed = cache.referrers(m, &subject).await?;
+        for referrer in listed.manifests.iter().filter_map(|d| d["digest"].as_str()?.parse::<Digest>().ok()) {
+            let mut manifests = vec![referrer.clone()];
+            while let Some(d) = manifests.pop() {
+                let resolved = cache.manifest(m, &Reference::Digest(d.clone()), None).await?;
+                let invalid = |e: crate::oci::Error| CacheError::Internal(format!("{}@{d}: {e}", m.local));
+                let described = describe(&resolved.bytes, Some(&resolved.meta.media_type)).map_err(invalid)?;
+                for b in &described.blobs {
+                    cache.ensure_blob(m, b).await?;
+                }
+                manifests.extend(described.children.iter().cloned());
+                pending.push(d);
+            }
+        }
+    }
+    Ok(())
 }

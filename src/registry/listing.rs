@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::{Code, RegistryError, Result};
-use super::{Ctx, Target};
+use super::{Ctx, RequestInfo, Target};
 use crate::cache::TagList;
 use crate::oci::{Digest, RepoName, OCI_INDEX};
 
@@ -93,23 +93,36 @@ pub async fn catalog(ctx: Ctx) -> Result<Response> {
     Ok(with_link(resp, "/v2/_catalog", next))
 }
 
-pub async fn referrers(ctx: Ctx, target: Target, digest: &str) -> Result<Response> {
+pub async fn referrers(ctx: Ctx, target: Target, digest: &str, info: &mut RequestInfo) -> Result<Response> {
     let subject: Digest = digest.parse()?;
     let filter = ctx.query.get("artifactType").cloned();
-    let mut manifests = Vec::new();
-    for (d, meta) in ctx.state.store.referrers(target.local(), &subject).await? {
-        if filter.as_ref().is_some_and(|f| meta.artifact_type.as_ref() != Some(f)) {
-            continue;
+    let listed: Vec<serde_json::Value> = match &target {
+        Target::Mirror(m) => {
+            let found = ctx.state.cache.referrers(m, &subject).await;
+            info.cache = Some(found.as_ref().map_or("error", |r| r.obtained.label()));
+            found?.manifests.clone()
         }
-        let mut desc = json!({ "mediaType": meta.media_type, "digest": d.to_string(), "size": meta.size });
-        if let Some(t) = &meta.artifact_type {
-            desc["artifactType"] = json!(t);
+        Target::Local(repo) => {
+            let mut out = Vec::new();
+            for (d, meta) in ctx.state.store.referrers(repo, &subject).await? {
+                let mut desc = json!({ "mediaType": meta.media_type, "digest": d.to_string(), "size": meta.size });
+                if let Some(t) = &meta.artifact_type {
+                    desc["artifactType"] = json!(t);
+                }
+                if let Some(a) = &meta.annotations {
+                    desc["annotations"] = json!(a);
+                }
+                out.push(desc);
+            }
+            out
         }
-        if let Some(a) = &meta.annotations {
-            desc["annotations"] = json!(a);
-        }
-        manifests.push(desc);
-    }
+    };
+    // The filter is applied here, for local and mirrored content alike (an upstream's list is
+    // kept whole), so the header is always true.
+    let manifests: Vec<serde_json::Value> = listed
+        .into_iter()
+        .filter(|d| filter.as_ref().is_none_or(|f| d.get("artifactType").and_then(|t| t.as_str()) == Some(f.as_str())))
+        .collect();
     let body = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
     let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(OCI_INDEX));

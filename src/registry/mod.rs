@@ -343,7 +343,10 @@ async fn dispatch(ctx: Ctx, route: &Route<'_>, target: Option<Target>, info: &mu
             Method::DELETE => uploads::cancel(ctx, t, id).await,
             _ => unsupported(),
         },
-        (Route::Referrers(_, digest), Some(t)) if m == Method::GET => listing::referrers(ctx, t, digest).await,
+        (Route::Referrers(_, digest), Some(t)) if m == Method::GET => {
+            info.reference = Some(digest.to_string());
+            listing::referrers(ctx, t, digest, info).await
+        }
         _ => unsupported(),
     }
 }

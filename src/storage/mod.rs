@@ -10,6 +10,7 @@
 //! repositories/<name>/_manifests/revisions/<alg>/<hex>/link  manifest meta (media type, size, subject)
 //! repositories/<name>/_manifests/tags/<tag>/current          {digest, fetched_at}
 //! repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>  referrer descriptor
+//! repositories/<name>/_upstream_referrers/<alg>/<subject hex>     the upstream's referrers, when asked
 //! uploads/<id>/data, uploads/<id>/info                       resumable upload sessions
 //! tmp/                                                        staged writes, renamed into place
 //! meta/token.key                                              the token signing key (0600)
@@ -111,6 +112,15 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// What an upstream answered for the referrers of a subject, and when.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct UpstreamReferrers {
+    /// The descriptors of the referrers, as the upstream listed them.
+    pub manifests: Vec<serde_json::Value>,
+    /// Unix seconds.
+    pub fetched_at: u64,
+}
+
 /// An upload session's record, kept on disk so it survives a restart.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct UploadInfo {
@@ -190,6 +200,10 @@ fn tag_path(repo: &RepoName, tag: &str) -> String {
 
 fn referrers_dir(repo: &RepoName, subject: &Digest) -> String {
     format!("{}/_referrers/{}/{}", repo_path(repo), subject.algorithm().as_str(), subject.hex())
+}
+
+fn upstream_referrers_path(repo: &RepoName, subject: &Digest) -> String {
+    format!("{}/_upstream_referrers/{}/{}", repo_path(repo), subject.algorithm().as_str(), subject.hex())
 }
 
 fn upload_dir(id: &str) -> String {
@@ -493,6 +507,23 @@ impl Store {
         Ok(true)
     }
 
+    /// Every (subject, referrer) pair `repo` records.
+    pub async fn referrer_pairs(&self, repo: &RepoName) -> io::Result<Vec<(Digest, Digest)>> {
+        let dir = format!("{}/_referrers", repo_path(repo));
+        let mut out = Vec::new();
+        for alg in self.driver.list(&dir).await? {
+            for hex in self.driver.list(&format!("{dir}/{alg}")).await? {
+                let Ok(subject) = format!("{alg}:{hex}").parse::<Digest>() else { continue };
+                for entry in self.driver.list(&format!("{dir}/{alg}/{hex}")).await? {
+                    if let Ok(referrer) = entry.replacen('-', ":", 1).parse::<Digest>() {
+                        out.push((subject.clone(), referrer));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Manifests in `repo` whose `subject` is `subject`, with their meta.
     pub async fn referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Vec<(Digest, ManifestMeta)>> {
         let mut out = Vec::new();
@@ -505,6 +536,25 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The upstream's referrers of `subject` as last fetched, if ever.
+    pub async fn upstream_referrers(&self, repo: &RepoName, subject: &Digest) -> io::Result<Option<UpstreamReferrers>> {
+        Ok(self
+            .driver
+            .get(&upstream_referrers_path(repo, subject))
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
+    }
+
+    pub async fn set_upstream_referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        record: &UpstreamReferrers,
+    ) -> io::Result<()> {
+        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+        self.driver.put(&upstream_referrers_path(repo, subject), &json).await
     }
 
     // ---- tags ----

@@ -85,6 +85,7 @@ pub enum Kind {
     Manifest,
     Blob,
     Tags,
+    Referrers,
 }
 
 impl Kind {
@@ -93,6 +94,7 @@ impl Kind {
             Kind::Manifest => "manifest",
             Kind::Blob => "blob",
             Kind::Tags => "tags",
+            Kind::Referrers => "referrers",
         }
     }
 }
@@ -290,6 +292,14 @@ impl Upstream {
             }
         }
         self.send(method, repo, &format!("/v2/{repo}/blobs/{digest}"), headers, Kind::Blob).await
+    }
+
+    /// The referrers API: an index of the manifests whose `subject` is `digest`. Registries
+    /// without the API answer 404.
+    pub async fn referrers(&self, repo: &RepoName, digest: &Digest) -> Result<reqwest::Response, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(crate::oci::OCI_INDEX));
+        self.send(Method::GET, repo, &format!("/v2/{repo}/referrers/{digest}"), headers, Kind::Referrers).await
     }
 
     /// A page of the tags list: at most `n` tags, after `last`.
