@@ -251,6 +251,10 @@ async fn after_prefetch_with_referrers_everything_is_served_with_the_upstream_go
     assert_eq!(listed(&ours), expected(&p));
     let (_, of_sbom) = get_json(&c, format!("{base}/v2/library/app/referrers/{}", sha256(&p.sbom))).await;
     assert_eq!(listed(&of_sbom).len(), 1);
+    let filter = SIG.replace('+', "%2B");
+    let (headers, sigs) = get_json(&c, format!("{base}/v2/library/app/referrers/{subject}?artifactType={filter}")).await;
+    assert_eq!(headers["oci-filters-applied"], "artifactType");
+    assert_eq!(listed(&sigs), vec![(sha256(&p.sig), SIG.to_string(), "sig".to_string())]);
     for m in [&p.sbom, &p.sig, &p.sbom_sig] {
         let r = c.get(format!("{base}/v2/library/app/manifests/{}", sha256(m))).send().await.unwrap();
         assert_eq!(r.bytes().await.unwrap().as_ref(), &m[..]);

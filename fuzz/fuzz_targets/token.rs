@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use libfuzzer_sys::arbitrary::{Arbitrary, Unstructured};
+use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use regmirror::auth::{parse_scope, Access, AccessEntry, Principal};
 use regmirror::metrics::Metrics;
@@ -73,7 +73,12 @@ fn check_foreign(f: &Fixture, candidate: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     let f = &*FIXTURE;
     let mut u = Unstructured::new(data);
-    while let Ok(op) = Op::arbitrary(&mut u) {
+    // A few operations per input (arbitrary keeps producing defaults once the input is used up).
+    for _ in 0..8 {
+        if u.is_empty() {
+            break;
+        }
+        let Ok(op) = Op::arbitrary(&mut u) else { break };
         match op {
             Op::Raw(s) => check_foreign(f, s.as_bytes()),
             Op::Flip { token, at, xor } => {
