@@ -173,7 +173,12 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
         .observe(started.elapsed().as_secs_f64());
     let expected = match head {
         true => Some(0),
-        false => resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()),
+        false => resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .or_else(|| http_body::Body::size_hint(resp.body()).exact()),
     };
     let line = RequestLine {
         method,
@@ -183,7 +188,7 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
         started,
         expected,
         sent: 0,
-        finished: head,
+        finished: head || http_body::Body::is_end_stream(resp.body()),
     };
     resp.map(|body| Body::new(LoggedBody { inner: body, line }))
 }
@@ -242,6 +247,10 @@ impl http_body::Body for LoggedBody {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     self.line.sent += data.len() as u64;
+                }
+                // hyper stops polling a body that says it has ended: that is its end too.
+                if self.inner.is_end_stream() {
+                    self.line.finished = true;
                 }
             }
             std::task::Poll::Ready(None) => self.line.finished = true,

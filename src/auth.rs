@@ -147,6 +147,8 @@ struct PasswordChecks {
     failures: moka::sync::Cache<IpAddr, u32>,
     /// Checks queued or running per address: one address cannot fill the queue.
     in_flight: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    /// Identical checks at once (a node pulling several images with one login) share one bcrypt.
+    checking: Arc<crate::cache::flight::Flights<[u8; 32], bool>>,
     metrics: Metrics,
 }
 
@@ -175,6 +177,26 @@ impl PasswordChecks {
     /// Check `user`'s password against `hash` (`None`: an unknown user, checked against a dummy
     /// hash so it costs the same), after slowing down an address that failed too often.
     async fn check(&self, user: String, password: String, hash: Option<String>, client: Option<IpAddr>) -> bool {
+        let key: [u8; 32] = sha2::Sha256::digest(format!("{user}\0{password}").as_bytes()).into();
+        // Known good: answered from memory, without a place in the queue.
+        if let Some(u) = self.verified.get(&key) {
+            return bool::from(u.as_bytes().ct_eq(user.as_bytes()));
+        }
+        let this = self.clone();
+        let checked =
+            self.checking.run(key, move || async move { this.check_now(key, user, password, hash, client).await });
+        checked.await.unwrap_or(false)
+    }
+
+    /// The check itself: a place among the address's checks, the slowdown, then bcrypt.
+    async fn check_now(
+        &self,
+        key: [u8; 32],
+        user: String,
+        password: String,
+        hash: Option<String>,
+        client: Option<IpAddr>,
+    ) -> bool {
         let _slot = match client {
             Some(ip) => match self.enter(ip) {
                 Some(slot) => Some(slot),
@@ -186,10 +208,6 @@ impl PasswordChecks {
             None => None,
         };
         self.throttle(client).await;
-        let key: [u8; 32] = sha2::Sha256::digest(format!("{user}\0{password}").as_bytes()).into();
-        if let Some(u) = self.verified.get(&key) {
-            return bool::from(u.as_bytes().ct_eq(user.as_bytes()));
-        }
         let ok = if self.rejected.contains_key(&key) {
             false
         } else {
@@ -287,6 +305,7 @@ impl Access {
                     .time_to_idle(Duration::from_secs(600))
                     .build(),
                 in_flight: Arc::default(),
+                checking: Arc::default(),
                 metrics: metrics.clone(),
             },
             namespaces,

@@ -259,6 +259,7 @@ pub struct TrustedProxies(Vec<ipnet::IpNet>);
 
 impl TrustedProxies {
     pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
         self.0.iter().any(|net| net.contains(&ip))
     }
 
@@ -266,16 +267,26 @@ impl TrustedProxies {
     /// proxy, the last address in `X-Forwarded-For` that is not one of ours.
     pub fn client(&self, headers: &axum::http::HeaderMap, peer: std::net::IpAddr) -> std::net::IpAddr {
         if !self.trusts(peer) {
-            return peer;
+            return peer.to_canonical();
         }
-        let forwarded: Vec<std::net::IpAddr> = headers
+        let hops: Vec<&str> = headers
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .filter_map(|a| a.trim().parse().ok())
+            .map(str::trim)
             .collect();
-        forwarded.iter().rev().find(|ip| !self.trusts(**ip)).copied().unwrap_or(peer)
+        // From the right: the first hop that is not one of ours is the client. A hop that is no
+        // address ends the walk: what stands left of it is the client's own word.
+        let mut client = peer;
+        for hop in hops.iter().rev() {
+            match hop.parse::<std::net::IpAddr>() {
+                Ok(ip) if self.trusts(ip) => client = ip,
+                Ok(ip) => return ip.to_canonical(),
+                Err(_) => break,
+            }
+        }
+        client.to_canonical()
     }
 }
 
@@ -475,7 +486,7 @@ impl Validator {
 
     fn limits(&mut self, server: &RawServer) -> Limits {
         let header_read_timeout =
-            self.duration("server.header_read_timeout", server.header_read_timeout.as_deref().unwrap_or("10s"));
+            self.duration("server.header_read_timeout", server.header_read_timeout.as_deref().unwrap_or("30s"));
         let idle_timeout = self.duration("server.idle_timeout", server.idle_timeout.as_deref().unwrap_or("120s"));
         let max_connections = server.max_connections.unwrap_or(4096);
         if max_connections == 0 {

@@ -157,6 +157,10 @@ where
     let last_activity = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let io = Tracked { inner: io, started, last_activity: last_activity.clone() };
+    // Requests whose response has not started yet: a handler at work (a commit, a fill waiting on
+    // its upstream) is not idleness.
+    let handling = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let in_service = handling.clone();
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         // HTTP/2 carries the host in the URI, not in a Host header; handlers read one place.
         if !req.headers().contains_key(hyper::header::HOST) {
@@ -166,7 +170,13 @@ where
         }
         req.extensions_mut().insert(ConnectInfo(conn.peer));
         req.extensions_mut().insert(conn);
-        app.clone().oneshot(req.map(axum::body::Body::new))
+        let busy = Busy::new(in_service.clone());
+        let response = app.clone().oneshot(req.map(axum::body::Body::new));
+        async move {
+            let response = response.await;
+            drop(busy);
+            response
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
@@ -188,6 +198,10 @@ where
                 return;
             }
             _ = tokio::time::sleep_until((quiet_since + idle).into()) => {
+                if handling.load(Ordering::Relaxed) > 0 {
+                    last_activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    continue;
+                }
                 let quiet_since = started + Duration::from_millis(last_activity.load(Ordering::Relaxed));
                 if quiet_since.elapsed() >= idle {
                     tracing::debug!(%peer, "closing a connection idle for {idle:?}");
@@ -195,6 +209,22 @@ where
                 }
             }
         }
+    }
+}
+
+/// Counts a request as in progress until its response starts (or it is dropped).
+struct Busy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Busy {
+    fn new(count: Arc<std::sync::atomic::AtomicUsize>) -> Busy {
+        count.fetch_add(1, Ordering::Relaxed);
+        Busy(count)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

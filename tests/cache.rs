@@ -757,3 +757,21 @@ async fn an_upstream_that_stalls_after_its_headers_is_resumed_within_the_timeout
     assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
     assert_eq!(hub.count(&hub.state.counters.cdn_range_gets), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_waiting_on_its_upstream_outlives_the_idle_timeout() {
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "patient", "latest", blob_of(1 << 20, 27));
+    let s = TestServer::start(&format!("[server]\nidle_timeout = \"1s\"\n{}", config(&hub.url()))).await;
+    hub.hold();
+    let waiting = tokio::spawn({
+        let url = s.url(&format!("/v2/library/patient/blobs/{blob_digest}"));
+        async move { client().get(url).send().await.map(|r| r.status()) }
+    });
+    hub.wait_held(1).await;
+    // No byte moves on the client's connection for longer than idle_timeout: the mirror is busy
+    // with the upstream, which is not idleness.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    hub.release();
+    assert_eq!(waiting.await.unwrap().expect("the connection was cut while its request was handled"), 200);
+}

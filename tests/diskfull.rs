@@ -131,4 +131,9 @@ async fn with_max_size_set_eviction_makes_room_on_a_full_disk() {
     assert_eq!(pull("second", second.clone()).await, second);
     assert!(!blob_present(&s, &first), "nothing was evicted to make room");
     assert!(metric(&s.metrics(), "regmirror_evictions_total") >= 1.0);
+    // A blob larger than all that could be evicted: refused, and the cache is left alone.
+    let (huge, _, _) = hub_image(&hub, "huge", "latest", blob_of(30 * MIB, 6));
+    let r = c.get(s.url(&format!("/v2/library/huge/blobs/{huge}"))).send().await.unwrap();
+    assert_eq!(error(r).await, (507, "UNAVAILABLE".to_string()));
+    assert!(blob_present(&s, &second), "the cache was emptied for a blob that could never fit");
 }

@@ -226,6 +226,13 @@ async fn the_request_log_times_a_download_to_its_last_byte_and_shows_an_abort() 
     let logged_ms = line["duration_ms"].as_f64().unwrap();
     assert!(logged_ms >= client_ms / 2.0, "logged {logged_ms} ms for a download the client timed at {client_ms} ms");
 
+    // A small JSON answer is whole too (hyper never polls such a body to its end).
+    assert_eq!(c.get(format!("{base}/v2/")).send().await.unwrap().status(), 200);
+    eventually("the /v2/ request is logged", || request_lines(&log).iter().any(|v| v["route"] == "/v2/")).await;
+    let base_line = request_lines(&log).into_iter().find(|v| v["route"] == "/v2/").unwrap();
+    assert_eq!(base_line["aborted"], false, "{base_line}");
+    assert_eq!(base_line["bytes"], 2, "{base_line}");
+
     // A client that leaves after the first chunk: logged as aborted, with what was really sent.
     let mut body = c.get(&url).send().await.unwrap().bytes_stream();
     body.next().await.unwrap().unwrap();

@@ -252,7 +252,8 @@ async fn after_prefetch_with_referrers_everything_is_served_with_the_upstream_go
     let (_, of_sbom) = get_json(&c, format!("{base}/v2/library/app/referrers/{}", sha256(&p.sbom))).await;
     assert_eq!(listed(&of_sbom).len(), 1);
     let filter = SIG.replace('+', "%2B");
-    let (headers, sigs) = get_json(&c, format!("{base}/v2/library/app/referrers/{subject}?artifactType={filter}")).await;
+    let (headers, sigs) =
+        get_json(&c, format!("{base}/v2/library/app/referrers/{subject}?artifactType={filter}")).await;
     assert_eq!(headers["oci-filters-applied"], "artifactType");
     assert_eq!(listed(&sigs), vec![(sha256(&p.sig), SIG.to_string(), "sig".to_string())]);
     for m in [&p.sbom, &p.sig, &p.sbom_sig] {
@@ -292,7 +293,7 @@ async fn a_real_client_pulls_an_artifact_through_the_mirror() {
         d = sha256(&p.sbom),
         out = out_dir.path().display()
     );
-    let out = std::process::Command::new("python3").args(["-c", &script]).output().unwrap();
+    let out = std::process::Command::new(&python).args(["-c", &script]).output().unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let pulled = std::fs::read(out_dir.path().join("sbom.spdx.json")).unwrap();
     assert_eq!(pulled, b"{\"spdxVersion\":\"SPDX-2.3\"}");

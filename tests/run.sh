@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(docker-registry skopeo podman docker.io containerd umoci nginx-light prometheus iproute2 openssl curl systemd sslscan)
+PACKAGES=(docker-registry skopeo podman docker.io containerd umoci nginx-light prometheus iproute2 openssl curl systemd sslscan python3-venv)
 
 install_missing() {
   local missing=()
@@ -31,8 +31,13 @@ install_missing() {
 
 if [ "${REGMIRROR_E2E:-}" != "skip" ]; then
   install_missing
-  # oras-py (PyPI), a real OCI artifact client for the referrers tests.
-  python3 -c "import oras.client" 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check oras
+  # oras-py (PyPI), a real OCI artifact client for the referrers tests, in a venv of its own
+  # (Debian's Python refuses system-wide pip installs).
+  if [ ! -x target/pyvenv/bin/python3 ] || ! target/pyvenv/bin/python3 -c "import oras.client" 2>/dev/null; then
+    python3 -m venv target/pyvenv
+    target/pyvenv/bin/python3 -m pip install --quiet --disable-pip-version-check oras
+  fi
+  export REGMIRROR_PYTHON="$PWD/target/pyvenv/bin/python3"
 fi
 
 # cargo tools from crates.io, built once into ~/.cargo/bin.

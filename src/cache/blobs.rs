@@ -74,23 +74,21 @@ impl Cache {
     async fn find_blob(&self, m: &Mirrored, d: &Digest, head: bool) -> Result<(BlobSource, Obtained), CacheError> {
         let Mirrored { upstream, remote, local } = m;
         let missing = |e| CacheError::upstream(Content::Blob, e);
-        // Linked here and delivered by this upstream: a hit. A link without the delivery (a store
-        // from before blobs recorded it) is verified by fetching the blob once more.
-        let delivered = self.store.delivered_by(d, upstream.name()).await?;
-        if delivered && self.store.is_blob_linked(local, d).await? {
-            if let Some(stored) = self.stored_blob(d, true).await? {
-                return Ok((stored, Obtained::Hit));
-            }
-        }
-        // Content-addressed: another repository may already have brought these bytes from this
-        // upstream. The upstream still decides whether this repository has the blob, so nothing
-        // leaks across repositories. Bytes this upstream never delivered (a push) are fetched
-        // again and verified, never handed out on the upstream's word.
-        if delivered && self.store.blob_size(d).await?.is_some() {
-            upstream.blob(Method::HEAD, remote, d, 0).await.map_err(missing)?;
-            self.store.link_blob(local, d).await?;
-            if let Some(stored) = self.stored_blob(d, true).await? {
-                return Ok((stored, Obtained::Hit));
+        // Stored, delivered by this upstream, and not being evicted right now: a hit. The
+        // upstream still decides whether this repository has the blob (content-addressed, another
+        // repository may have brought it), so nothing leaks across repositories; bytes this
+        // upstream never delivered (a push, or a store from before deliveries were recorded) are
+        // fetched again and verified, never handed out on the upstream's word.
+        if self.store.delivered_by(d, upstream.name()).await? {
+            if let Some(hold) = self.lru.hold(d) {
+                if let Some(size) = self.store.blob_size(d).await? {
+                    if !self.store.is_blob_linked(local, d).await? {
+                        upstream.blob(Method::HEAD, remote, d, 0).await.map_err(missing)?;
+                        self.store.link_blob(local, d).await?;
+                    }
+                    self.lru.touch(d, size);
+                    return Ok((BlobSource::Stored { size, hold }, Obtained::Hit));
+                }
             }
         }
         if head {
@@ -118,9 +116,12 @@ impl Cache {
     /// Have a mirrored blob in the store and linked to its repository (pins): a stored copy
     /// counts only when this upstream delivered it; anything else is fetched and verified.
     pub async fn ensure_blob(&self, m: &Mirrored, d: &Digest) -> Result<(), CacheError> {
-        let stored = self.store.blob_size(d).await?.is_some();
-        if stored && self.store.delivered_by(d, m.upstream.name()).await? {
-            return Ok(self.store.link_blob(&m.local, d).await?);
+        if self.store.delivered_by(d, m.upstream.name()).await? {
+            if let Some(_not_evicted) = self.lru.hold(d) {
+                if self.store.blob_size(d).await?.is_some() {
+                    return Ok(self.store.link_blob(&m.local, d).await?);
+                }
+            }
         }
         let mut rx = self.join_fill(m, d).await?;
         wait_for_size(&mut rx, &m.local).await?;

@@ -154,7 +154,7 @@ pub async fn pass(cache: &Cache, max: u64) -> Evicted {
     );
     let over = after > max;
     cache.metrics.over_limit.set(over as i64);
-    if over {
+    if over && cache.over_limit_reported() {
         tracing::error!(store_bytes = after, max_size = max, "private and pinned content (and downloads in progress) alone exceed storage.max_size; nothing more can be evicted — raise max_size or delete private images and run `regmirror gc`");
     }
     done

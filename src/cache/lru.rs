@@ -162,6 +162,16 @@ impl Lru {
         }
     }
 
+    /// Bytes a pass could evict now: mirrored content neither pinned nor in use.
+    pub fn evictable_bytes(&self) -> u64 {
+        let idx = self.lock();
+        idx.entries
+            .iter()
+            .filter(|(d, _)| !idx.pinned.contains(*d) && !idx.in_use.contains_key(*d))
+            .map(|(_, e)| e.size)
+            .sum()
+    }
+
     /// Bytes of mirrored content the index knows of.
     pub fn mirrored_bytes(&self) -> u64 {
         self.lock().entries.values().map(|e| e.size).sum()

@@ -87,6 +87,8 @@ pub struct Shared {
     pub evicting: tokio::sync::Mutex<()>,
     /// The eviction index is loaded.
     pub loaded: AtomicBool,
+    /// When the store being over its bound was last logged (Unix seconds).
+    over_limit_logged: AtomicU64,
 }
 
 impl std::ops::Deref for Cache {
@@ -116,7 +118,17 @@ impl Cache {
             evict_wakeup: tokio::sync::Notify::new(),
             evicting: tokio::sync::Mutex::new(()),
             loaded: AtomicBool::new(false),
+            over_limit_logged: AtomicU64::new(0),
         }))
+    }
+
+    /// Whether to log, now, that the store is over its bound: once a minute at most (downloads in
+    /// progress can keep it over for a while; the metric says so all along).
+    fn over_limit_reported(&self) -> bool {
+        let now = unix_now();
+        let last = self.over_limit_logged.load(Ordering::Relaxed);
+        now >= last + 60
+            && self.over_limit_logged.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 
     /// Count a lookup of mirrored content by outcome.

@@ -47,8 +47,7 @@ pub async fn refresh(cache: &Cache, upstreams: &Upstreams, pins: &[Pin], referre
             // Whatever the cache holds for the tag stays pinned, fetched just now or not.
             if let Ok(Some(rec)) = cache.store.tag(&m.local, &tag).await {
                 if referrers {
-                    let mut image_manifests = HashSet::new();
-                    closure(cache, &m.local, &rec.digest, false, &mut image_manifests).await;
+                    let image_manifests = manifests_of(cache, &m.local, &rec.digest).await;
                     if let Err(e) = warm_referrers(cache, &m, image_manifests).await {
                         tracing::warn!(image, error = %e, "fetching the referrers of a pinned image failed; keeping what is cached");
                     }
@@ -113,6 +112,22 @@ pub async fn closure(cache: &Cache, local: &RepoName, top: &Digest, referrers: b
             pending.extend(described.children);
         }
     }
+}
+
+/// A manifest and, for an index, its children: what referrers may point at.
+async fn manifests_of(cache: &Cache, local: &RepoName, top: &Digest) -> HashSet<Digest> {
+    let mut out = HashSet::new();
+    let mut pending = vec![top.clone()];
+    while let Some(d) = pending.pop() {
+        if !out.insert(d.clone()) {
+            continue;
+        }
+        let Ok(Some((meta, bytes))) = load(&cache.store, local, &d).await else { continue };
+        if let Ok(described) = describe(&bytes, Some(&meta.media_type)) {
+            pending.extend(described.children);
+        }
+    }
+    out
 }
 
 /// Fetch every referrer of `subjects` (and of those referrers, and so on), with their blobs.

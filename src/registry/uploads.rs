@@ -280,8 +280,17 @@ async fn append(
             }
         }
     }
-    file.flush().await?;
-    file.shutdown().await?;
+    // A full disk may show only now: the session stays as it was before this request.
+    if let Err(e) = async {
+        file.flush().await?;
+        file.shutdown().await
+    }
+    .await
+    {
+        store.truncate_upload(id, size).await?;
+        *state = None;
+        return Err(e.into());
+    }
     if let Some(e) = too_large {
         // Nothing of the request that went over the limit is kept.
         store.truncate_upload(id, size).await?;

@@ -171,6 +171,9 @@ impl Fills {
 }
 
 async fn run(cache: Cache, sources: Arc<Mutex<Sources>>, digest: Digest, id: u64, tx: watch::Sender<Progress>) {
+    // The blob may be being evicted this very moment: wait until it is gone, then keep any pass
+    // from taking it while this fill writes it.
+    let _no_eviction = cache.lru.hold_for_write(&digest).await;
     let started = Instant::now();
     cache.metrics.fills_in_flight.inc();
     // However the fill ends, a panic included, it leaves the map: the next request starts anew.
@@ -385,7 +388,9 @@ async fn ensure_room(cache: &Cache, total: u64) -> Result<(), CacheError> {
     if available >= wanted {
         return Ok(());
     }
-    if cache.policy.max_size.is_some() {
+    // Evict only when that can make enough room: a blob larger than everything evictable (or an
+    // upstream lying about its size) must not empty the cache for nothing.
+    if cache.policy.max_size.is_some() && available.saturating_add(cache.lru.evictable_bytes()) >= wanted {
         super::evict::make_room(cache, wanted - available).await;
         if free(cache)? >= wanted {
             return Ok(());
