@@ -9,6 +9,7 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use regmirror::auth::{parse_scope, Access, AccessEntry, Principal};
+use regmirror::config::TrustedProxies;
 use regmirror::metrics::Metrics;
 
 /// A fixed key: reproducible runs; nothing here can learn it (the comparison is constant-time).
@@ -23,7 +24,7 @@ struct Fixture {
 
 static FIXTURE: LazyLock<Fixture> = LazyLock::new(|| {
     let namespaces = regmirror::config::Config::parse("", Path::new("/x")).unwrap().namespaces();
-    let access = Access::new(None, KEY, namespaces, Metrics::new()).unwrap();
+    let access = Access::new(None, KEY, namespaces, TrustedProxies::default(), Metrics::new()).unwrap();
     let entry = |name: &str, actions: &[&str]| AccessEntry {
         kind: "repository".into(),
         name: name.into(),
