@@ -87,7 +87,11 @@ fuzz_target!(|data: &[u8]| {
         if regmirror::storage::unix_now().checked_add(ttl.as_secs()).is_none() {
             return;
         }
-        let Ok(access) = Access::new(Some(auth.clone()), [7; 32], namespaces, config.trusted_proxies.clone(), Metrics::new()) else { return };
+        let Ok(access) =
+            Access::new(Some(auth.clone()), [7; 32], namespaces, config.trusted_proxies.clone(), Metrics::new())
+        else {
+            return;
+        };
         let token = access.issue_token(&Principal::Anonymous, ttl, Vec::new());
         if ttl >= Duration::from_secs(2) {
             assert_eq!(access.verify_token(&token), Some((Principal::Anonymous, Vec::new())), "token_ttl {ttl:?}");

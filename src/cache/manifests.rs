@@ -133,16 +133,31 @@ async fn resolve(cache: &Cache, m: &Mirrored, reference: &Reference) -> Result<A
     if let Some(found) = cached(&cache.store, &cache.clock, &m.local, reference, ttl).await? {
         return Ok(Arc::new(found));
     }
+    let (cache_, m_, reference_) = (cache.clone(), m.clone(), reference.clone());
+    flight(cache, m, reference, ACCEPT_ALL, async move {
+        refresh(&cache_, &m_, &reference_, ACCEPT_ALL).await.map(Arc::new)
+    })
+    .await
+}
+
+/// Run `work` as the one upstream request for (`m`, `reference`, `accept`), or wait for the one
+/// running.
+async fn flight(
+    cache: &Cache,
+    m: &Mirrored,
+    reference: &Reference,
+    accept: &str,
+    work: impl std::future::Future<Output = Result<Arc<Resolved>, CacheError>> + Send + 'static,
+) -> Result<Arc<Resolved>, CacheError> {
     let key = FlightKey {
         upstream: m.upstream.name().to_string(),
         remote: m.remote.clone(),
         reference: reference.to_string(),
-        accept: ACCEPT_ALL.to_string(),
+        accept: accept.to_string(),
     };
-    let (cache_, m, reference) = (cache.clone(), m.clone(), reference.clone());
     cache
         .manifest_flights
-        .run(key, move || async move { refresh(&cache_, &m, &reference, ACCEPT_ALL).await.map(Arc::new) })
+        .run(key, move || work)
         .await
         .unwrap_or_else(|| Err(CacheError::Internal("manifest fetch task failed".into())))
 }
@@ -156,26 +171,16 @@ async fn narrow(
     client_accept: Option<&str>,
 ) -> Result<Arc<Resolved>, CacheError> {
     let accept = upstream_accept(client_accept);
-    let key = FlightKey {
-        upstream: m.upstream.name().to_string(),
-        remote: m.remote.clone(),
-        reference: reference.to_string(),
-        accept: accept.clone(),
-    };
-    let (cache_, m, reference) = (cache.clone(), m.clone(), reference.to_string());
+    let (cache_, m_, reference_, accept_) = (cache.clone(), m.clone(), reference.to_string(), accept.clone());
     let limit = cache.policy.max_manifest_size;
-    let work = move || async move {
-        let f = fetch(&m.upstream, &m.remote, &reference, None, &accept, limit)
+    flight(cache, m, reference, &accept, async move {
+        let f = fetch(&m_.upstream, &m_.remote, &reference_, None, &accept_, limit)
             .await
             .map_err(|e| CacheError::upstream(Content::Manifest, e))?;
-        cache_.store_manifest(&m.local, &f).await?;
+        cache_.store_manifest(&m_.local, &f).await?;
         Ok(Arc::new(Resolved { digest: f.digest, meta: f.meta, bytes: f.bytes, obtained: Obtained::Miss }))
-    };
-    cache
-        .manifest_flights
-        .run(key, work)
-        .await
-        .unwrap_or_else(|| Err(CacheError::Internal("manifest fetch task failed".into())))
+    })
+    .await
 }
 
 /// The manifest from the store when it may be served without asking the upstream: by digest
