@@ -247,7 +247,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(code) => return code,
             };
             init_tracing(config.log_format);
-            let runtime = match tokio::runtime::Runtime::new() {
+            let runtime = match serving_runtime() {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("cannot start the runtime: {e}");
@@ -265,6 +265,16 @@ pub fn run(cli: Cli) -> ExitCode {
         }
     }
 }
+
+/// The runtime `serve` runs on. Its blocking pool (file operations) is bounded: tokio's default
+/// of 512 threads lets a burst of concurrent requests leave a hundred or more threads, and their
+/// memory, behind. Blob writes and bcrypt have threads and bounds of their own.
+fn serving_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(BLOCKING_THREADS).build()
+}
+
+/// Threads for blocking file operations while serving.
+const BLOCKING_THREADS: usize = 64;
 
 fn passwd(user: &str, config: &std::path::Path, htpasswd: Option<PathBuf>) -> Result<PathBuf, String> {
     use std::io::IsTerminal;
