@@ -433,7 +433,7 @@ impl Access {
             Principal::Anonymous => String::new(),
             Principal::User(u) => u.clone(),
         };
-        let claims = Claims { sub, exp: unix_now() + ttl.as_secs(), access };
+        let claims = Claims { sub, exp: unix_now().saturating_add(ttl.as_secs()), access };
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap_or_default());
         let sig = self.sign(&payload);
         format!("{payload}.{sig}")

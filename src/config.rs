@@ -692,6 +692,14 @@ impl Validator {
             }
         };
         let token_ttl = v.duration("auth.token_ttl", a.token_ttl.as_deref().unwrap_or("5m"));
+        let (shortest, longest) = (Duration::from_secs(1), Duration::from_secs(7 * 86400));
+        if (token_ttl < shortest || token_ttl > longest) && v.problems.iter().all(|p| !p.starts_with("auth.token_ttl"))
+        {
+            v.problem(format!(
+                "auth.token_ttl = {:?} is out of range: use from \"1s\" to \"7d\" (clients fetch a new token when one expires)",
+                a.token_ttl.as_deref().unwrap_or_default()
+            ));
+        }
         let mut grants = Vec::new();
         for (i, g) in a.grant.into_iter().enumerate() {
             let access = match g.access.as_str() {
@@ -898,6 +906,17 @@ mod tests {
             .unwrap()
             .namespaces();
         assert_eq!(ns.route(name("team/app"), None), Ok(Origin::Local(name("team/app"))));
+    }
+
+    #[test]
+    fn token_lifetimes_are_bounded() {
+        let auth = |ttl: &str| format!("[auth]\nhtpasswd = \"h\"\ntoken_ttl = \"{ttl}\"\n");
+        assert_eq!(
+            problems(&auth("213503982334601d")),
+            vec!["auth.token_ttl = \"213503982334601d\" is out of range: use from \"1s\" to \"7d\" (clients fetch a new token when one expires)"]
+        );
+        assert_eq!(problems(&auth("0s")).len(), 1);
+        assert!(problems(&auth("1h")).is_empty());
     }
 
     #[test]
