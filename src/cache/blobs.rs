@@ -47,14 +47,12 @@ impl Following {
 }
 
 impl Cache {
-    /// A stored blob, held from eviction while it is served; `None` when the store does not have
-    /// it. `mirrored` content counts as used (eviction order).
-    pub async fn stored_blob(&self, d: &Digest, mirrored: bool) -> std::io::Result<Option<BlobSource>> {
+    /// A stored blob of the private namespace, held from eviction while it is served; `None`
+    /// when the store does not have it. (Mirrored blobs come from `blob`, which also counts the
+    /// use for the eviction order.)
+    pub async fn stored_blob(&self, d: &Digest) -> std::io::Result<Option<BlobSource>> {
         let Some(hold) = self.lru.hold(d) else { return Ok(None) };
         let Some(size) = self.store.blob_size(d).await? else { return Ok(None) };
-        if mirrored {
-            self.lru.touch(d, size);
-        }
         Ok(Some(BlobSource::Stored { size, hold }))
     }
 

@@ -21,7 +21,7 @@ pub async fn get(ctx: Ctx, target: Target, digest: &str, info: &mut RequestInfo)
     let source = match &target {
         Target::Local(repo) => {
             let stored = match cache.store.is_blob_linked(repo, &d).await? {
-                true => cache.stored_blob(&d, false).await?,
+                true => cache.stored_blob(&d).await?,
                 false => None,
             };
             stored.ok_or_else(|| unknown(repo, &d))?

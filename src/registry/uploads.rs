@@ -15,7 +15,7 @@ use super::error::{Code, RegistryError, Result};
 use super::response::located;
 use super::{Ctx, Target};
 use crate::oci::{Algorithm, Digest, Hasher, RepoName};
-use crate::storage::{unix_now, UploadInfo};
+use crate::storage::{unix_now, Store, UploadInfo};
 
 /// Per-session state kept in memory: a lock so two PATCHes never interleave, and the hash of
 /// the bytes received so far (lost on restart, then recomputed from the data file).
@@ -132,40 +132,58 @@ fn content_length(ctx: &Ctx) -> Option<u64> {
     ctx.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
+/// Where a session stands for a request about `repo`.
+#[derive(PartialEq)]
+enum Standing {
+    Live,
+    /// No activity for `storage.upload_expiry`.
+    Expired,
+    /// No such session, or another repository's.
+    Unknown,
+}
+
+async fn standing(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<Standing> {
+    let store = &ctx.state.store;
+    Ok(match store.upload_info(id).await? {
+        Some(info) if &info.repository == repo => {
+            match expired(store, id, &info, ctx.state.config.upload_expiry).await? {
+                true => Standing::Expired,
+                false => Standing::Live,
+            }
+        }
+        _ => Standing::Unknown,
+    })
+}
+
+fn unknown_upload(repo: &RepoName, id: &str) -> RegistryError {
+    RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"))
+}
+
 /// The session's id, checked to belong to `repo` and not to have expired. An expired session
 /// nobody is using right now is removed on the spot (the purge task would remove it soon anyway).
 async fn session(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<()> {
-    let store = &ctx.state.store;
-    let unknown = || RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"));
-    let info = store.upload_info(id).await?.ok_or_else(unknown)?;
-    if &info.repository != repo {
-        return Err(unknown());
-    }
-    if expired(ctx, id, &info).await? {
-        let slot = ctx.state.sessions.slot(id);
-        if let Ok(_idle) = slot.try_lock() {
-            store.delete_upload(id).await?;
-            ctx.state.sessions.forget(id);
+    match standing(ctx, repo, id).await? {
+        Standing::Live => return Ok(()),
+        Standing::Expired => {
+            let slot = ctx.state.sessions.slot(id);
+            if let Ok(_idle) = slot.try_lock() {
+                ctx.state.store.delete_upload(id).await?;
+                ctx.state.sessions.forget(id);
+            };
         }
-        return Err(unknown());
+        Standing::Unknown => {}
     }
-    Ok(())
+    Err(unknown_upload(repo, id))
 }
 
 /// `session`, for a request that holds the session's lock: when the session is gone (finished,
 /// cancelled or expired while the request waited), its in-memory slot goes too.
 async fn session_locked(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<()> {
-    let store = &ctx.state.store;
-    let unknown = || RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}"));
-    let found = match store.upload_info(id).await? {
-        Some(info) if &info.repository == repo => !expired(ctx, id, &info).await?,
-        _ => false,
-    };
-    if !found {
-        ctx.state.sessions.forget(id);
-        return Err(unknown());
+    if standing(ctx, repo, id).await? == Standing::Live {
+        return Ok(());
     }
-    Ok(())
+    ctx.state.sessions.forget(id);
+    Err(unknown_upload(repo, id))
 }
 
 /// The in-memory slot of an existing session (checked first, so unknown ids leave nothing
@@ -175,11 +193,11 @@ async fn existing_slot(ctx: &Ctx, repo: &RepoName, id: &str) -> Result<Slot> {
     Ok(ctx.state.sessions.slot(id))
 }
 
-/// Whether a session has seen no activity (a new session, or bytes written) for
-/// `storage.upload_expiry`: an upload that keeps sending is never cut off.
-async fn expired(ctx: &Ctx, id: &str, info: &UploadInfo) -> std::io::Result<bool> {
-    let last = ctx.state.store.upload_modified(id).await?.unwrap_or(0).max(info.started_at);
-    Ok(idle_too_long(last, ctx.state.config.upload_expiry))
+/// Whether a session has seen no activity (a new session, or bytes written) for `expiry`: an
+/// upload that keeps sending is never cut off.
+async fn expired(store: &Store, id: &str, info: &UploadInfo, expiry: std::time::Duration) -> std::io::Result<bool> {
+    let last = store.upload_modified(id).await?.unwrap_or(0).max(info.started_at);
+    Ok(idle_too_long(last, expiry))
 }
 
 fn idle_too_long(last_activity: u64, expiry: std::time::Duration) -> bool {
@@ -238,10 +256,7 @@ async fn append(
     if state.as_ref().is_none_or(|(hashed, _)| *hashed != size) {
         *state = if size == 0 { Some((0, Hasher::new(algorithm.unwrap_or(Algorithm::Sha256)))) } else { None };
     }
-    let mut file = store
-        .append_upload(id)
-        .await?
-        .ok_or_else(|| RegistryError::new(Code::BlobUploadUnknown, format!("upload {id} is not known in {repo}")))?;
+    let mut file = store.append_upload(id).await?.ok_or_else(|| unknown_upload(repo, id))?;
     let limit = ctx.state.config.limits.max_upload_size;
     if let (Some(len), Some(limit)) = (content_length(ctx), limit) {
         check_size(size + len, limit)?;
@@ -358,12 +373,11 @@ pub async fn purge_expired(state: &crate::app::AppState) -> std::io::Result<usiz
         let slot = state.sessions.slot(&id);
         let Ok(_busy) = slot.try_lock() else { continue };
         let expiry = state.config.upload_expiry;
-        let last_write = store.upload_modified(&id).await?;
         let stale = match store.upload_info(&id).await? {
-            Some(info) => idle_too_long(last_write.unwrap_or(0).max(info.started_at), expiry),
+            Some(info) => expired(store, &id, &info, expiry).await?,
             // No record: a session being created right now (the record is written first), or the
             // remains of one whose removal was cut short, which are gone once old enough.
-            None => last_write.is_some_and(|t| idle_too_long(t, expiry)),
+            None => store.upload_modified(&id).await?.is_some_and(|t| idle_too_long(t, expiry)),
         };
         if stale {
             store.delete_upload(&id).await?;
