@@ -30,6 +30,7 @@ pub struct Shared {
     pub sessions: Sessions,
     pub metrics: Metrics,
     pub access: Access,
+    pub status: crate::status::Tracker,
 }
 
 #[derive(Clone)]
@@ -79,7 +80,18 @@ impl AppState {
             sessions: Sessions::default(),
             metrics,
             access,
+            status: Default::default(),
         })))
+    }
+}
+
+impl AppState {
+    /// Bring the store's gauges up to date (they are kept as plain counters by the store).
+    pub fn refresh_store_gauges(&self) {
+        let stats = self.store.stats();
+        self.metrics.store_bytes.set(stats.bytes.load(std::sync::atomic::Ordering::Relaxed));
+        self.metrics.store_objects.set(stats.objects.load(std::sync::atomic::Ordering::Relaxed));
+        self.metrics.pinned_bytes.set(self.cache.lru.pinned_bytes() as i64);
     }
 }
 
@@ -95,11 +107,16 @@ pub async fn start(config: Config) -> Result<AppState, StartError> {
     let (pins, every, referrers) = (config.pins.clone(), config.pin_refresh, config.pin_referrers);
     pins::spawn(state.cache.clone(), state.upstreams.clone(), pins, every, referrers);
     uploads::spawn_purge(state.clone());
+    crate::status::spawn(state.clone()).await;
     Ok(state)
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new();
+    if state.config.ui_enabled {
+        router = router.route("/", get(crate::status::page)).route("/api/status", get(crate::status::json));
+    }
+    router
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/ca.crt", get(ca_certificate))
@@ -115,9 +132,7 @@ pub fn metrics_router(state: AppState) -> Router {
         .route(
             "/metrics",
             get(|State(state): State<AppState>| async move {
-                let stats = state.store.stats();
-                state.metrics.store_bytes.set(stats.bytes.load(std::sync::atomic::Ordering::Relaxed));
-                state.metrics.store_objects.set(stats.objects.load(std::sync::atomic::Ordering::Relaxed));
+                state.refresh_store_gauges();
                 let gc = crate::gc::record(&state.store).await;
                 state.metrics.gc_runs.set(gc.runs as i64);
                 state.metrics.gc_freed_bytes.set(gc.freed_bytes as i64);

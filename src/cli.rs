@@ -8,6 +8,23 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, LogFormat, TlsConfig, DEFAULT_CONFIG_PATH};
 
 /// A pull-through caching mirror for container registries, with a private namespace.
+///
+/// regmirror speaks the Registry v2 / OCI Distribution API. Docker (registry-mirrors), containerd
+/// (hosts.toml) and podman (registries.conf) pull through it: each blob and manifest is fetched
+/// from the upstream once, verified against its digest, stored, and served locally from then on,
+/// also while the upstream is down. Repositories under the private namespaces accept pushes from
+/// authorised users.
+///
+/// Every subcommand reads one configuration file: --config, else $REGMIRROR_CONFIG, else
+/// ./mirror.toml (the Debian package installs /etc/regmirror/mirror.toml). Environment variables
+/// override common keys: REGMIRROR_LISTEN, REGMIRROR_STORAGE_ROOT, REGMIRROR_MAX_SIZE,
+/// REGMIRROR_PRIVATE_NAMESPACES, REGMIRROR_TAG_TTL, REGMIRROR_TLS_MODE, REGMIRROR_TLS_DIR,
+/// REGMIRROR_TLS_HOSTS, REGMIRROR_TLS_CERT, REGMIRROR_TLS_KEY, REGMIRROR_AUTH_HTPASSWD,
+/// REGMIRROR_AUTH_ANONYMOUS, REGMIRROR_METRICS_LISTEN, REGMIRROR_LOG_FORMAT (lists are
+/// comma-separated). RUST_LOG sets the log level. `regmirror check-config` names every problem.
+///
+/// Signals: SIGHUP reloads the TLS certificate; SIGTERM drains requests (server.shutdown_timeout)
+/// and stops. Full documentation: /usr/share/doc/regmirror/README.md.
 #[derive(Parser)]
 #[command(version, about)]
 pub struct Cli {
@@ -20,25 +37,25 @@ enum Command {
     /// Run the registry mirror.
     Serve {
         /// Configuration file.
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "REGMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Validate the configuration and print every problem.
     CheckConfig {
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "REGMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Create the CA and server certificate (self-signed mode) now, or re-issue the server
     /// certificate when the names changed.
     GenCerts {
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "REGMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Add a user to the htpasswd file, or change their password (bcrypt). The password is read
     /// from the terminal without echo, or as one line from standard input.
     Passwd {
         user: String,
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "REGMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// The htpasswd file (default: auth.htpasswd from the configuration).
         #[arg(long)]
@@ -49,7 +66,7 @@ enum Command {
         /// Images, e.g. docker.io/library/nginx:1.27 or ghcr.io/org/tool:2.0.
         #[arg(required = true)]
         images: Vec<String>,
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "REGMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// The mirror's URL (default: https://localhost:PORT from the configuration).
         #[arg(long)]
@@ -64,7 +81,7 @@ enum Command {
     /// Remove blobs no manifest references any more (after private manifests were deleted).
     /// Safe while the server runs.
     Gc {
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "REGMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// Say what would be removed, remove nothing.
         #[arg(long)]
@@ -73,9 +90,21 @@ enum Command {
         #[arg(long, default_value = "1h")]
         grace: String,
     },
+    /// Ask the server on this configuration's listen address for /healthz; exit 0 when healthy.
+    /// For container HEALTHCHECKs and scripts.
+    Healthcheck {
+        #[arg(long, env = "REGMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Ask this URL instead (default: the listen address on loopback).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Write the manual pages (regmirror.1, regmirror-SUBCOMMAND.1) into a folder.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Print how docker, containerd, podman and skopeo come to trust and use this mirror.
     ClientSetup {
-        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, env = "REGMIRROR_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// The address clients use, HOST:PORT (default: this machine's hostname and the port).
         #[arg(long)]
@@ -88,22 +117,6 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
         eprintln!("{e}");
         ExitCode::FAILURE
     })
-}
-
-/// The address clients most likely use: the first configured TLS host, else the hostname.
-fn default_client_host(config: &Config) -> String {
-    let port = config.listen.port();
-    let host = match &config.tls {
-        TlsConfig::SelfSigned { hosts, .. } if !hosts.is_empty() => hosts[0].clone(),
-        _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into()),
-    };
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
 }
 
 /// Run one subcommand to its end.
@@ -233,7 +246,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let host = host.unwrap_or_else(|| default_client_host(&config));
+            let host = host.unwrap_or_else(|| crate::tls::default_client_host(&config));
             match &config.tls {
                 TlsConfig::SelfSigned { dir, .. } => print!("{}", crate::tls::client_setup(&host, &dir.join(crate::tls::CA_CERT))),
                 TlsConfig::Files { cert, .. } => print!("{}", crate::tls::client_setup(&host, cert)),
@@ -241,6 +254,27 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Command::Healthcheck { config, url } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let url = url.unwrap_or_else(|| healthz_url(&config));
+            match healthcheck(&url) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("regmirror healthcheck: {url}: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Man { dir } => match clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("regmirror man: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve { config } => {
             let config = match load(&config) {
                 Ok(c) => c,
@@ -264,6 +298,38 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+/// /healthz on the listen address as seen from this machine: an unspecified address (0.0.0.0,
+/// ::) is asked on loopback.
+fn healthz_url(config: &Config) -> String {
+    let scheme = if matches!(config.tls, TlsConfig::Off) { "http" } else { "https" };
+    let ip = match config.listen.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("{scheme}://{}/healthz", std::net::SocketAddr::new(ip, config.listen.port()))
+}
+
+fn healthcheck(url: &str) -> Result<(), String> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // A liveness probe of our own listener, usually on loopback: the certificate names the
+    // public host, not 127.0.0.1, and the answer carries nothing secret, so it is not verified.
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let resp = client.get(url).send().await.map_err(|e| crate::upstream::error_chain(&e))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("{}", resp.status()))
+        }
+    })
 }
 
 /// The runtime `serve` runs on. Its blocking pool (file operations) is bounded: tokio's default
@@ -344,7 +410,10 @@ async fn serve(config: Config) -> Result<(), String> {
                 if let TlsConfig::SelfSigned { dir, .. } = &config.tls {
                     tracing::info!(
                         "first start: clients trust the new CA once. {}",
-                        crate::tls::client_setup(&default_client_host(&config), &dir.join(crate::tls::CA_CERT))
+                        crate::tls::client_setup(
+                            &crate::tls::default_client_host(&config),
+                            &dir.join(crate::tls::CA_CERT)
+                        )
                     );
                 }
             }

@@ -27,6 +27,8 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     auth: Option<RawAuth>,
+    #[serde(default)]
+    ui: RawUi,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,6 +118,12 @@ struct RawMetrics {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawUi {
+    enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLog {
     format: Option<String>,
 }
@@ -149,6 +157,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `None`: an open registry (anyone may pull and push to the private namespace).
     pub auth: Option<AuthConfig>,
+    /// The status page (`GET /`) and `/api/status` (`[ui] enabled`, default true).
+    pub ui_enabled: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -238,6 +248,56 @@ pub enum LogFormat {
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "mirror.toml";
+
+/// One environment variable that sets one key of `mirror.toml`.
+pub struct EnvOverride {
+    pub var: &'static str,
+    /// `section.key`.
+    pub key: &'static str,
+    /// A comma-separated value becomes a list of strings.
+    pub list: bool,
+}
+
+/// The common keys, settable from the environment (the container image documents these). The
+/// environment wins over the file. Relative paths still resolve against the file's folder.
+pub const ENV_OVERRIDES: &[EnvOverride] = &[
+    EnvOverride { var: "REGMIRROR_LISTEN", key: "server.listen", list: false },
+    EnvOverride { var: "REGMIRROR_STORAGE_ROOT", key: "storage.root", list: false },
+    EnvOverride { var: "REGMIRROR_MAX_SIZE", key: "storage.max_size", list: false },
+    EnvOverride { var: "REGMIRROR_PRIVATE_NAMESPACES", key: "private.namespaces", list: true },
+    EnvOverride { var: "REGMIRROR_TAG_TTL", key: "cache.tag_ttl", list: false },
+    EnvOverride { var: "REGMIRROR_TLS_MODE", key: "tls.mode", list: false },
+    EnvOverride { var: "REGMIRROR_TLS_DIR", key: "tls.dir", list: false },
+    EnvOverride { var: "REGMIRROR_TLS_HOSTS", key: "tls.hosts", list: true },
+    EnvOverride { var: "REGMIRROR_TLS_CERT", key: "tls.cert", list: false },
+    EnvOverride { var: "REGMIRROR_TLS_KEY", key: "tls.key", list: false },
+    EnvOverride { var: "REGMIRROR_AUTH_HTPASSWD", key: "auth.htpasswd", list: false },
+    EnvOverride { var: "REGMIRROR_AUTH_ANONYMOUS", key: "auth.anonymous", list: false },
+    EnvOverride { var: "REGMIRROR_METRICS_LISTEN", key: "metrics.listen", list: false },
+    EnvOverride { var: "REGMIRROR_LOG_FORMAT", key: "log.format", list: false },
+];
+
+impl EnvOverride {
+    fn apply(&self, table: &mut toml::Table, value: &str) {
+        let (section, key) = self.key.split_once('.').unwrap_or(("", self.key));
+        let value = if self.list {
+            toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| toml::Value::String(v.into()))
+                    .collect(),
+            )
+        } else {
+            toml::Value::String(value.to_string())
+        };
+        let section = table.entry(section).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(section) = section {
+            section.insert(key.to_string(), value);
+        }
+    }
+}
 
 /// Bounds no client can push the server past.
 #[derive(Clone, Debug)]
@@ -388,16 +448,47 @@ impl std::fmt::Display for ConfigErrors {
 impl std::error::Error for ConfigErrors {}
 
 impl Config {
+    /// Read, apply the `REGMIRROR_*` environment overrides (see [`ENV_OVERRIDES`]), validate.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let fail = |p: String| ConfigErrors { path: path.to_path_buf(), problems: vec![p] };
         let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
-        Config::parse(&text, path.parent().unwrap_or(Path::new("")))
+        Config::parse_with_env(&text, path.parent().unwrap_or(Path::new("")), std::env::vars())
             .map_err(|problems| ConfigErrors { path: path.to_path_buf(), problems })
     }
 
     /// Parse and validate; relative paths resolve against `base` (the config file's folder).
     pub fn parse(text: &str, base: &Path) -> Result<Config, Vec<String>> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| vec![describe_toml_error(&e, text)])?;
+        Config::parse_with_env(text, base, std::iter::empty())
+    }
+
+    /// [`Config::parse`] with environment variables laid over the file: each one in
+    /// [`ENV_OVERRIDES`] replaces its key, so a container can be configured without a file.
+    pub fn parse_with_env(
+        text: &str,
+        base: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, Vec<String>> {
+        let overrides: Vec<(&EnvOverride, String)> = env
+            .into_iter()
+            .filter_map(|(name, value)| ENV_OVERRIDES.iter().find(|o| o.var == name).map(|o| (o, value)))
+            .collect();
+        let raw: RawConfig = if overrides.is_empty() {
+            // Straight from the text, so errors can point at a line and column.
+            toml::from_str(text).map_err(|e| vec![describe_toml_error(&e, text)])?
+        } else {
+            let mut table: toml::Table = toml::from_str(text).map_err(|e| vec![describe_toml_error(&e, text)])?;
+            let mut names = Vec::new();
+            for (o, value) in overrides {
+                o.apply(&mut table, &value);
+                names.push(o.var);
+            }
+            RawConfig::deserialize(toml::Value::Table(table))
+                .map_err(|e| vec![format!("{} (with {} from the environment)", e.message().trim(), names.join(", "))])?
+        };
+        Config::validate(raw, base)
+    }
+
+    fn validate(raw: RawConfig, base: &Path) -> Result<Config, Vec<String>> {
         let mut v = Validator { problems: Vec::new(), base: base.to_path_buf() };
         let (listen, http_listen, shutdown_timeout, max_manifest_size) = v.server(&raw.server);
         let trusted_proxies = v.trusted_proxies(raw.server.trusted_proxies.as_deref().unwrap_or_default());
@@ -437,6 +528,7 @@ impl Config {
             metrics_listen,
             log_format,
             auth,
+            ui_enabled: raw.ui.enabled.unwrap_or(true),
         })
     }
 }
@@ -794,6 +886,44 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_environment_overrides_common_keys_and_is_named_in_errors() {
+        let env =
+            |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let file = "[server]\nlisten = \"0.0.0.0:5000\"\n[storage]\nroot = \"data\"\n";
+        let c = Config::parse_with_env(
+            file,
+            Path::new("/x"),
+            env(&[
+                ("REGMIRROR_LISTEN", "127.0.0.1:6000"),
+                ("REGMIRROR_STORAGE_ROOT", "/var/lib/regmirror"),
+                ("REGMIRROR_TLS_HOSTS", "mirror.example, 10.0.0.5"),
+                ("REGMIRROR_MAX_SIZE", "1GiB"),
+                ("REGMIRROR_UNRELATED", "x"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(c.listen, "127.0.0.1:6000".parse().expect("addr"));
+        assert_eq!(c.storage_root, PathBuf::from("/var/lib/regmirror"));
+        assert_eq!(c.max_size, Some(1 << 30));
+        match &c.tls {
+            TlsConfig::SelfSigned { hosts, dir } => {
+                assert_eq!(hosts, &["mirror.example".to_string(), "10.0.0.5".to_string()]);
+                assert_eq!(dir, &PathBuf::from("/x/certs"));
+            }
+            other => panic!("tls.hosts alone means self-signed, got {other:?}"),
+        }
+        let bad = Config::parse_with_env(file, Path::new("/x"), env(&[("REGMIRROR_LISTEN", "nowhere")]))
+            .expect_err("not an address");
+        assert!(bad.iter().any(|p| p.contains("server.listen") && p.contains("nowhere")), "{bad:?}");
+        let bad = Config::parse_with_env(file, Path::new("/x"), env(&[("REGMIRROR_TLS_MODE", "maybe")]))
+            .expect_err("not a mode");
+        assert!(bad.iter().any(|p| p.contains("maybe")), "{bad:?}");
+        // Without overrides the file alone decides.
+        let c = Config::parse_with_env(file, Path::new("/x"), env(&[])).expect("valid");
+        assert_eq!(c.listen, "0.0.0.0:5000".parse().expect("addr"));
+    }
 
     fn problems(toml: &str) -> Vec<String> {
         Config::parse(toml, Path::new("/etc/regmirror")).err().unwrap_or_default()

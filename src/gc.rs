@@ -16,6 +16,9 @@ use crate::storage::{unix_now, Meta, Store};
 pub struct GcRecord {
     pub runs: u64,
     pub freed_bytes: u64,
+    /// When the last run ended (Unix seconds; 0 when never, or recorded by an older version).
+    #[serde(default)]
+    pub last_run: u64,
 }
 
 /// Totals over every run (zero when gc never ran), read by the server for its metrics.
@@ -107,6 +110,7 @@ pub async fn run(store: &Store, namespaces: &Namespaces, grace: Duration, dry_ru
     let mut record = record(store).await;
     record.runs += 1;
     record.freed_bytes += report.freed_bytes;
+    record.last_run = unix_now();
     store.write_meta(Meta::GcRecord, &serde_json::to_vec(&record).map_err(std::io::Error::other)?).await?;
     Ok(report)
 }

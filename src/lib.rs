@@ -7,8 +7,9 @@
 //! ```text
 //! main, cli            argument parsing, subcommands
 //! app, server          the state handle and router; listeners, TLS accept, graceful shutdown
-//! registry/            the OCI Distribution API: routes, handlers, the token endpoint, the one
-//!                      error table — the only place that builds HTTP responses
+//! registry/, status/   the OCI Distribution API: routes, handlers, the token endpoint, the one
+//!                      error table; the status page and its JSON — the places that build
+//!                      HTTP responses
 //! cache/, auth         what to serve and who may: manifest and blob lookups (single flights,
 //!                      fills), eviction and pins; users, grants and tokens — content, not responses
 //! storage/, upstream/  where bytes live and where they come from, each with its own errors;
@@ -19,7 +20,8 @@
 //!
 //! - [`cli`]: subcommands; [`app`]: [`app::AppState`], [`app::start`] and the router;
 //!   [`server`]: listeners and shutdown.
-//! - [`registry`]: the API (paths, handlers, [`registry::error`]).
+//! - [`registry`]: the API (paths, handlers, [`registry::error`]); [`status`]: `GET /` and
+//!   `/api/status`.
 //! - [`cache`]: mirrored manifests and blobs ([`cache::Cache`]); [`auth`]: access control.
 //! - [`storage`]: the content-addressed store; [`upstream`]: upstream clients and tokens.
 //! - [`gc`], [`prefetch`]: operator commands.
@@ -36,6 +38,7 @@ pub mod oci;
 pub mod prefetch;
 pub mod registry;
 pub mod server;
+pub mod status;
 pub mod storage;
 pub mod tls;
 pub mod upstream;

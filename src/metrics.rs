@@ -1,6 +1,7 @@
 //! Prometheus metrics: one registry, every family prefixed `regmirror_`, labels bounded (route
 //! templates, never repository names).
 
+use prometheus::proto::MetricType;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
@@ -14,6 +15,7 @@ pub struct Metrics {
     pub bytes_served: IntCounterVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_failures: IntCounterVec,
+    pub upstream_bytes: IntCounterVec,
     pub token_fetches: IntCounterVec,
     pub fills_in_flight: IntGauge,
     pub fill_waiters: IntGauge,
@@ -105,6 +107,12 @@ impl Metrics {
                 "Upstream failures by cause.",
                 &["upstream", "cause"],
             ),
+            upstream_bytes: counter_vec(
+                &r,
+                "regmirror_upstream_bytes_total",
+                "Bytes received from upstream registries (blob and manifest bodies).",
+                &["upstream", "kind"],
+            ),
             token_fetches: counter_vec(
                 &r,
                 "regmirror_upstream_token_fetches_total",
@@ -149,6 +157,24 @@ impl Metrics {
             gc_freed_bytes: gauge(&r, "regmirror_gc_freed_bytes", "Bytes freed by `regmirror gc` runs on this store."),
             registry: r,
         }
+    }
+
+    /// The sum of a counter or gauge family over the series whose labels match `labels` (all
+    /// series when empty): the status page reads the same figures `/metrics` shows.
+    pub fn sum(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == family)
+            .flat_map(|f| f.get_metric().iter().map(move |m| (f.get_field_type(), m)))
+            .filter(|(_, m)| {
+                labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v))
+            })
+            .map(|(kind, m)| match kind {
+                MetricType::COUNTER => m.get_counter().get_value(),
+                _ => m.get_gauge().get_value(),
+            })
+            .sum()
     }
 
     pub fn render(&self) -> String {

@@ -323,6 +323,35 @@ impl TlsServer {
     }
 }
 
+/// The address clients most likely use: the first configured TLS host, else the hostname.
+pub fn default_client_host(config: &crate::config::Config) -> String {
+    let port = config.listen.port();
+    let host = match &config.tls {
+        crate::config::TlsConfig::SelfSigned { hosts, .. } if !hosts.is_empty() => hosts[0].clone(),
+        _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into()),
+    };
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The SHA-256 fingerprint of the first certificate in a PEM file, as `openssl x509 -fingerprint
+/// -sha256` prints it (colon-separated upper-case hex).
+pub fn fingerprint_sha256(pem: &Path) -> Result<String, TlsError> {
+    use sha2::Digest as _;
+    let cert = CertificateDer::pem_file_iter(pem)
+        .map_err(|e| file_err(pem, e))?
+        .next()
+        .ok_or_else(|| file_err(pem, "no certificate"))?
+        .map_err(|e| file_err(pem, e))?;
+    let sum = sha2::Sha256::digest(cert.as_ref());
+    Ok(sum.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":"))
+}
+
 /// Client setup instructions for a mirror reachable at `host` (HOST:PORT).
 pub fn client_setup(host: &str, ca_path: &Path) -> String {
     let ca = ca_path.display();

@@ -10,7 +10,7 @@ const LAYERS: &[&[&str]] = &[
     &["config", "metrics"],
     &["storage", "upstream", "tls"],
     &["cache", "auth", "gc", "prefetch"],
-    &["registry", "app"],
+    &["registry", "app", "status"],
     &["server"],
     &["cli"],
 ];

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::lru::Evicted;
 use super::Cache;
+use crate::storage::unix_now;
 
 /// How often access times are persisted and the bound checked when nothing else wakes the task.
 const TICK: Duration = Duration::from_secs(10);
@@ -80,6 +81,10 @@ async fn evict(cache: &Cache, bytes: u64) -> Evicted {
     }
     cache.metrics.evictions.inc_by(done.blobs);
     cache.metrics.evicted_bytes.inc_by(done.bytes);
+    if done.blobs > 0 {
+        let record = super::EvictionRecord { at: unix_now(), blobs: done.blobs, bytes: done.bytes };
+        *cache.last_eviction.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+    }
     done
 }
 

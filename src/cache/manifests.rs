@@ -320,6 +320,7 @@ pub async fn fetch(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<Digest>().ok());
     let bytes = upstream.read_limited(resp, limit, "manifest").await?;
+    upstream.metrics().upstream_bytes.with_label_values(&[upstream.name(), "manifest"]).inc_by(bytes.len() as u64);
     let algorithm = expected.or(advertised.as_ref()).map_or(Algorithm::Sha256, Digest::algorithm);
     let digest = Digest::of(algorithm, &bytes);
     let mismatch = expected.is_some_and(|e| e != &digest)

@@ -89,6 +89,19 @@ pub struct Shared {
     pub loaded: AtomicBool,
     /// When the store being over its bound was last logged (Unix seconds).
     over_limit_logged: AtomicU64,
+    /// The last eviction that removed anything, for the status page.
+    pub last_eviction: std::sync::Mutex<Option<EvictionRecord>>,
+    /// When each repository's manifests were last pulled (Unix seconds), for the status page.
+    pub last_pulls: std::sync::Mutex<std::collections::HashMap<RepoName, u64>>,
+}
+
+/// One eviction that removed something.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct EvictionRecord {
+    /// Unix seconds.
+    pub at: u64,
+    pub blobs: u64,
+    pub bytes: u64,
 }
 
 impl std::ops::Deref for Cache {
@@ -119,7 +132,21 @@ impl Cache {
             evicting: tokio::sync::Mutex::new(()),
             loaded: AtomicBool::new(false),
             over_limit_logged: AtomicU64::new(0),
+            last_eviction: Default::default(),
+            last_pulls: Default::default(),
         }))
+    }
+
+    /// A client pulled a manifest of `repo`.
+    pub fn pulled(&self, repo: &RepoName) {
+        let now = self.clock.now();
+        let mut pulls = self.last_pulls.lock().unwrap_or_else(|e| e.into_inner());
+        match pulls.get_mut(repo) {
+            Some(t) => *t = now,
+            None => {
+                pulls.insert(repo.clone(), now);
+            }
+        }
     }
 
     /// Whether to log, now, that the store is over its bound: once a minute at most (downloads in

@@ -38,6 +38,9 @@ pub async fn get(ctx: Ctx, target: Target, reference: &str, info: &mut RequestIn
                     ),
                 ));
             }
+            if !ctx.is_head() {
+                ctx.state.cache.pulled(&m.local);
+            }
             return Ok(manifest_response(&resolved.digest, &resolved.meta, resolved.bytes.clone(), ctx.is_head()));
         }
         Target::Local(repo) => repo,
@@ -48,6 +51,9 @@ pub async fn get(ctx: Ctx, target: Target, reference: &str, info: &mut RequestIn
     };
     let (meta, bytes) =
         load(&ctx.state.store, repo, &digest).await?.ok_or_else(|| unknown(repo, &reference.to_string()))?;
+    if !ctx.is_head() {
+        ctx.state.cache.pulled(repo);
+    }
     Ok(manifest_response(&digest, &meta, bytes, ctx.is_head()))
 }
 

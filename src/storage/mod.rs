@@ -150,6 +150,9 @@ pub struct Store {
 pub struct StoreStats {
     pub bytes: std::sync::atomic::AtomicI64,
     pub objects: std::sync::atomic::AtomicI64,
+    /// Counts changes to blobs, links, manifests and tags: a summary built from the store is
+    /// current while this has not moved.
+    pub changes: std::sync::atomic::AtomicU64,
 }
 
 impl StoreStats {
@@ -160,8 +163,13 @@ impl StoreStats {
         self.objects.store(objects as i64, Relaxed);
     }
 
+    fn changed(&self) {
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn add(&self, bytes: i64, objects: i64) {
         use std::sync::atomic::Ordering::Relaxed;
+        self.changes.fetch_add(1, Relaxed);
         self.bytes.fetch_add(bytes, Relaxed);
         self.objects.fetch_add(objects, Relaxed);
     }
@@ -225,6 +233,8 @@ pub enum Meta {
     GcRecord,
     /// Present once the blobs of an older store have been given their provenance.
     ProvenanceMarked,
+    /// The status page's hourly savings and the last pull of each repository.
+    StatusHistory,
 }
 
 impl Meta {
@@ -234,6 +244,7 @@ impl Meta {
             Meta::AccessLog => "meta/access.log",
             Meta::GcRecord => "meta/gc.json",
             Meta::ProvenanceMarked => "meta/provenance.v1",
+            Meta::StatusHistory => "meta/status.json",
         }
     }
 }
@@ -450,6 +461,7 @@ impl Store {
     // ---- repository links ----
 
     pub async fn link_blob(&self, repo: &RepoName, d: &Digest) -> io::Result<()> {
+        self.stats.changed();
         // A fresh link makes the blob young again for gc's grace period.
         self.driver.touch(&blob_path(d)).await?;
         let path = layer_link(repo, d);
@@ -464,6 +476,7 @@ impl Store {
     }
 
     pub async fn unlink_blob(&self, repo: &RepoName, d: &Digest) -> io::Result<()> {
+        self.stats.changed();
         self.driver.delete(&format!("{}/_layers/{}/{}", repo_path(repo), d.algorithm().as_str(), d.hex())).await
     }
 
@@ -472,6 +485,7 @@ impl Store {
     /// Record a manifest: content first, then the repository's link, then the referrer entry, so a
     /// crash never leaves a link to missing content.
     pub async fn put_manifest(&self, repo: &RepoName, d: &Digest, meta: &ManifestMeta, bytes: &[u8]) -> io::Result<()> {
+        self.stats.changed();
         self.put_blob_bytes(d, bytes).await?;
         let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
         self.driver.put(&revision_link(repo, d), &json).await?;
@@ -489,6 +503,7 @@ impl Store {
     /// Remove a manifest from a repository, with every tag that points to it and its referrer
     /// entry. The content stays (other repositories may share it; gc removes orphans).
     pub async fn delete_manifest(&self, repo: &RepoName, d: &Digest) -> io::Result<bool> {
+        self.stats.changed();
         let Some(meta) = self.manifest_meta(repo, d).await? else {
             return Ok(false);
         };
@@ -564,11 +579,13 @@ impl Store {
     }
 
     pub async fn set_tag(&self, repo: &RepoName, tag: &str, record: &TagRecord) -> io::Result<()> {
+        self.stats.changed();
         let json = serde_json::to_vec(record).map_err(io::Error::other)?;
         self.driver.put(&tag_path(repo, tag), &json).await
     }
 
     pub async fn delete_tag(&self, repo: &RepoName, tag: &str) -> io::Result<bool> {
+        self.stats.changed();
         let existed = self.driver.size(&tag_path(repo, tag)).await?.is_some();
         self.driver.delete(&format!("{}/{tag}", tags_dir(repo))).await?;
         Ok(existed)

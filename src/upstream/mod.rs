@@ -99,7 +99,63 @@ impl Kind {
     }
 }
 
+/// What the status page says about an upstream: failures, rate limiting, and the pull allowance
+/// Docker Hub announces in its `ratelimit-*` headers.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Health {
+    /// When an answer last came that was not a failure (Unix seconds).
+    pub last_ok: Option<u64>,
+    /// Since when every request has failed; `None` once one succeeds.
+    pub failing_since: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<u64>,
+    /// Until when it asked not to be called (a 429's `Retry-After`; 60 s when it gave none).
+    pub rate_limited_until: Option<u64>,
+    /// `ratelimit-limit` and `ratelimit-remaining` as last sent.
+    pub ratelimit_limit: Option<u64>,
+    pub ratelimit_remaining: Option<u64>,
+    /// The window they count over, in seconds (`;w=21600`).
+    pub ratelimit_window: Option<u64>,
+}
+
+impl Health {
+    fn succeeded(&mut self, headers: &HeaderMap) {
+        let now = crate::storage::unix_now();
+        self.last_ok = Some(now);
+        self.failing_since = None;
+        if self.rate_limited_until.is_some_and(|t| t <= now) {
+            self.rate_limited_until = None;
+        }
+        // Docker Hub: `ratelimit-limit: 100;w=21600`, `ratelimit-remaining: 76;w=21600`.
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let count = |v: &str| v.split(';').next().and_then(|n| n.trim().parse::<u64>().ok());
+        let window = |v: &str| {
+            v.split(';').skip(1).find_map(|p| p.trim().strip_prefix("w=").and_then(|w| w.trim().parse::<u64>().ok()))
+        };
+        if let Some(limit) = header("ratelimit-limit") {
+            self.ratelimit_limit = count(&limit);
+            self.ratelimit_window = window(&limit);
+        }
+        if let Some(remaining) = header("ratelimit-remaining") {
+            self.ratelimit_remaining = count(&remaining);
+        }
+    }
+
+    fn failed(&mut self, e: &UpstreamError) {
+        let now = crate::storage::unix_now();
+        self.failing_since.get_or_insert(now);
+        self.last_error = Some(e.to_string());
+        self.last_error_at = Some(now);
+        if let UpstreamError::TooManyRequests { retry_after, .. } = e {
+            let wait = retry_after.as_deref().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(60);
+            self.rate_limited_until = Some(now + wait.min(86_400));
+            self.ratelimit_remaining = Some(0);
+        }
+    }
+}
+
 pub struct Upstream {
+    health: std::sync::Mutex<Health>,
     name: String,
     base: reqwest::Url,
     client: reqwest::Client,
@@ -119,6 +175,7 @@ impl Upstream {
             .build()?;
         let credentials = cfg.username.clone().zip(cfg.password.clone());
         Ok(Upstream {
+            health: Default::default(),
             name: cfg.name.clone(),
             base: cfg.url.clone(),
             client,
@@ -130,6 +187,18 @@ impl Upstream {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The upstream's URL without any user information.
+    pub fn url_display(&self) -> String {
+        let mut u = self.base.clone();
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+        u.to_string()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The upstream URL of an API path, with an optional (encoded) query.
@@ -155,7 +224,12 @@ impl Upstream {
     /// Record an upstream failure (labelled by cause) and pass it on.
     pub fn failed(&self, e: UpstreamError) -> UpstreamError {
         self.metrics.upstream_failures.with_label_values(&[&self.name, e.cause()]).inc();
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).failed(&e);
         e
+    }
+
+    pub fn health(&self) -> Health {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Send a request for `repo`, answering a bearer or basic challenge once.
@@ -190,6 +264,9 @@ impl Upstream {
             let resp = req.send().await.map_err(|e| self.failed(self.err_from(e)))?;
             let status = resp.status();
             self.metrics.upstream_requests.with_label_values(&[&self.name, kind.label(), status.as_str()]).inc();
+            if !status.is_server_error() && status != StatusCode::TOO_MANY_REQUESTS {
+                self.health.lock().unwrap_or_else(|p| p.into_inner()).succeeded(resp.headers());
+            }
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge =
                     resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(Challenge::parse);
@@ -373,6 +450,13 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// Every upstream, by name.
+    pub fn all(&self) -> Vec<&Arc<Upstream>> {
+        let mut all: Vec<_> = self.by_name.values().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
     pub fn new(config: &Config, metrics: &Metrics) -> reqwest::Result<Self> {
         let mut by_name = HashMap::new();
         for u in &config.upstreams {

@@ -235,10 +235,14 @@ async fn registry(State(state): State<Arc<HubState>>, req: Request) -> Response 
                     let d = super::sha256(&bytes);
                     let len = bytes.len();
                     let body = if head { Body::empty() } else { Body::from(bytes) };
+                    // As Docker Hub: a pull allowance of 100 manifest GETs per 6 hours.
+                    let used = c.manifest_gets.load(Ordering::SeqCst);
                     Response::builder()
                         .header("content-type", mt)
                         .header("docker-content-digest", d)
                         .header("content-length", len)
+                        .header("ratelimit-limit", "100;w=21600")
+                        .header("ratelimit-remaining", format!("{};w=21600", 100usize.saturating_sub(used)))
                         .body(body)
                         .unwrap()
                 }

@@ -10,7 +10,7 @@
 mod window;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,25 @@ struct Running {
     id: u64,
     rx: watch::Receiver<Progress>,
     sources: Arc<Mutex<Sources>>,
+    started: Instant,
+    /// Clients streaming from this fill.
+    clients: Arc<AtomicUsize>,
+}
+
+/// A running fill as the status page shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FillStatus {
+    pub digest: String,
+    pub upstream: String,
+    /// The local repository the fill fetches through.
+    pub repository: String,
+    pub received: u64,
+    /// The upstream's Content-Length, once its headers arrived.
+    pub total: Option<u64>,
+    pub seconds: f64,
+    /// Bytes per second since the fill started.
+    pub bytes_per_second: u64,
+    pub clients: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -142,7 +161,8 @@ impl Fills {
         let (tx, rx) = watch::channel(Progress { phase: Phase::Connecting, received: 0, not_found: Vec::new() });
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sources = Arc::new(Mutex::new(Sources { list: vec![source], current: 0, closed: false }));
-        running.insert(digest.clone(), Running { id, rx: rx.clone(), sources: sources.clone() });
+        let (started, clients) = (Instant::now(), Arc::default());
+        running.insert(digest.clone(), Running { id, rx: rx.clone(), sources: sources.clone(), started, clients });
         drop(running);
         tokio::spawn(run(cache.clone(), sources, digest, id, tx));
         Ok(rx)
@@ -167,6 +187,41 @@ impl Fills {
 
     pub fn in_flight(&self) -> usize {
         lock(&self.running).len()
+    }
+
+    /// Every running fill: what, through where, how far, for how many clients.
+    pub fn list(&self) -> Vec<FillStatus> {
+        let running = lock(&self.running);
+        let mut fills: Vec<FillStatus> = running
+            .iter()
+            .map(|(digest, r)| {
+                let progress = r.rx.borrow();
+                let total = match &progress.phase {
+                    Phase::Streaming(s) => Some(s.total),
+                    Phase::Done { total } => Some(*total),
+                    Phase::Connecting | Phase::Failed(_) => None,
+                };
+                let source = lock(&r.sources).current();
+                let seconds = r.started.elapsed().as_secs_f64();
+                FillStatus {
+                    digest: digest.to_string(),
+                    upstream: source.as_ref().map(|s| s.upstream.name().to_string()).unwrap_or_default(),
+                    repository: source.as_ref().map(|s| s.local.to_string()).unwrap_or_default(),
+                    received: progress.received,
+                    total,
+                    seconds,
+                    bytes_per_second: (progress.received as f64 / seconds.max(0.001)) as u64,
+                    clients: r.clients.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        fills.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        fills
+    }
+
+    /// The client counter of the running fill of `digest`.
+    fn clients(&self, digest: &Digest) -> Option<Arc<AtomicUsize>> {
+        lock(&self.running).get(digest).map(|r| r.clients.clone())
     }
 }
 
@@ -341,6 +396,7 @@ async fn receive(
                 staged.insert(s).clone()
             }
         };
+        let upstream_bytes = cache.metrics.upstream_bytes.with_label_values(&[upstream.name(), "blob"]);
         let mut body = resp.bytes_stream();
         let mut broken = None;
         while let Some(next) = body.next().await {
@@ -349,6 +405,7 @@ async fn receive(
                     let received = writer.written() + chunk.len() as u64;
                     staged.shared.window().push(chunk.clone(), writer.on_disk());
                     tx.send_modify(|p| p.received = received);
+                    upstream_bytes.inc_by(chunk.len() as u64);
                     writer.write(chunk).await?;
                     pacing.keep_pace(&staged.shared, received).await;
                 }
@@ -461,7 +518,7 @@ pub(super) fn follow(
         /// Counts this client among the fill's readers, once bytes flow.
         reader: Option<Reader>,
     }
-    let waiting = WaiterGauge::new(&cache);
+    let waiting = WaiterGauge::new(&cache, &digest);
     let hold = cache.lru.hold(&digest);
     let follower = Follower { cache, digest, rx, pos: start, end, _waiting: waiting, _hold: hold, reader: None };
     futures_util::stream::unfold(follower, |mut f| async move {
@@ -546,18 +603,25 @@ async fn read(cache: &Cache, digest: &Digest, staging: Option<&str>, pos: u64, w
     Ok(chunk)
 }
 
-/// Counts clients streaming from a fill, for the `fill_waiters` gauge.
-struct WaiterGauge(prometheus::IntGauge);
+/// Counts a client streaming from a fill: in the `fill_waiters` gauge and in the fill's own count.
+struct WaiterGauge(prometheus::IntGauge, Option<Arc<AtomicUsize>>);
 
 impl WaiterGauge {
-    fn new(cache: &Cache) -> Self {
+    fn new(cache: &Cache, digest: &Digest) -> Self {
         cache.metrics.fill_waiters.inc();
-        WaiterGauge(cache.metrics.fill_waiters.clone())
+        let fill = cache.fills.clients(digest);
+        if let Some(c) = &fill {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        WaiterGauge(cache.metrics.fill_waiters.clone(), fill)
     }
 }
 
 impl Drop for WaiterGauge {
     fn drop(&mut self) {
         self.0.dec();
+        if let Some(c) = &self.1 {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
