@@ -14,6 +14,10 @@ SECONDS_EACH="${FUZZ_SECONDS:-15}"
 TIMEOUT="${FUZZ_TIMEOUT:-10}"
 CARGO_FUZZ_VERSION=0.13.2
 
+if ! cargo +nightly --version >/dev/null 2>&1 && command -v rustup >/dev/null; then
+  echo "run.sh: installing the nightly toolchain (rustup)" >&2
+  rustup toolchain install nightly --profile minimal || true
+fi
 if ! cargo +nightly --version >/dev/null 2>&1; then
   echo "run.sh: the nightly toolchain is needed (rustup toolchain install nightly)" >&2
   exit 2

@@ -15,12 +15,27 @@ use serde_json::Value;
 /// A tmpfs of `mib` MiB mounted at `<dir>/data`, unmounted when dropped.
 struct SmallDisk {
     mount: PathBuf,
+    sudo: bool,
+}
+
+/// `program`, through `sudo -n` when the tests run as a user.
+fn root_command(sudo: bool, program: &str) -> Command {
+    if sudo {
+        let mut c = Command::new("sudo");
+        c.args(["-n", program]);
+        c
+    } else {
+        Command::new(program)
+    }
 }
 
 impl SmallDisk {
     fn mount(dir: &Path, mib: u64) -> Option<SmallDisk> {
-        let root = unsafe { libc::geteuid() } == 0;
-        if !root {
+        // SAFETY: plain queries of this process's ids.
+        let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        // The README's test command, run by a user, mounts through sudo (REGMIRROR_SUDO).
+        let sudo = uid != 0 && std::env::var("REGMIRROR_SUDO").as_deref() == Ok("1");
+        if uid != 0 && !sudo {
             if std::env::var("REGMIRROR_E2E").as_deref() == Ok("skip") {
                 return None;
             }
@@ -28,13 +43,13 @@ impl SmallDisk {
         }
         let mount = dir.join("data");
         std::fs::create_dir_all(&mount).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+        let status = root_command(sudo, "mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,uid={uid},gid={gid},mode=0755"), "tmpfs"])
             .arg(&mount)
             .status()
             .unwrap();
         assert!(status.success(), "mount tmpfs");
-        Some(SmallDisk { mount })
+        Some(SmallDisk { mount, sudo })
     }
 
     /// Fill the disk until only `free_mib` MiB are left; returns the ballast file.
@@ -55,7 +70,7 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+        let _ = root_command(self.sudo, "umount").arg("-l").arg(&self.mount).status();
     }
 }
 

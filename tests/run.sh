@@ -1,13 +1,36 @@
 #!/usr/bin/env bash
 # Run every test regmirror has: the dependency policy (cargo deny), unit and integration tests
-# (cargo test), the fuzz targets briefly (cargo fuzz, nightly), then the end-to-end suite with
-# real clients (docker, containerd, podman, skopeo). Installs the Debian packages and cargo tools
-# the tests use when they are missing (Debian packages need root and apt-get). REGMIRROR_E2E=skip
-# skips the tests that need real clients and root.
+# (cargo test), the fuzz targets briefly (cargo fuzz, nightly), the packages (.deb, container
+# image), then the end-to-end suite with real clients (docker, containerd, podman, skopeo).
+# Installs the Debian packages and cargo tools the tests use when they are missing.
+#
+# Run it as yourself (cargo, rustup and target/ stay yours): what needs root (apt-get, a small
+# tmpfs mount, the end-to-end suite's network namespace and daemons) goes through sudo, which
+# asks for your password once. As root, nothing goes through sudo.
+# REGMIRROR_E2E=skip skips the tests that need real clients and root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(docker-registry skopeo podman docker.io containerd umoci nginx-light prometheus iproute2 openssl curl systemd sslscan python3-venv)
+PACKAGES=(docker-registry skopeo podman docker.io containerd umoci nginx-light prometheus iproute2 openssl curl systemd sslscan python3-venv chromium chromium-driver binutils)
+
+# As root: run directly. As a user: through sudo, kept valid for the whole run (cargo test and the
+# end-to-end suite take longer than sudo remembers a password).
+if [ "$(id -u)" -eq 0 ]; then
+  as_root() { "$@"; }
+elif [ "${REGMIRROR_E2E:-}" = "skip" ]; then
+  as_root() { echo "tests/run.sh: needs root for: $*" >&2; return 1; }
+else
+  if ! command -v sudo >/dev/null; then
+    echo "tests/run.sh: run as root, or install sudo (or set REGMIRROR_E2E=skip to skip the tests that need root)" >&2
+    exit 1
+  fi
+  sudo -v || { echo "tests/run.sh: sudo refused" >&2; exit 1; }
+  ( while kill -0 $$ 2>/dev/null; do sudo -n -v 2>/dev/null; sleep 50; done ) &
+  # sudo resets PATH; the tools the root parts use are system ones, but keep the caller's too.
+  as_root() { sudo -n env "PATH=$PATH" "$@"; }
+  # The tmpfs the disk-full tests mount.
+  export REGMIRROR_SUDO=1
+fi
 
 install_missing() {
   local missing=()
@@ -15,18 +38,17 @@ install_missing() {
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
-  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+  if ! command -v apt-get >/dev/null; then
     echo "tests/run.sh: missing packages: ${missing[*]}" >&2
-    echo "  install them as root (apt-get install ${missing[*]}), or set REGMIRROR_E2E=skip to skip the tests with real clients" >&2
+    echo "  install them (apt-get install ${missing[*]}), or set REGMIRROR_E2E=skip to skip the tests with real clients" >&2
     return 1
   fi
   echo "== installing: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   # dockerd and containerd must not start as system services: the tests start their own.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-  apt-get install -y -qq "${missing[@]}" >/dev/null
-  rm -f /usr/sbin/policy-rc.d
+  as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  as_root rm -f /usr/sbin/policy-rc.d
 }
 
 if [ "${REGMIRROR_E2E:-}" != "skip" ]; then
@@ -56,10 +78,17 @@ echo "== fuzz targets, ${FUZZ_SECONDS:-15} s each"
 cargo_tool cargo-fuzz cargo-fuzz
 FUZZ_SECONDS=${FUZZ_SECONDS:-15} bash fuzz/run.sh
 
+echo "== packages: the .deb (cargo deb) and the container image's context (static build)"
+cargo_tool cargo-deb cargo-deb
+bash packaging/deb.sh
+bash packaging/image.sh
+DEB=$(ls -t target/debian/regmirror_*.deb | head -n 1)
+
 if [ "${REGMIRROR_E2E:-}" = "skip" ]; then
   echo "== end-to-end suite skipped (REGMIRROR_E2E=skip)"
   exit 0
 fi
-echo "== end-to-end suite (real clients)"
+echo "== end-to-end suite (real clients, the .deb, the image)"
 cargo build --release
-REGMIRROR_BIN="$PWD/target/release/regmirror" bash tests/e2e/run.sh
+as_root env REGMIRROR_BIN="$PWD/target/release/regmirror" REGMIRROR_DEB="$PWD/$DEB" \
+  REGMIRROR_IMAGE_CONTEXT="$PWD/target/image" bash tests/e2e/run.sh
