@@ -22,8 +22,14 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let toml = "[storage]\nroot = \"data\"\nmax_size = \"100GiB\"\n[private]\nnamespaces = [\"private\"]\n";
-        let config = Config::parse(toml, dir.path()).expect("config");
+        // With [auth]: every row's visibility is decided by the anonymous policy and the grants.
+        let htpasswd = dir.path().join("htpasswd");
+        regmirror::auth::set_password(&htpasswd, "alice", "alice-password").expect("htpasswd");
+        let toml = format!(
+            "[storage]\nroot = \"data\"\nmax_size = \"100GiB\"\n[private]\nnamespaces = [\"private\"]\n[auth]\nhtpasswd = \"{}\"\nanonymous = \"pull-mirror\"\n[[auth.grant]]\nusers = [\"alice\"]\nrepositories = [\"private/team-1*\", \"private/team-2*\"]\naccess = \"pull\"\n",
+            htpasswd.display()
+        );
+        let config = Config::parse(&toml, dir.path()).expect("config");
         // Each repository links a blob of its own and one every repository shares.
         {
             let state = regmirror::app::AppState::new(config.clone()).await.expect("state");
@@ -44,6 +50,10 @@ fn main() {
             println!("store: {repositories} repositories written in {:.1} s", started.elapsed().as_secs_f64());
         }
         let state = regmirror::app::start(config).await.expect("start");
+        // Every repository pulled at some time.
+        for name in state.store.list_repositories_all().await.expect("list") {
+            state.cache.pulled(&name);
+        }
         let started = Instant::now();
         while state.status.repositories.current(&state).built_at == 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -53,28 +63,40 @@ fn main() {
             started.elapsed().as_secs_f64()
         );
         let app = regmirror::app::router(state.clone());
-        let req = Request::get("/api/status").body(Body::empty()).expect("request");
+        let req = Request::get("/api/status?per_page=1").body(Body::empty()).expect("request");
         let body = axum::body::to_bytes(app.clone().oneshot(req).await.expect("response").into_body(), usize::MAX)
             .await
             .expect("body");
         let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
-        println!("repositories listed: {}", json["repositories"]["total"]);
+        println!(
+            "repositories visible anonymously: {} (the rest are private), each with a last pull",
+            json["repositories"]["total"]
+        );
         println!("{:<44} {:>9} {:>9} {:>9} {:>10}", "request", "median", "p95", "max", "body");
-        for path in [
-            "/",
-            "/?sort=size&desc=1",
-            "/?sort=pulled",
-            "/?q=image-99",
-            "/?page=150",
-            "/api/status",
-            "/api/status?per_page=1000",
+        let alice = {
+            use base64::Engine;
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("alice:alice-password"))
+        };
+        for (path, user) in [
+            ("/", None),
+            ("/?sort=size&desc=1", None),
+            ("/?sort=pulled", None),
+            ("/?q=image-99", None),
+            ("/?page=150", None),
+            ("/", Some(&alice)),
+            ("/?q=team", Some(&alice)),
+            ("/api/status", None),
+            ("/api/status?per_page=1000", None),
         ] {
             let mut server = Vec::with_capacity(ROUNDS);
             let mut total = Vec::with_capacity(ROUNDS);
             let mut size = 0;
             for _ in 0..ROUNDS {
-                let req =
-                    Request::get(path).header("host", "mirror.example:5000").body(Body::empty()).expect("request");
+                let mut req = Request::get(path).header("host", "mirror.example:5000");
+                if let Some(a) = user {
+                    req = req.header("authorization", a.as_str());
+                }
+                let req = req.body(Body::empty()).expect("request");
                 let t = Instant::now();
                 let resp = app.clone().oneshot(req).await.expect("response");
                 let timing = resp
@@ -93,7 +115,7 @@ fn main() {
             total.sort_by(f64::total_cmp);
             println!(
                 "{:<44} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>8}KiB",
-                format!("{path} (server time)"),
+                format!("{path}{} (server time)", if user.is_some() { " as alice" } else { "" }),
                 percentile(&server, 0.5),
                 percentile(&server, 0.95),
                 server[server.len() - 1],

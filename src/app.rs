@@ -107,8 +107,21 @@ pub async fn start(config: Config) -> Result<AppState, StartError> {
     let (pins, every, referrers) = (config.pins.clone(), config.pin_refresh, config.pin_referrers);
     pins::spawn(state.cache.clone(), state.upstreams.clone(), pins, every, referrers);
     uploads::spawn_purge(state.clone());
-    crate::status::spawn(state.clone()).await;
+    if state.config.ui_enabled {
+        crate::status::spawn(state.clone()).await;
+    }
     Ok(state)
+}
+
+/// After the listeners drained: keep what must outlive the process (access times for the
+/// eviction order, the status page's history) and stop the background tasks that write them.
+pub async fn shutdown(state: &AppState) {
+    if state.config.ui_enabled {
+        crate::status::stop(state).await;
+    }
+    if let Err(e) = state.cache.lru.persist() {
+        tracing::warn!(error = %e, "could not persist access times");
+    }
 }
 
 pub fn router(state: AppState) -> Router {
@@ -170,6 +183,8 @@ async fn log_request(State(state): State<AppState>, req: Request, next: Next) ->
         "/readyz" => "/readyz",
         "/ca.crt" => "/ca.crt",
         "/auth/token" => "/auth/token",
+        "/" => "/",
+        "/api/status" => "/api/status",
         _ => "other",
     };
     let head = method == axum::http::Method::HEAD;

@@ -316,7 +316,9 @@ fn healthcheck(url: &str) -> Result<(), String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     // A liveness probe of our own listener, usually on loopback: the certificate names the
     // public host, not 127.0.0.1, and the answer carries nothing secret, so it is not verified.
+    // Never through a proxy: containers often have HTTPS_PROXY set for the upstreams.
     let client = reqwest::Client::builder()
+        .no_proxy()
         .danger_accept_invalid_certs(true)
         .timeout(std::time::Duration::from_secs(5))
         .build()
@@ -434,8 +436,6 @@ async fn serve(config: Config) -> Result<(), String> {
     let limits = config.limits.clone();
     let result =
         run(listeners, state.metrics.clone(), shutdown_signal(), drain, limits).await.map_err(|e| e.to_string());
-    if let Err(e) = state.cache.lru.persist() {
-        tracing::warn!(error = %e, "could not persist access times");
-    }
+    crate::app::shutdown(&state).await;
     result
 }

@@ -452,7 +452,8 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let fail = |p: String| ConfigErrors { path: path.to_path_buf(), problems: vec![p] };
         let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
-        Config::parse_with_env(&text, path.parent().unwrap_or(Path::new("")), std::env::vars())
+        let env = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        Config::parse_with_env(&text, path.parent().unwrap_or(Path::new("")), env)
             .map_err(|problems| ConfigErrors { path: path.to_path_buf(), problems })
     }
 
@@ -468,13 +469,16 @@ impl Config {
         base: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, Vec<String>> {
+        // An empty variable is an unset one (compose files write `REGMIRROR_MAX_SIZE=`).
         let overrides: Vec<(&EnvOverride, String)> = env
             .into_iter()
+            .filter(|(_, value)| !value.trim().is_empty())
             .filter_map(|(name, value)| ENV_OVERRIDES.iter().find(|o| o.var == name).map(|o| (o, value)))
             .collect();
+        // The file alone first, so its errors point at a line and column.
+        let raw: RawConfig = toml::from_str(text).map_err(|e| vec![describe_toml_error(&e, text)])?;
         let raw: RawConfig = if overrides.is_empty() {
-            // Straight from the text, so errors can point at a line and column.
-            toml::from_str(text).map_err(|e| vec![describe_toml_error(&e, text)])?
+            raw
         } else {
             let mut table: toml::Table = toml::from_str(text).map_err(|e| vec![describe_toml_error(&e, text)])?;
             let mut names = Vec::new();
@@ -920,6 +924,13 @@ mod tests {
         let bad = Config::parse_with_env(file, Path::new("/x"), env(&[("REGMIRROR_TLS_MODE", "maybe")]))
             .expect_err("not a mode");
         assert!(bad.iter().any(|p| p.contains("maybe")), "{bad:?}");
+        // An empty variable is unset; errors in the file still point at their line.
+        let c = Config::parse_with_env(file, Path::new("/x"), env(&[("REGMIRROR_MAX_SIZE", "")])).expect("valid");
+        assert_eq!(c.max_size, None);
+        let bad =
+            Config::parse_with_env("[server]\nlisten = 5\n", Path::new("/x"), env(&[("REGMIRROR_MAX_SIZE", "1GiB")]))
+                .expect_err("listen is not a string");
+        assert!(bad.iter().any(|p| p.contains("line 2")), "{bad:?}");
         // Without overrides the file alone decides.
         let c = Config::parse_with_env(file, Path::new("/x"), env(&[])).expect("valid");
         assert_eq!(c.listen, "0.0.0.0:5000".parse().expect("addr"));

@@ -159,11 +159,29 @@ impl Metrics {
         }
     }
 
+    /// Every family's current values, gathered once: the status page reads the same figures
+    /// `/metrics` shows.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot(self.registry.gather())
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Gathered metric families.
+pub struct Snapshot(Vec<prometheus::proto::MetricFamily>);
+
+impl Snapshot {
     /// The sum of a counter or gauge family over the series whose labels match `labels` (all
-    /// series when empty): the status page reads the same figures `/metrics` shows.
+    /// series when empty).
     pub fn sum(&self, family: &str, labels: &[(&str, &str)]) -> f64 {
-        self.registry
-            .gather()
+        self.0
             .iter()
             .filter(|f| f.name() == family)
             .flat_map(|f| f.get_metric().iter().map(move |m| (f.get_field_type(), m)))
@@ -175,14 +193,6 @@ impl Metrics {
                 _ => m.get_gauge().get_value(),
             })
             .sum()
-    }
-
-    pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
-            return String::new();
-        }
-        String::from_utf8(buf).unwrap_or_default()
     }
 }
 

@@ -25,9 +25,12 @@ else
     exit 1
   fi
   sudo -v || { echo "tests/run.sh: sudo refused" >&2; exit 1; }
-  ( while kill -0 $$ 2>/dev/null; do sudo -n -v 2>/dev/null; sleep 50; done ) &
-  # sudo resets PATH; the tools the root parts use are system ones, but keep the caller's too.
-  as_root() { sudo -n env "PATH=$PATH" "$@"; }
+  ( while kill -0 $$ 2>/dev/null; do sudo -n -v 2>/dev/null || true; sleep 50; done ) &
+  keepalive=$!
+  trap 'kill "$keepalive" 2>/dev/null || true' EXIT
+  # sudo keeps root's own PATH (secure_path) and drops the environment: pass on the suite's knobs.
+  mapfile -t knobs < <(env | grep -E '^(E2E|REGMIRROR)_[A-Z0-9_]*=' || true)
+  as_root() { sudo -n env "${knobs[@]}" "$@"; }
   # The tmpfs the disk-full tests mount.
   export REGMIRROR_SUDO=1
 fi
@@ -47,7 +50,10 @@ install_missing() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   # dockerd and containerd must not start as system services: the tests start their own.
   as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; then
+    as_root rm -f /usr/sbin/policy-rc.d
+    return 1
+  fi
   as_root rm -f /usr/sbin/policy-rc.d
 }
 

@@ -35,6 +35,19 @@ async fn status_json(c: &reqwest::Client, s: &TestServer, query: &str) -> Value 
     r.json().await.unwrap()
 }
 
+/// Poll `/api/status` (bounded) until `cond` holds; fails the test when it never does.
+async fn status_until(c: &reqwest::Client, s: &TestServer, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = status_json(c, s, "").await;
+        if cond(&j) {
+            return j;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}: {j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Pull a mirrored image: its manifest by tag, then every blob. Returns the blob bytes.
 async fn pull(c: &reqwest::Client, s: &TestServer, repo: &str, tag: &str) -> u64 {
     let accept = "application/vnd.oci.image.manifest.v1+json";
@@ -75,7 +88,7 @@ impl Driver {
 
     /// A headless Chromium session, `javascript` on or off.
     async fn session(&self, javascript: bool, width: u32) -> fantoccini::Client {
-        let profile = tempfile::tempdir().unwrap().keep();
+        let profile = tempfile::tempdir_in(self._profile.path()).unwrap().keep();
         let mut prefs = serde_json::Map::new();
         if !javascript {
             prefs.insert("profile.managed_default_content_settings.javascript".into(), 2.into());
@@ -256,8 +269,12 @@ async fn the_status_page_in_a_real_browser_agrees_with_the_metrics_and_the_json(
     // The upstream after the forced failure, and the allowance it announced.
     let state = b.find(fantoccini::Locator::Css("tr[data-upstream=\"docker.io\"] td[data-state]")).await.unwrap();
     assert_eq!(state.attr("data-state").await.unwrap().as_deref(), Some("rate-limited"));
-    assert!(state.text().await.unwrap().starts_with("rate-limited until in 4"), "{}", state.text().await.unwrap());
+    assert!(state.text().await.unwrap().starts_with("rate-limited until in "), "{}", state.text().await.unwrap());
     assert_eq!(json["upstreams"][0]["state"], "rate-limited");
+    // Retry-After: 42 from the moment of the 429.
+    let until = json["upstreams"][0]["until"].as_u64().unwrap();
+    let now = json["generated_at"].as_u64().unwrap();
+    assert!(until > now && until <= now + 42, "until {until}, now {now}");
     assert_eq!(json["upstreams"][0]["ratelimit_limit"], 100, "from the ratelimit-limit header");
     assert_eq!(json["upstreams"][0]["ratelimit_window_seconds"], 21600);
     let remaining = b.find(fantoccini::Locator::Css("tr[data-upstream=\"docker.io\"] [data-remaining]")).await.unwrap();
@@ -289,13 +306,15 @@ async fn the_status_page_in_a_real_browser_agrees_with_the_metrics_and_the_json(
     assert!(png.starts_with(b"\x89PNG"));
     let errors = console_errors(&b).await;
     assert!(errors.is_empty(), "console errors: {errors:?}");
+    let scripted = b.execute("return document.documentElement.getAttribute('data-refreshing');", vec![]).await.unwrap();
+    assert_eq!(scripted, "on", "the refresh script ran");
     b.close().await.unwrap();
 
     // Without JavaScript it reads fully, and at 390 px nothing overflows sideways.
     let b = driver.session(false, 390).await;
     b.goto(&s.url("/")).await.unwrap();
-    let scripted = b.execute("return 1", vec![]).await;
-    assert!(scripted.is_err() || b.find(fantoccini::Locator::Id("hit-ratio")).await.is_ok());
+    let scripted = b.execute("return document.documentElement.getAttribute('data-refreshing');", vec![]).await.unwrap();
+    assert_eq!(scripted, Value::Null, "JavaScript is off: the page's script did not run");
     for id in ["served-bytes", "hit-ratio", "store-bytes", "store-blobs", "repository-count", "client-setup"] {
         let (text, _) = text_of(&b, id).await;
         assert!(!text.trim().is_empty(), "#{id} is empty without JavaScript");
@@ -350,14 +369,7 @@ async fn anonymous_visitors_never_see_private_repository_names() {
     pull(&anon, &s, "library/app", "1").await;
 
     // The logged-in user sees both, once the summary caught up.
-    let mut seen = Value::Null;
-    for _ in 0..200 {
-        seen = status_json(&alice, &s, "").await;
-        if seen["repositories"]["total"] == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let seen = status_until(&alice, &s, "alice sees both repositories", |j| j["repositories"]["total"] == 2).await;
     assert_eq!(seen["user"], "alice");
     let names: Vec<&str> =
         seen["repositories"]["items"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
@@ -381,9 +393,59 @@ async fn anonymous_visitors_never_see_private_repository_names() {
     let r = anon.get(s.url("/?login=1")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert!(r.headers()["www-authenticate"].to_str().unwrap().starts_with("Basic realm="));
-    let r = basic_client("alice", "wrong").get(s.url("/api/status")).send().await.unwrap();
-    assert_eq!(r.status(), 401);
-    assert!(!r.text().await.unwrap().contains("secret-project"));
+    for path in ["/api/status", "/"] {
+        let r = basic_client("alice", "wrong").get(s.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path}");
+        assert!(!r.text().await.unwrap().contains("secret-project"));
+    }
+    let r = alice.get(s.url("/?login=1")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let page = r.text().await.unwrap();
+    assert!(page.contains("signed in as <b id=\"user\">alice</b>") && page.contains("private/secret-project-x"));
+
+    // One of regmirror's bearer tokens works as well as the password.
+    let r = alice
+        .get(s.url("/auth/token?service=regmirror&scope=repository:private/secret-project-x:pull"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let token = r.json::<Value>().await.unwrap()["token"].as_str().unwrap().to_string();
+    let j: Value = anon.get(s.url("/api/status")).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+    assert_eq!(j["user"], "alice");
+    assert_eq!(j["repositories"]["total"], 2);
+}
+
+#[tokio::test]
+async fn what_visitors_send_is_escaped_and_the_page_is_locked_down() {
+    let hub = Hub::start().await;
+    let s = TestServer::start(&mirror_config(&hub, "")).await;
+    let c = client();
+    let r = c
+        .get(s.url("/?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E%22%27&sort=%3Cx%3E&desc=%22"))
+        .header("host", "evil\"><script>x</script>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers().clone();
+    let page = r.text().await.unwrap();
+    assert!(!page.contains("<script>alert"), "the search is echoed escaped");
+    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;&#39;"));
+    assert!(!page.contains("evil\""), "an implausible Host is not echoed");
+    assert_eq!(page.matches("<script>").count(), 1, "only the page's own script");
+    let csp = h["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'") && csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(!csp.contains("unsafe-eval") && !csp.contains("script-src 'unsafe-inline'"), "{csp}");
+    assert_eq!(h["cache-control"], "no-store");
+    assert_eq!(h["vary"], "Authorization");
+    assert_eq!(h["x-frame-options"], "DENY");
+    // The script the policy allows is the script the page carries.
+    use base64::Engine;
+    use sha2::Digest as _;
+    let script = page.split("<script>").nth(1).unwrap().split("</script>").next().unwrap();
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script.as_bytes()));
+    assert!(csp.contains(&format!("'sha256-{hash}'")), "{csp}");
 }
 
 #[tokio::test]
@@ -405,11 +467,12 @@ async fn hourly_savings_survive_a_restart() {
     let s = TestServer::start(&toml).await;
     let c = client();
     let bytes = pull(&c, &s, "library/app", "1").await;
-    let before = status_json(&c, &s, "").await;
+    let before = status_until(&c, &s, "the pulled repository is summarised", |j| j["repositories"]["total"] == 1).await;
     let hour = before["savings"]["history"].as_array().unwrap().last().unwrap().clone();
     assert!(hour["served_bytes"].as_u64().unwrap() >= bytes);
-    assert!(before["repositories"]["items"].as_array().unwrap().iter().all(|r| r["last_pull"].is_u64()));
-    regmirror::status::save(&s.state).await.unwrap();
+    assert!(before["repositories"]["items"][0]["last_pull"].is_u64());
+    // More traffic after the last sample: the shutdown keeps it too.
+    pull(&c, &s, "library/app", "1").await;
     let dir = s.stop().await;
 
     let s = TestServer::start_in(dir, &toml).await;
@@ -417,22 +480,10 @@ async fn hourly_savings_survive_a_restart() {
     // Counters restart at zero; the hour's bucket kept what the last run saw.
     assert_eq!(after["savings"]["served_bytes"], 0);
     let kept = after["savings"]["history"].as_array().unwrap().iter().find(|b| b["hour"] == hour["hour"]).cloned();
-    if let Some(kept) = kept {
-        assert_eq!(kept["served_bytes"], hour["served_bytes"]);
-        assert_eq!(kept["upstream_bytes"], hour["upstream_bytes"]);
-    } else {
-        // The hour turned during the test: then it is the one before the last.
-        let h = after["savings"]["history"].as_array().unwrap();
-        assert_eq!(h[h.len() - 2]["served_bytes"], hour["served_bytes"]);
-    }
-    let mut pulled = Value::Null;
-    for _ in 0..200 {
-        let j = status_json(&c, &s, "").await;
-        if j["repositories"]["total"] == 1 {
-            pulled = j["repositories"]["items"][0]["last_pull"].clone();
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(pulled.is_u64(), "the last pull time survives the restart");
+    let kept = kept.expect("the hour of the pulls is still among the last 24");
+    // Both pulls: the second one reached the store only at shutdown.
+    assert_eq!(kept["served_bytes"].as_u64().unwrap(), 2 * bytes, "{kept}");
+    assert_eq!(kept["upstream_bytes"], hour["upstream_bytes"]);
+    let j = status_until(&c, &s, "the summary after the restart", |j| j["repositories"]["total"] == 1).await;
+    assert!(j["repositories"]["items"][0]["last_pull"].is_u64(), "the last pull time survives the restart");
 }

@@ -1,7 +1,7 @@
 //! Hourly savings for the last 24 hours, and when each repository was last pulled: sampled from
 //! the metrics' counters, kept in the store, so a restart loses neither.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -37,7 +37,8 @@ struct Counters {
 
 impl Counters {
     fn read(m: &Metrics) -> Counters {
-        let sum = |family: &str, labels: &[(&str, &str)]| m.sum(family, labels) as u64;
+        let snapshot = m.snapshot();
+        let sum = |family: &str, labels: &[(&str, &str)]| snapshot.sum(family, labels) as u64;
         let outcome = |o: &str| sum("regmirror_cache_requests_total", &[("outcome", o)]);
         Counters {
             served: sum("regmirror_served_bytes_total", &[]),
@@ -50,7 +51,8 @@ impl Counters {
 
 #[derive(Default)]
 pub struct History {
-    buckets: Mutex<VecDeque<Bucket>>,
+    /// By the hour's start.
+    buckets: Mutex<BTreeMap<u64, Bucket>>,
     /// Counter values already added to the buckets (they start at zero with the process).
     seen: Mutex<Counters>,
     /// The store's gc record, as read last (the `gc` subcommand writes it from another process).
@@ -67,8 +69,9 @@ struct Saved {
 impl History {
     /// Add what the counters gained since the last sample to the hour of `now`.
     pub fn sample(&self, metrics: &Metrics, now: u64) {
-        let current = Counters::read(metrics);
+        // Read under the lock: two samples at once must not hand back counts already added.
         let mut seen = lock(&self.seen);
+        let current = Counters::read(metrics);
         let gained = Counters {
             served: current.served.saturating_sub(seen.served),
             upstream: current.upstream.saturating_sub(seen.upstream),
@@ -79,19 +82,12 @@ impl History {
         drop(seen);
         let hour = now - now % 3600;
         let mut buckets = lock(&self.buckets);
-        if buckets.back().is_none_or(|b| b.hour < hour) {
-            buckets.push_back(Bucket { hour, ..Default::default() });
-        }
-        if let Some(b) = buckets.back_mut() {
-            b.served_bytes += gained.served;
-            b.upstream_bytes += gained.upstream;
-            b.lookups += gained.lookups;
-            b.answered_from_store += gained.answered;
-        }
-        let oldest = hour.saturating_sub((HOURS - 1) * 3600);
-        while buckets.front().is_some_and(|b| b.hour < oldest) {
-            buckets.pop_front();
-        }
+        let b = buckets.entry(hour).or_insert_with(|| Bucket { hour, ..Default::default() });
+        b.served_bytes += gained.served;
+        b.upstream_bytes += gained.upstream;
+        b.lookups += gained.lookups;
+        b.answered_from_store += gained.answered;
+        keep_last_day(&mut buckets, hour);
     }
 
     /// The last 24 hours, one bucket per hour (empty ones included), oldest first.
@@ -102,7 +98,7 @@ impl History {
             .rev()
             .map(|ago| {
                 let h = hour.saturating_sub(ago * 3600);
-                buckets.iter().find(|b| b.hour == h).cloned().unwrap_or(Bucket { hour: h, ..Default::default() })
+                buckets.get(&h).cloned().unwrap_or(Bucket { hour: h, ..Default::default() })
             })
             .collect()
     }
@@ -111,6 +107,12 @@ impl History {
         let g = lock(&self.gc);
         GcRecord { runs: g.runs, freed_bytes: g.freed_bytes, last_run: g.last_run }
     }
+}
+
+/// Only the 24 hours up to `hour`: older ones, and ones "ahead" after the clock was set back.
+fn keep_last_day(buckets: &mut BTreeMap<u64, Bucket>, hour: u64) {
+    let oldest = hour.saturating_sub((HOURS - 1) * 3600);
+    buckets.retain(|&h, _| h >= oldest && h <= hour);
 }
 
 /// Take up the saved history and pull times (a missing or unreadable file starts empty).
@@ -127,7 +129,10 @@ pub async fn load(state: &AppState) {
             Saved::default()
         }
     };
-    *lock(&state.status.history.buckets) = saved.buckets.into_iter().collect();
+    let mut buckets: BTreeMap<u64, Bucket> = saved.buckets.into_iter().map(|b| (b.hour, b)).collect();
+    let now = crate::storage::unix_now();
+    keep_last_day(&mut buckets, now - now % 3600);
+    *lock(&state.status.history.buckets) = buckets;
     let mut pulls = lock(&state.cache.last_pulls);
     for (name, at) in saved.last_pulls {
         if let Ok(name) = RepoName::parse(&name) {
@@ -141,7 +146,7 @@ pub async fn load(state: &AppState) {
 pub async fn save(state: &AppState) -> std::io::Result<()> {
     *lock(&state.status.history.gc) = crate::gc::record(&state.store).await;
     let saved = Saved {
-        buckets: lock(&state.status.history.buckets).iter().cloned().collect(),
+        buckets: lock(&state.status.history.buckets).values().cloned().collect(),
         last_pulls: lock(&state.cache.last_pulls).iter().map(|(k, v)| (k.to_string(), *v)).collect(),
     };
     let json = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
@@ -173,5 +178,40 @@ mod tests {
         history.sample(&metrics, t0 + 30 * 3600);
         assert!(history.last_day(t0 + 30 * 3600).iter().all(|b| b.served_bytes == 0));
         assert_eq!(lock(&history.buckets).len(), 1);
+    }
+
+    #[test]
+    fn a_clock_set_back_starts_counting_in_the_right_hour_again() {
+        let metrics = Metrics::new();
+        let history = History::default();
+        let t0: u64 = 1_800_000_000; // an hour's start
+        metrics.bytes_served.with_label_values(&["cache"]).inc_by(10);
+        history.sample(&metrics, t0 + 5 * 3600); // the clock ran five hours ahead
+        metrics.bytes_served.with_label_values(&["cache"]).inc_by(20);
+        history.sample(&metrics, t0 + 60); // and was corrected
+        let day = history.last_day(t0 + 60);
+        assert_eq!(day[23].hour, t0);
+        assert_eq!(day[23].served_bytes, 20, "counted in the hour it is now");
+        assert_eq!(lock(&history.buckets).len(), 1, "the hour 'ahead' is gone");
+    }
+
+    #[test]
+    fn concurrent_samples_count_every_byte_once() {
+        let metrics = Metrics::new();
+        let history = std::sync::Arc::new(History::default());
+        let t0: u64 = 1_800_000_000;
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                let (history, metrics) = (history.clone(), metrics.clone());
+                s.spawn(move || {
+                    for _ in 0..500 {
+                        metrics.bytes_served.with_label_values(&["cache"]).inc_by(3);
+                        history.sample(&metrics, t0 + 10);
+                    }
+                });
+            }
+        });
+        history.sample(&metrics, t0 + 10);
+        assert_eq!(history.last_day(t0 + 10)[23].served_bytes, 4 * 500 * 3);
     }
 }

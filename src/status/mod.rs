@@ -19,7 +19,7 @@ use crate::auth::{ConnInfo, Principal};
 use crate::cache::fill::FillStatus;
 use crate::config::TlsConfig;
 use crate::storage::unix_now;
-pub use history::{save, Bucket, History};
+pub use history::{Bucket, History};
 pub use repositories::{RepoIndex, RepoRow};
 
 /// The status page's own state, kept with the application's.
@@ -28,28 +28,56 @@ pub struct Tracker {
     pub history: History,
     pub repositories: RepoIndex,
     started: std::sync::OnceLock<Instant>,
+    /// The server is shutting down: the background tasks end.
+    stopping: std::sync::atomic::AtomicBool,
+    stop: tokio::sync::Notify,
+    /// The CA's fingerprint, read once.
+    ca_sha256: std::sync::OnceLock<String>,
+}
+
+impl Tracker {
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// How often the hourly savings are brought up to date and written to the store.
 const SAMPLE_EVERY: Duration = Duration::from_secs(60);
 
 /// Load what the last run kept, then keep the history current and the repository summary
-/// built in the background.
+/// built in the background (until [`stop`]).
 pub async fn spawn(state: AppState) {
     let _ = state.status.started.set(Instant::now());
     history::load(&state).await;
-    state.status.repositories.refresh(&state);
+    repositories::spawn(state.clone());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SAMPLE_EVERY);
         tick.tick().await;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = state.status.stop.notified() => return,
+            }
+            if state.status.stopping() {
+                return;
+            }
             state.status.history.sample(&state.metrics, unix_now());
             if let Err(e) = history::save(&state).await {
                 tracing::warn!(error = %e, "could not save the status history");
             }
         }
     });
+}
+
+/// At shutdown: stop the background tasks and keep the history up to the last request.
+pub async fn stop(state: &AppState) {
+    state.status.stopping.store(true, std::sync::atomic::Ordering::Release);
+    state.status.stop.notify_waiters();
+    state.status.repositories.wake();
+    state.status.history.sample(&state.metrics, unix_now());
+    if let Err(e) = history::save(state).await {
+        tracing::warn!(error = %e, "could not save the status history");
+    }
 }
 
 /// Everything the page and the JSON show.
@@ -84,10 +112,10 @@ pub struct Savings {
     pub answered_from_store: u64,
     /// `answered_from_store / lookups` (0 without lookups).
     pub hit_ratio: f64,
-    /// Lookups that sent no request upstream at all (hit, stale).
+    /// Lookups answered without any request upstream (outcome hit).
     pub upstream_requests_avoided: u64,
-    /// Manifest GETs that did not reach the upstream: the pulls a Docker Hub rate limit counts.
-    pub rate_limited_pulls_avoided: u64,
+    /// Of those, manifest lookups (GET and HEAD): Docker Hub's pull limit counts manifest GETs.
+    pub manifest_requests_avoided: u64,
     pub history: Vec<Bucket>,
 }
 
@@ -190,9 +218,11 @@ const MAX_PER_PAGE: usize = 1000;
 impl Status {
     pub fn collect(state: &AppState, who: &Principal, view: &View, host: &str) -> Status {
         let now = unix_now();
+        state.refresh_store_gauges();
         state.status.history.sample(&state.metrics, now);
         let m = &state.metrics;
-        let sum = |family: &str, labels: &[(&str, &str)]| m.sum(family, labels) as u64;
+        let snapshot = m.snapshot();
+        let sum = |family: &str, labels: &[(&str, &str)]| snapshot.sum(family, labels) as u64;
         let lookups = sum("regmirror_cache_requests_total", &[]);
         let outcome = |o: &str| sum("regmirror_cache_requests_total", &[("outcome", o)]);
         let (hit, revalidated, stale) = (outcome("hit"), outcome("revalidated"), outcome("stale"));
@@ -205,8 +235,8 @@ impl Status {
             lookups,
             answered_from_store: answered,
             hit_ratio: if lookups == 0 { 0.0 } else { answered as f64 / lookups as f64 },
-            upstream_requests_avoided: hit + stale,
-            rate_limited_pulls_avoided: manifest("hit") + manifest("revalidated") + manifest("stale"),
+            upstream_requests_avoided: hit,
+            manifest_requests_avoided: manifest("hit"),
             history: state.status.history.last_day(now),
         };
 
@@ -215,7 +245,6 @@ impl Status {
         let pulls = state.cache.last_pulls.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let repositories = repository_page(&index.rows, &pulls, view, &visible, index.built_at);
 
-        state.refresh_store_gauges();
         let gc = state.status.history.gc();
         let store = StoreStatus {
             bytes: m.store_bytes.get().max(0) as u64,
@@ -292,10 +321,11 @@ fn repository_page(
     as_of: u64,
 ) -> RepositoryPage {
     let query = view.q.trim().to_lowercase();
+    // Visibility first: what a search costs must not depend on names the visitor cannot see.
     let mut matching: Vec<&RepoRow> = rows
         .iter()
-        .filter(|r| query.is_empty() || r.name.as_str().to_lowercase().contains(&query))
         .filter(|r| visible(&r.name))
+        .filter(|r| query.is_empty() || r.name.as_str().to_lowercase().contains(&query))
         .collect();
     let sort = match view.sort.as_deref() {
         Some("size") => "size",
@@ -353,14 +383,19 @@ fn client_setup(state: &AppState, host: &str) -> ClientSetup {
         TlsConfig::Files { cert, .. } => (Some(cert.clone()), None),
         TlsConfig::Off => (None, None),
     };
+    // The setup text names the file a client saves, not where the server keeps it.
     let setup = match &ca_path {
-        Some(p) => crate::tls::client_setup(host, p),
+        Some(_) => crate::tls::client_setup(host, std::path::Path::new("ca.crt")),
         None => format!(
             "TLS is off: clients must be told {host} is an insecure registry (or put a TLS-terminating proxy in front).\n"
         ),
     };
-    let ca_sha256 = match &state.config.tls {
-        TlsConfig::SelfSigned { .. } => ca_path.as_deref().and_then(|p| crate::tls::fingerprint_sha256(p).ok()),
+    let ca_sha256 = match (&state.config.tls, &ca_path) {
+        (TlsConfig::SelfSigned { .. }, Some(p)) => match state.status.ca_sha256.get() {
+            Some(f) => Some(f.clone()),
+            // Read once: the CA outlives certificate renewals.
+            None => crate::tls::fingerprint_sha256(p).ok().map(|f| state.status.ca_sha256.get_or_init(|| f).clone()),
+        },
         _ => None,
     };
     ClientSetup { host: host.to_string(), ca_url, ca_sha256, setup }
@@ -395,7 +430,9 @@ pub async fn page(State(state): State<AppState>, Query(view): Query<View>, req: 
     }
     let host = visitor_host(&state, &headers);
     let status = Status::collect(&state, &who, &view, &host);
-    let html = page::render(&status, state.access.enabled());
+    // Logging in sends a password: offered only where it is encrypted.
+    let login = state.access.enabled() && !matches!(state.config.tls, TlsConfig::Off);
+    let html = page::render(&status, login);
     let mut resp = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response();
     secure(&mut resp, started, true);
     resp
@@ -421,8 +458,12 @@ pub async fn json(State(state): State<AppState>, Query(view): Query<View>, req: 
 fn login_challenge() -> Response {
     (
         StatusCode::UNAUTHORIZED,
-        [(header::WWW_AUTHENTICATE, "Basic realm=\"regmirror\", charset=\"UTF-8\"")],
-        "log in with your registry user name and password\n",
+        [
+            (header::WWW_AUTHENTICATE, "Basic realm=\"regmirror\", charset=\"UTF-8\""),
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        "<!doctype html><title>regmirror: log in</title><p>Log in with your registry user name and password, or go <a href=\"/\">back to the status page</a>.</p>\n",
     )
         .into_response()
 }

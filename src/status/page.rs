@@ -8,6 +8,7 @@ use super::{Bucket, Status, UpstreamStatus};
 
 /// Refresh the sections marked `data-live` every 5 s from the same URL, while the tab is visible.
 const SCRIPT: &str = r#"(function () {
+  document.documentElement.setAttribute("data-refreshing", "on");
   function refresh() {
     if (document.visibilityState !== "visible") return;
     fetch(location.href, { credentials: "same-origin", cache: "no-store" })
@@ -165,7 +166,8 @@ fn figure(out: &mut String, id: &str, value: &str, raw: impl std::fmt::Display, 
     );
 }
 
-pub fn render(s: &Status, auth: bool) -> String {
+/// The page; `login`: offer a "log in" link to anonymous visitors.
+pub fn render(s: &Status, login: bool) -> String {
     let mut out = String::with_capacity(32 * 1024);
     out.push_str("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">");
     out.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">");
@@ -179,7 +181,7 @@ pub fn render(s: &Status, auth: bool) -> String {
         uptime(s.uptime_seconds),
         when(s.generated_at, s.generated_at)
     );
-    match (&s.user, auth) {
+    match (&s.user, login) {
         (Some(u), _) => {
             let _ = write!(out, "<span class=\"who\">signed in as <b id=\"user\">{}</b></span>", esc(u));
         }
@@ -223,10 +225,10 @@ fn savings(out: &mut String, s: &Status) {
     );
     figure(
         out,
-        "pulls-avoided",
-        &count(v.rate_limited_pulls_avoided),
-        v.rate_limited_pulls_avoided,
-        "rate-limited pulls avoided",
+        "manifest-requests-avoided",
+        &count(v.manifest_requests_avoided),
+        v.manifest_requests_avoided,
+        "of them for manifests",
     );
     out.push_str("</div>");
     let _ = write!(

@@ -3,16 +3,22 @@
 //! visitor waits.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::app::AppState;
 use crate::oci::{Digest, RepoName};
 use crate::storage::unix_now;
 
-/// The least time between two rebuilds: a busy mirror changes its store all the time.
+/// The least time between two rebuilds, and how many times the last build's duration must pass
+/// first: a busy mirror changes its store all the time, and a scan must not run back to back.
 const REBUILD_AFTER: Duration = Duration::from_secs(1);
+const REST_FACTOR: u32 = 10;
+/// Rebuilt at least this often, for changes other processes make (`regmirror gc`).
+const MAX_AGE: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Debug)]
 pub struct RepoRow {
@@ -36,42 +42,60 @@ pub struct Summary {
 #[derive(Default)]
 pub struct RepoIndex {
     summary: RwLock<Arc<Summary>>,
-    building: AtomicBool,
-    last_build: std::sync::Mutex<Option<Instant>>,
+    /// Wakes the builder: someone looked, and the store may have changed.
+    wanted: Notify,
 }
 
 impl RepoIndex {
-    /// The summary as last built; starts a rebuild in the background when the store changed.
-    pub fn current(&self, state: &AppState) -> Arc<Summary> {
-        self.refresh(state);
-        self.summary.read().unwrap_or_else(|e| e.into_inner()).clone()
+    pub(super) fn wake(&self) {
+        self.wanted.notify_one();
     }
 
-    /// Rebuild in the background if the store changed since the last build (and that build is
-    /// old enough).
-    pub fn refresh(&self, state: &AppState) {
-        let changes = state.store.stats().changes.load(Ordering::Relaxed);
+    /// The summary as last built; asks for a rebuild when the store changed since.
+    pub fn current(&self, state: &AppState) -> Arc<Summary> {
         let summary = self.summary.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if summary.built_at != 0 && summary.changes == changes {
-            return;
+        if summary.built_at == 0 || summary.changes != state.store.stats().changes.load(Ordering::Relaxed) {
+            self.wanted.notify_one();
         }
-        if super::lock(&self.last_build).is_some_and(|t| t.elapsed() < REBUILD_AFTER) {
-            return;
-        }
-        if self.building.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let state = state.clone();
-        tokio::spawn(async move {
-            let index = &state.status.repositories;
-            *super::lock(&index.last_build) = Some(Instant::now());
-            match build(&state, changes).await {
-                Ok(summary) => *index.summary.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(summary),
-                Err(e) => tracing::warn!(error = %e, "could not summarise the repositories for the status page"),
-            }
-            index.building.store(false, Ordering::Release);
-        });
+        summary
     }
+}
+
+/// The builder: one task, rebuilding when a visitor finds the summary stale (or it is older than
+/// `MAX_AGE`), resting between builds in proportion to how long the last one took, so nobody
+/// looking costs nothing and a busy store is not scanned back to back. A build that fails or
+/// panics is logged and tried again on the next wake-up.
+pub fn spawn(state: AppState) {
+    tokio::spawn(async move {
+        let index = &state.status.repositories;
+        let mut first = true;
+        loop {
+            if !first {
+                let _ = tokio::time::timeout(MAX_AGE, index.wanted.notified()).await;
+            }
+            first = false;
+            if state.status.stopping() {
+                return;
+            }
+            let summary = index.summary.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let changes = state.store.stats().changes.load(Ordering::Relaxed);
+            let age = Duration::from_secs(unix_now().saturating_sub(summary.built_at));
+            if summary.built_at != 0 && summary.changes == changes && age < MAX_AGE {
+                continue;
+            }
+            let started = Instant::now();
+            let build = tokio::spawn({
+                let state = state.clone();
+                async move { build(&state, changes).await }
+            });
+            match build.await {
+                Ok(Ok(summary)) => *index.summary.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(summary),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not summarise the repositories for the status page"),
+                Err(e) => tracing::error!(error = %e, "summarising the repositories for the status page failed"),
+            }
+            tokio::time::sleep(REBUILD_AFTER.max(started.elapsed() * REST_FACTOR)).await;
+        }
+    });
 }
 
 async fn build(state: &AppState, changes: u64) -> std::io::Result<Summary> {

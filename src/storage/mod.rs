@@ -163,8 +163,10 @@ impl StoreStats {
         self.objects.store(objects as i64, Relaxed);
     }
 
-    fn changed(&self) {
-        self.changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// Counts a change once it is done (when the guard drops, whichever way the operation
+    /// ends): a summary read before it then never takes its result for current.
+    fn change(&self) -> ChangeDone<'_> {
+        ChangeDone(&self.changes)
     }
 
     fn add(&self, bytes: i64, objects: i64) {
@@ -172,6 +174,14 @@ impl StoreStats {
         self.changes.fetch_add(1, Relaxed);
         self.bytes.fetch_add(bytes, Relaxed);
         self.objects.fetch_add(objects, Relaxed);
+    }
+}
+
+struct ChangeDone<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for ChangeDone<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -461,7 +471,7 @@ impl Store {
     // ---- repository links ----
 
     pub async fn link_blob(&self, repo: &RepoName, d: &Digest) -> io::Result<()> {
-        self.stats.changed();
+        let _changed = self.stats.change();
         // A fresh link makes the blob young again for gc's grace period.
         self.driver.touch(&blob_path(d)).await?;
         let path = layer_link(repo, d);
@@ -476,7 +486,7 @@ impl Store {
     }
 
     pub async fn unlink_blob(&self, repo: &RepoName, d: &Digest) -> io::Result<()> {
-        self.stats.changed();
+        let _changed = self.stats.change();
         self.driver.delete(&format!("{}/_layers/{}/{}", repo_path(repo), d.algorithm().as_str(), d.hex())).await
     }
 
@@ -485,7 +495,7 @@ impl Store {
     /// Record a manifest: content first, then the repository's link, then the referrer entry, so a
     /// crash never leaves a link to missing content.
     pub async fn put_manifest(&self, repo: &RepoName, d: &Digest, meta: &ManifestMeta, bytes: &[u8]) -> io::Result<()> {
-        self.stats.changed();
+        let _changed = self.stats.change();
         self.put_blob_bytes(d, bytes).await?;
         let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
         self.driver.put(&revision_link(repo, d), &json).await?;
@@ -503,7 +513,7 @@ impl Store {
     /// Remove a manifest from a repository, with every tag that points to it and its referrer
     /// entry. The content stays (other repositories may share it; gc removes orphans).
     pub async fn delete_manifest(&self, repo: &RepoName, d: &Digest) -> io::Result<bool> {
-        self.stats.changed();
+        let _changed = self.stats.change();
         let Some(meta) = self.manifest_meta(repo, d).await? else {
             return Ok(false);
         };
@@ -579,13 +589,13 @@ impl Store {
     }
 
     pub async fn set_tag(&self, repo: &RepoName, tag: &str, record: &TagRecord) -> io::Result<()> {
-        self.stats.changed();
+        let _changed = self.stats.change();
         let json = serde_json::to_vec(record).map_err(io::Error::other)?;
         self.driver.put(&tag_path(repo, tag), &json).await
     }
 
     pub async fn delete_tag(&self, repo: &RepoName, tag: &str) -> io::Result<bool> {
-        self.stats.changed();
+        let _changed = self.stats.change();
         let existed = self.driver.size(&tag_path(repo, tag)).await?.is_some();
         self.driver.delete(&format!("{}/{tag}", tags_dir(repo))).await?;
         Ok(existed)

@@ -210,7 +210,10 @@ impl Upstream {
         url
     }
 
+    /// Errors name no URL: after a redirect it is a CDN's, signed, and the status page shows the
+    /// message to anyone.
     fn err_from(&self, e: reqwest::Error) -> UpstreamError {
+        let e = e.without_url();
         let upstream = self.name.clone();
         if e.is_timeout() {
             UpstreamError::Timeout { upstream }
@@ -264,9 +267,6 @@ impl Upstream {
             let resp = req.send().await.map_err(|e| self.failed(self.err_from(e)))?;
             let status = resp.status();
             self.metrics.upstream_requests.with_label_values(&[&self.name, kind.label(), status.as_str()]).inc();
-            if !status.is_server_error() && status != StatusCode::TOO_MANY_REQUESTS {
-                self.health.lock().unwrap_or_else(|p| p.into_inner()).succeeded(resp.headers());
-            }
             if status == StatusCode::UNAUTHORIZED && attempt == 0 {
                 let challenge =
                     resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(Challenge::parse);
@@ -296,9 +296,12 @@ impl Upstream {
         Some(v)
     }
 
+    /// The final answer to a request: success, or the error it stands for. Health follows the
+    /// answer, not the challenges on the way to it.
     fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
         let status = resp.status();
         if status.is_success() {
+            self.health.lock().unwrap_or_else(|p| p.into_inner()).succeeded(resp.headers());
             return Ok(resp);
         }
         let upstream = self.name.clone();
@@ -308,14 +311,25 @@ impl Upstream {
         } else {
             UpstreamError::Status { upstream, status: status.as_u16() }
         };
-        Err(if err.is_not_found() { err } else { self.failed(err) })
+        if err.is_absent() {
+            // A working upstream saying the repository does not have it (Docker Hub answers 401
+            // for a name that does not exist): counted as before, but no sign of trouble.
+            self.health.lock().unwrap_or_else(|p| p.into_inner()).succeeded(resp.headers());
+            if !err.is_not_found() {
+                self.metrics.upstream_failures.with_label_values(&[&self.name, err.cause()]).inc();
+            }
+            return Err(err);
+        }
+        Err(self.failed(err))
     }
 
     async fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<HeaderValue, UpstreamError> {
         self.metrics.token_fetches.with_label_values(&[&self.name]).inc();
-        let mut url = reqwest::Url::parse(realm).map_err(|_| UpstreamError::Unreachable {
-            upstream: self.name.clone(),
-            detail: "token realm is not a URL".into(),
+        let mut url = reqwest::Url::parse(realm).map_err(|_| {
+            self.failed(UpstreamError::Unreachable {
+                upstream: self.name.clone(),
+                detail: "token realm is not a URL".into(),
+            })
         })?;
         {
             let mut q = url.query_pairs_mut();

@@ -69,6 +69,8 @@ impl TestServer {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+        // As `regmirror serve` ends.
+        regmirror::app::shutdown(&self.state).await;
         let dir = tempfile::tempdir().unwrap();
         std::mem::replace(&mut self.dir, dir)
     }

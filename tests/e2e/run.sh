@@ -24,8 +24,17 @@
 #   E2E_CMD_TIMEOUT  seconds allowed per client command (default 120)
 #   REGMIRROR_E2E=skip   exit 0 with a skip line when the machine cannot run the suite
 #   REGMIRROR_BIN    the regmirror binary to test
+#   REGMIRROR_DEB    the Debian package to test (packaging/deb.sh); unset: the deb-* cases SKIP.
+#                    It is installed on this machine with dpkg and purged again, also when the
+#                    run fails; the cases SKIP when regmirror is already installed or
+#                    /var/lib/regmirror, /etc/regmirror or /usr/bin/regmirror already exist.
+#   REGMIRROR_IMAGE_CONTEXT  the container image's build context (packaging/image.sh writes
+#                    target/image); unset: the image-* cases SKIP
+#   E2E_ONLY         development aid: a bash regex; cases whose names do not match it SKIP
+#                    (default: every case runs)
 #
-# Cases, in the order they run (each asserts from regmirror's metrics that the mirror served it):
+# Cases, in the order they run (the client cases assert from regmirror's metrics that the mirror
+# served them):
 #   client-isolation               clients in the namespace reach the mirror and nothing else
 #   auth-token-flow                401 challenge on /v2/, anonymous and user tokens
 #   dockerd-pull                   docker pull through registry-mirrors, verified TLS
@@ -48,6 +57,18 @@
 #   dockerd-private-fresh-daemon   a fresh daemon logs in and pulls a private image
 #   no-secrets-in-log              no password, token, hash or credential in the JSON log
 #   metrics-endpoint               metrics agree with the upstreams' own request logs
+#   deb-install                    dpkg -i REGMIRROR_DEB: files, conffile, man page, unit verified
+#                                  by systemd-analyze; the installed binary serves with the
+#                                  installed config (healthcheck, TLS with its own CA, 401)
+#   deb-remove                     dpkg -r keeps /var/lib/regmirror and the conffile; --purge
+#                                  removes the conffile, keeps the store and says so
+#   image-build                    docker build of REGMIRROR_IMAGE_CONTEXT on a dockerd in the host
+#                                  network namespace: < 30 MB, non-root user, volumes, HEALTHCHECK
+#   image-serve-pull               the image serves as a mirror (--network host, 10.99.0.1:5001,
+#                                  healthy, not root); a client dockerd pulls through it, verified
+#                                  TLS with the CA the container made
+#   image-push-private             the mirror in the container hosts its own image: pushed to
+#                                  private/ from one dockerd, pulled by another, same image ID
 #
 # Output: one PASS/FAIL/SKIP line per case, then exactly one "N passed, M failed" line.
 # Exit status: 0 when nothing failed.
@@ -162,6 +183,35 @@ declare -A PID=()
 MADE_VARLIB=0
 MADE_RUN_NETNS=0
 [ -d /run/netns ] || MADE_RUN_NETNS=1 # `ip netns add` creates it (and mounts it on itself)
+# Packaging cases (deb-*, image-*): what they leave on the machine, undone by cleanup.
+DEB_INSTALLED=0        # this run ran dpkg -i: purge the package
+MADE_VARLIB_REGMIRROR=0 # /var/lib/regmirror did not exist before this run: remove it
+IMG_CONTAINER=regmirror-e2e
+IMG_VOLUMES=(regmirror-e2e-data regmirror-e2e-tls)
+IMG_PIDS=()            # the mirror container's init and its shim: killed by pid if still there
+
+cleanup_packaging_early() { # while the daemons still run
+    if [ -n "${PID[dockerd-P]:-}" ] && kill -0 "${PID[dockerd-P]}" 2>/dev/null; then
+        timeout -k 5 60 "$T/bin/docker-P" rm -f "$IMG_CONTAINER" >/dev/null 2>&1
+        timeout -k 5 30 "$T/bin/docker-P" volume rm "${IMG_VOLUMES[@]}" >/dev/null 2>&1
+    fi
+}
+cleanup_packaging() { # after the daemons stopped
+    local p i
+    for p in "${IMG_PIDS[@]}"; do # pid:start-time, so that a reused pid is left alone
+        [ "$(awk '{ print $22 }' "/proc/${p%%:*}/stat" 2>/dev/null)" = "${p#*:}" ] && kill -KILL "${p%%:*}" 2>/dev/null
+    done
+    if [ "$DEB_INSTALLED" = 1 ] && dpkg-query -W regmirror >/dev/null 2>&1; then
+        # (an interrupted dpkg -i may still hold dpkg's lock for a few seconds)
+        for ((i = 0; i < 30; i++)); do
+            timeout -k 5 120 dpkg --purge regmirror >"$T/cleanup-purge.out" 2>&1 && break
+            nap 1
+        done
+        [ "$i" -lt 30 ] ||
+            echo "regmirror e2e: cleanup: dpkg --purge regmirror failed: $(tail -n 3 "$T/cleanup-purge.out" | tr '\n' ' ')" >&2
+    fi
+    if [ "$MADE_VARLIB_REGMIRROR" = 1 ]; then rm -rf /var/lib/regmirror; fi
+}
 
 stop_daemon() { # name
     local name=$1 pid=${PID[$1]:-} i
@@ -178,7 +228,9 @@ stop_daemon() { # name
 cleanup() {
     local rc=$? i p
     trap - EXIT INT TERM
+    cleanup_packaging_early
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[$i]}"; done
+    cleanup_packaging
     if ip netns list 2>/dev/null | grep -qw "^$NETNS"; then
         # Whatever still runs in our namespace was started by this script (e.g. dockerd's
         # containerd after a KILL): end it by pid.
@@ -341,6 +393,10 @@ print_tail() { # file [lines]
 run_case() { # name function [log files to show on failure]...
     local name=$1 fn=$2 start=$SECONDS out
     shift 2
+    if [ -n "${E2E_ONLY:-}" ] && ! [[ $name =~ $E2E_ONLY ]]; then
+        echo "SKIP $name (not selected by E2E_ONLY='$E2E_ONLY')"
+        return 0
+    fi
     CASE=$name
     CASE_ERR=()
     CASE_SKIP=
@@ -881,12 +937,9 @@ DOCKER_ETC=$T/etc-docker
 export DOCKER_CONFIG=$T/docker-cli # the CLI's own config (never ~/.docker)
 mkdir -p "$DOCKER_CONFIG" && echo '{}' >"$DOCKER_CONFIG/config.json"
 
-start_dockerd() { # name (A, B): empty data-root each time
-    local name=$1 dir=$T/docker-$1
-    mkdir -p "$dir"
-    snippet docker-daemon.json >"$dir/user.json" || return 1
-    # The README's daemon.json plus test-only keys (own roots and socket, vfs, no networking).
-    "$PY" - "$dir/user.json" "$dir" >"$dir/daemon.json" <<'PY' || return 1
+# daemon.json: USER-JSON plus test-only keys (own roots and socket in DIR, vfs, no networking).
+dockerd_json() { # user-json dir
+    "$PY" - "$1" "$2" <<'PY'
 import json, sys
 cfg = json.load(open(sys.argv[1]))
 d = sys.argv[2]
@@ -904,6 +957,14 @@ cfg.update({
 })
 json.dump(cfg, sys.stdout, indent=2)
 PY
+}
+
+start_dockerd() { # name (A, B): empty data-root each time
+    local name=$1 dir=$T/docker-$1
+    mkdir -p "$dir"
+    snippet docker-daemon.json >"$dir/user.json" || return 1
+    # The README's daemon.json plus the test-only keys.
+    dockerd_json "$dir/user.json" "$dir" >"$dir/daemon.json" || return 1
     start_daemon "dockerd-$name" "$LOG/dockerd-$name.log" "$CLIENT" "$DOCKER_ETC" dockerd --config-file "$dir/daemon.json"
     export DOCKER_HOST=unix://$dir/docker.sock
     wait_until 60 "dockerd-$name" "$DOCKER_CLI" version || { fail "dockerd $name did not start"; return 1; }
@@ -911,9 +972,9 @@ PY
 
 # dockerd leaves a failing mirror for Docker Hub and reports Hub's error; its log says why.
 dockerd_mark() { echo $(($(wc -l <"$LOG/dockerd-$1.log") + 1)); } # first log line of this case
-expect_no_mirror_fallback() { # dockerd-name first-log-line
+expect_no_mirror_fallback() { # dockerd-name first-log-line [mirror host:port]
     local why
-    why=$(tail -n +"$2" "$LOG/dockerd-$1.log" | grep -m 1 "Attempting next endpoint for pull after error: .*$MIRROR" |
+    why=$(tail -n +"$2" "$LOG/dockerd-$1.log" | grep -m 1 "Attempting next endpoint for pull after error: .*${3:-$MIRROR}" |
         sed -e 's/.*after error: //' -e 's/\\"/"/g' | cut -c1-300)
     [ -z "$why" ] || fail "dockerd $1 left the mirror for Docker Hub after: $why"
 }
@@ -1316,6 +1377,429 @@ case_skopeo_ghcr_path() {
     expect_token_flow
 }
 
+# ---- packaging (issue #18): the Debian package -----------------------------------------------
+# Installed on this machine for real (dpkg -i), run, removed and purged. Never over an existing
+# installation; cleanup purges it and removes /var/lib/regmirror when a run stops half-way.
+
+DEB=${REGMIRROR_DEB:-}
+DEB_BIN=/usr/bin/regmirror
+DEB_UNIT=/lib/systemd/system/regmirror.service
+DEB_CONF=/etc/regmirror/mirror.toml
+DEB_STATE=/var/lib/regmirror
+
+deb_status() { dpkg-query -W -f='${Status}' regmirror 2>/dev/null; }
+
+# Stop a daemon started by start_daemon with SIGTERM and return its exit status.
+term_daemon() { # name [seconds]
+    local pid=${PID[$1]:-} i
+    [ -n "$pid" ] || return 127
+    kill -TERM "$pid" 2>/dev/null
+    for ((i = 0; i < ${2:-45} * 5; i++)); do kill -0 "$pid" 2>/dev/null || break; nap 0.2; done
+    kill -0 "$pid" 2>/dev/null && { kill -KILL "$pid" 2>/dev/null; echo "$1 ignored SIGTERM for ${2:-45}s: killed"; }
+    wait "$pid"
+    local rc=$?
+    PID[$1]=
+    return $rc
+}
+
+case_deb_install() {
+    if [ -z "$DEB" ]; then
+        skip_case "REGMIRROR_DEB is not set"
+        return 0
+    fi
+    if ! command -v dpkg >/dev/null 2>&1; then
+        skip_case "no dpkg on this machine"
+        return 0
+    fi
+    local st p f
+    st=$(deb_status)
+    if [ -n "$st" ] && [ "$st" != "unknown ok not-installed" ]; then
+        skip_case "a regmirror package is already on this machine (dpkg: $st); the suite installs only where there is none"
+        return 0
+    fi
+    for p in "$DEB_STATE" /var/lib/private/regmirror /etc/regmirror "$DEB_BIN" "$DEB_UNIT" /etc/systemd/system/regmirror.service; do
+        if [ -e "$p" ] || [ -L "$p" ]; then
+            skip_case "$p already exists (regmirror installed by hand, or left by an interrupted run): not touched"
+            return 0
+        fi
+    done
+    [ -f "$DEB" ] || { fail "REGMIRROR_DEB=$DEB is not a file"; return 1; }
+    step "dpkg-deb --field" dpkg-deb --field "$DEB" Package Version Architecture Depends || return 1
+    grep -qx 'Package: regmirror' "$T/last.out" || { fail "$DEB is not the regmirror package"; return 1; }
+    # From here on, cleanup purges the package and removes /var/lib/regmirror (absent until now).
+    DEB_INSTALLED=1
+    MADE_VARLIB_REGMIRROR=1
+    step "dpkg -i" dpkg -i "$DEB" || return 1
+    st=$(deb_status)
+    [ "$st" = "install ok installed" ] || fail "dpkg status of regmirror is '$st', want 'install ok installed'"
+    step "dpkg -L regmirror" dpkg -L regmirror
+    for f in "$DEB_BIN" "$DEB_UNIT" "$DEB_CONF" /usr/share/doc/regmirror/README.md /usr/share/man/man1/regmirror.1.gz; do
+        [ -f "$f" ] || fail "$f is not installed"
+    done
+    [ -x "$DEB_BIN" ] || fail "$DEB_BIN is not executable"
+    step "regmirror --version" "$DEB_BIN" --version
+    # The unit runs the packaged binary with the packaged configuration and names installed docs.
+    grep -qx "ExecStart=$DEB_BIN serve --config $DEB_CONF" "$DEB_UNIT" ||
+        fail "$DEB_UNIT has '$(grep '^ExecStart=' "$DEB_UNIT")', want ExecStart=$DEB_BIN serve --config $DEB_CONF"
+    local doc
+    doc=$(sed -n 's#^Documentation=file://##p' "$DEB_UNIT")
+    { [ -n "$doc" ] && [ -f "$doc" ]; } || fail "$DEB_UNIT: Documentation=file://$doc is not an installed file"
+    # The configuration is a conffile: kept by dpkg -r, the admin's edits survive upgrades.
+    local conffiles
+    conffiles=$(dpkg-query -W --showformat='${Conffiles}\n' regmirror)
+    echo "Conffiles:$conffiles"
+    grep -qE "^ $DEB_CONF [0-9a-f]{32}\$" <<<"$conffiles" ||
+        fail "$DEB_CONF is not a conffile of the package (Conffiles:$(tr '\n' ' ' <<<"$conffiles"))"
+    cmp -s "$DEB_CONF" "$REPO/systemd/mirror.toml" ||
+        fail "the installed $DEB_CONF differs from systemd/mirror.toml (REGMIRROR_DEB built from another tree?)"
+    # Man pages: regmirror(1) and one per subcommand, found by man.
+    if command -v man >/dev/null 2>&1; then
+        step "man -w regmirror" man -w regmirror &&
+            { [ "$(cat "$T/last.out")" = /usr/share/man/man1/regmirror.1.gz ] || fail "man -w regmirror: '$(cat "$T/last.out")'"; }
+        step "man -w regmirror-healthcheck" man -w regmirror-healthcheck
+    else
+        echo "NOTE: no man command; checked the files only"
+    fi
+    for p in serve check-config gen-certs passwd prefetch gc healthcheck client-setup; do
+        [ -f "/usr/share/man/man1/regmirror-$p.1.gz" ] || fail "no man page regmirror-$p(1)"
+    done
+    zcat /usr/share/man/man1/regmirror.1.gz | grep -q healthcheck || fail "regmirror(1) does not mention healthcheck"
+    step "regmirror check-config (the installed configuration)" "$DEB_BIN" check-config --config "$DEB_CONF"
+    # The unit as systemd reads it (offline: this machine need not boot systemd). Clean = silent.
+    if command -v systemd-analyze >/dev/null 2>&1; then
+        step "systemd-analyze verify" systemd-analyze verify "$DEB_UNIT" &&
+            { [ ! -s "$T/last.out" ] || fail "systemd-analyze verify $DEB_UNIT: $(tr '\n' ' ' <"$T/last.out" | cut -c1-400)"; }
+    else
+        fail "no systemd-analyze to verify $DEB_UNIT (apt-get install systemd)"
+    fi
+
+    # The installed binary serves with the installed configuration. It listens on 0.0.0.0:443 and
+    # has metrics on 127.0.0.1:9090, which may be taken: the environment moves both.
+    local port mport code h m
+    port=$(free_port)
+    mport=$(free_port)
+    local -a renv=(env REGMIRROR_LISTEN="127.0.0.1:$port" REGMIRROR_METRICS_LISTEN="127.0.0.1:$mport")
+    step "regmirror check-config (with the REGMIRROR_* overrides)" "${renv[@]}" "$DEB_BIN" check-config --config "$DEB_CONF"
+    step_fails "regmirror healthcheck while nothing listens" "${renv[@]}" "$DEB_BIN" healthcheck --config "$DEB_CONF"
+    start_daemon deb-regmirror "$LOG/deb-regmirror.log" "${renv[@]}" "$DEB_BIN" serve --config "$DEB_CONF"
+    if ! wait_until 60 deb-regmirror "${renv[@]}" "$DEB_BIN" healthcheck --config "$DEB_CONF"; then
+        fail "regmirror healthcheck did not succeed within 60s (the server $(alive deb-regmirror && echo runs || echo exited))"
+        stop_daemon deb-regmirror
+        return 1
+    fi
+    step "regmirror healthcheck" "${renv[@]}" "$DEB_BIN" healthcheck --config "$DEB_CONF"
+    ls -la "$DEB_STATE" "$DEB_STATE/certs"
+    [ -d "$DEB_STATE/data" ] || fail "$DEB_STATE/data (storage.root) was not created"
+    [ -s "$DEB_STATE/certs/ca.crt" ] || fail "no CA in $DEB_STATE/certs (tls.dir)"
+    for f in ca.key server.key; do
+        m=$(stat -c %a "$DEB_STATE/certs/$f" 2>/dev/null)
+        [ "$m" = 600 ] || fail "$DEB_STATE/certs/$f has mode '$m', want 600"
+    done
+    # Verified TLS with the CA it made (the certificate also names localhost). [auth] is on and
+    # anonymous = "pull-mirror": an anonymous GET /v2/ is the Bearer challenge.
+    echo "+ GET https://localhost:$port/v2/ --cacert $DEB_STATE/certs/ca.crt"
+    h=$(curl -sS --max-time 10 --cacert "$DEB_STATE/certs/ca.crt" -o /dev/null -D - "https://localhost:$port/v2/" 2>&1 | tr -d '\r')
+    echo "$h"
+    grep -q '^HTTP/[0-9.]* 401' <<<"$h" || fail "GET https://localhost:$port/v2/: want 401 ([auth] is on), got: $(head -n 1 <<<"$h")"
+    grep -qi "^www-authenticate: Bearer realm=\"https://localhost:$port/auth/token\",service=\"regmirror\"" <<<"$h" ||
+        fail "GET /v2/: want a Bearer challenge naming https://localhost:$port/auth/token, got: $(grep -i '^www-authenticate:' <<<"$h")"
+    code=$(curl -sS --max-time 10 --cacert "$DEB_STATE/certs/ca.crt" -o /dev/null -w '%{http_code}' "https://localhost:$port/healthz")
+    echo "GET https://localhost:$port/healthz: $code"
+    [ "$code" = 200 ] || fail "GET /healthz: $code, want 200"
+    code=$(curl -sS --max-time 10 --cacert "$DEB_STATE/certs/ca.crt" -o "$T/deb-ca.crt" -w '%{http_code}' "https://localhost:$port/ca.crt")
+    { [ "$code" = 200 ] && cmp -s "$T/deb-ca.crt" "$DEB_STATE/certs/ca.crt"; } || fail "GET /ca.crt: $code, or not $DEB_STATE/certs/ca.crt"
+    curl -sS --max-time 5 -o "$T/deb-metrics.txt" "http://127.0.0.1:$mport/metrics"
+    grep -q '^regmirror_requests_total{' "$T/deb-metrics.txt" || fail "no metrics on REGMIRROR_METRICS_LISTEN=127.0.0.1:$mport"
+    # SIGTERM (what systemctl stop sends): drains and exits 0.
+    echo "+ kill -TERM (the server)"
+    term_daemon deb-regmirror 45
+    code=$?
+    echo "exit status after SIGTERM: $code"
+    [ "$code" = 0 ] || fail "regmirror serve exited with status $code after SIGTERM, want 0"
+    step_fails "regmirror healthcheck after the server stopped" "${renv[@]}" "$DEB_BIN" healthcheck --config "$DEB_CONF"
+}
+
+case_deb_remove() {
+    if [ "$DEB_INSTALLED" != 1 ]; then
+        if [ -z "$DEB" ]; then skip_case "REGMIRROR_DEB is not set"; else skip_case "deb-install did not install the package"; fi
+        return 0
+    fi
+    alive deb-regmirror && stop_daemon deb-regmirror
+    local st f
+    step "dpkg -r regmirror" dpkg -r regmirror || return 1
+    st=$(deb_status)
+    [ "$st" = "deinstall ok config-files" ] || fail "dpkg status after dpkg -r: '$st', want 'deinstall ok config-files'"
+    [ ! -e "$DEB_BIN" ] || fail "$DEB_BIN is still there after dpkg -r"
+    [ ! -e "$DEB_UNIT" ] || fail "$DEB_UNIT is still there after dpkg -r"
+    [ -f "$DEB_CONF" ] || fail "dpkg -r removed the conffile $DEB_CONF (only --purge should)"
+    { [ -d "$DEB_STATE/data" ] && [ -s "$DEB_STATE/certs/ca.crt" ]; } ||
+        fail "dpkg -r did not keep $DEB_STATE/data and $DEB_STATE/certs/ca.crt"
+    ls -la /etc/systemd/system/regmirror.service 2>/dev/null && echo "(deb-systemd-helper's mask, undone by --purge)"
+    step "dpkg --purge regmirror" dpkg --purge regmirror || return 1
+    grep -q "$DEB_STATE" "$T/last.out" || fail "dpkg --purge does not say that $DEB_STATE is kept"
+    st=$(deb_status)
+    [ -z "$st" ] || [ "$st" = "unknown ok not-installed" ] || fail "dpkg status after --purge: '$st'"
+    [ ! -e "$DEB_CONF" ] || fail "$DEB_CONF is still there after dpkg --purge"
+    [ ! -e /etc/regmirror ] || fail "/etc/regmirror is left after dpkg --purge: $(find /etc/regmirror -mindepth 1 | tr '\n' ' ')"
+    { [ -d "$DEB_STATE/data" ] && [ -s "$DEB_STATE/certs/ca.crt" ]; } ||
+        fail "dpkg --purge did not keep $DEB_STATE/data and $DEB_STATE/certs/ca.crt"
+    for f in /etc/systemd/system/regmirror.service /etc/systemd/system/*/regmirror.service \
+        /var/lib/systemd/deb-systemd-helper-enabled/regmirror.service* \
+        /var/lib/systemd/deb-systemd-helper-masked/regmirror.service*; do
+        if [ -e "$f" ] || [ -L "$f" ]; then fail "$f is left after dpkg --purge"; fi
+    done
+    DEB_INSTALLED=0
+    # The suite's own leftovers: the store the server made in deb-install.
+    rm -rf "$DEB_STATE" && MADE_VARLIB_REGMIRROR=0
+    [ ! -e "$DEB_STATE" ] || fail "cannot remove $DEB_STATE"
+}
+
+# ---- packaging (issue #18): the container image ----------------------------------------------
+# dockerd P runs in the host network namespace: it builds the image and runs the mirror with
+# --network host on 10.99.0.1:5001, which reaches the upstreams on 127.0.0.1. dockerd C, in the
+# client namespace like A and B, pulls through it. Their CLI wrappers keep DOCKER_HOST and the
+# CLI configuration of the other cases untouched.
+
+IMAGE_CTX=${REGMIRROR_IMAGE_CONTEXT:-}
+IMAGE=regmirror:e2e
+IMG_MIRROR=$HOST_IP:5001
+IMG_DIR=$T/image
+P_ETC=$T/etc-docker-P
+C_ETC=$T/etc-docker-C
+UP_DOCKER_LOG=$LOG/upstream-docker.io.log # the running docker.io upstream's log
+for n in P C; do
+    cat >"$T/bin/docker-$n" <<EOF
+#!/bin/sh
+exec env DOCKER_CONFIG=$T/docker-cli-$n DOCKER_BUILDKIT=0 $DOCKER_CLI -H unix://$T/docker-$n/docker.sock "\$@"
+EOF
+    chmod +x "$T/bin/docker-$n"
+    mkdir -p "$T/docker-cli-$n" && echo '{}' >"$T/docker-cli-$n/config.json"
+done
+docker_P=$T/bin/docker-P
+docker_C=$T/bin/docker-C
+
+start_test_dockerd() { # name namespace-wrapper etc-dir user-daemon.json
+    local name=$1 dir=$T/docker-$1
+    mkdir -p "$dir"
+    printf '%s\n' "$4" >"$dir/user.json"
+    dockerd_json "$dir/user.json" "$dir" >"$dir/daemon.json" || return 1
+    cat "$dir/daemon.json"
+    start_daemon "dockerd-$name" "$LOG/dockerd-$name.log" "$2" "$3" dockerd --config-file "$dir/daemon.json"
+    wait_until 60 "dockerd-$name" "$T/bin/docker-$name" version || { fail "dockerd $name did not start"; return 1; }
+}
+
+need_image() {
+    [ -n "$IMAGE_CTX" ] && return 0
+    skip_case "REGMIRROR_IMAGE_CONTEXT is not set"
+    return 1
+}
+
+# Requests in regmirror's JSON request log whose fields all have the given values
+# (field=~REGEX: the whole value matches REGEX).
+reqlog_count() { # log-file field=value...
+    "$PY" - "$@" <<'PY'
+import json, re, sys
+want = dict(a.split("=", 1) for a in sys.argv[2:])
+def ok(v, w):
+    return re.fullmatch(w[1:], v) is not None if w.startswith("~") else v == w
+n = 0
+for line in open(sys.argv[1], encoding="utf-8", errors="replace"):
+    try:
+        ev = json.loads(line)
+    except ValueError:
+        continue
+    if isinstance(ev, dict) and ev.get("target") == "regmirror::request" and \
+            all(ok(str(ev.get(k, "")), w) for k, w in want.items()):
+        n += 1
+print(n)
+PY
+}
+
+# The docker.io upstream, running again when dockerd-stale-upstream-down stopped it: the same
+# registry and storage on the same port, with a log of its own.
+ensure_docker_upstream() {
+    alive upstream-docker.io && return 0
+    alive upstream-docker.io-again && return 0
+    UP_DOCKER_LOG=$LOG/upstream-docker.io-again.log
+    start_daemon upstream-docker.io-again "$UP_DOCKER_LOG" docker-registry serve "$T/upstream-docker.io/config.yml"
+    wait_until 30 upstream-docker.io-again curl -fsS "http://127.0.0.1:$UP_DOCKER_PORT/v2/" ||
+        { fail "the docker.io upstream did not start again"; return 1; }
+    echo "docker.io upstream started again on 127.0.0.1:$UP_DOCKER_PORT (log ${UP_DOCKER_LOG#"$T"/})"
+}
+
+img_state() { # "HEALTH RUNNING" of the mirror container
+    "$docker_P" inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}} {{.State.Running}}' "$IMG_CONTAINER" 2>/dev/null
+}
+img_settled() { # healthy, unhealthy, without a healthcheck, or exited
+    case $(img_state) in
+        "healthy true" | "unhealthy "* | "none "* | *" false") return 0 ;;
+    esac
+    return 1
+}
+proc_start() { awk '{ print $22 }' "/proc/$1/stat" 2>/dev/null; } # start time: a pid is not reused unnoticed
+
+case_image_build() {
+    need_image || return 0
+    [ -f "$IMAGE_CTX/Containerfile" ] || { fail "no Containerfile in REGMIRROR_IMAGE_CONTEXT=$IMAGE_CTX"; return 1; }
+    make_etc "$P_ETC"
+    start_test_dockerd P "$HOSTNS_ETC" "$P_ETC" '{}' || return 1
+    step "docker build (dockerd P, legacy builder)" "$docker_P" build -f "$IMAGE_CTX/Containerfile" -t "$IMAGE" "$IMAGE_CTX" || return 1
+    local size user vols hc env
+    size=$("$docker_P" image inspect -f '{{.Size}}' "$IMAGE")
+    user=$("$docker_P" image inspect -f '{{.Config.User}}' "$IMAGE")
+    vols=$("$docker_P" image inspect -f '{{json .Config.Volumes}}' "$IMAGE")
+    hc=$("$docker_P" image inspect -f '{{json .Config.Healthcheck}}' "$IMAGE")
+    env=$("$docker_P" image inspect -f '{{json .Config.Env}}' "$IMAGE")
+    echo "image $IMAGE: size $size bytes ($((size / 1000)) kB), user '$user', volumes $vols, healthcheck $hc, env $env"
+    if ! [[ $size =~ ^[0-9]+$ ]] || ((size >= 30000000)); then fail "image size '$size' bytes, want < 30 MB"; fi
+    case ${user%%:*} in
+        "" | 0 | root) fail "the image runs as '$user' (Config.User), want a non-root user" ;;
+    esac
+    "$PY" -c 'import json,sys; v=json.loads(sys.argv[1]) or {}; sys.exit(0 if {"/var/lib/regmirror", "/etc/regmirror/tls"} <= set(v) else 1)' "$vols" ||
+        fail "the image declares volumes $vols, want /var/lib/regmirror and /etc/regmirror/tls"
+    "$PY" -c 'import json,sys; h=json.loads(sys.argv[1]) or {}; sys.exit(0 if "healthcheck" in (h.get("Test") or []) else 1)' "$hc" ||
+        fail "the image's HEALTHCHECK is $hc, want one running regmirror healthcheck"
+    grep -q '"REGMIRROR_CONFIG=/etc/regmirror/mirror.toml"' <<<"$env" || fail "the image sets no REGMIRROR_CONFIG=/etc/regmirror/mirror.toml"
+}
+
+case_image_serve_pull() {
+    need_image || return 0
+    alive dockerd-P || { fail "dockerd P is not running (image-build)"; return 1; }
+    "$docker_P" image inspect "$IMAGE" >/dev/null 2>&1 || { fail "no image $IMAGE (image-build)"; return 1; }
+    ensure_docker_upstream || return 1
+    mkdir -p "$IMG_DIR"
+    cat >"$IMG_DIR/mirror.toml" <<EOF
+[server]
+listen = "$IMG_MIRROR"
+
+[storage]
+root = "/var/lib/regmirror"
+
+[private]
+namespaces = ["private"]
+
+[[upstream]]
+name = "docker.io"
+url = "http://127.0.0.1:$UP_DOCKER_PORT"
+
+[tls]
+mode = "self-signed"
+dir = "/etc/regmirror/tls"
+hosts = ["$HOST_IP"]
+
+[log]
+format = "json"
+EOF
+    chmod 0644 "$IMG_DIR/mirror.toml"
+    cat "$IMG_DIR/mirror.toml"
+    local -a mounts=(-v "$IMG_DIR/mirror.toml:/etc/regmirror/mirror.toml:ro"
+        -v "${IMG_VOLUMES[0]}:/var/lib/regmirror" -v "${IMG_VOLUMES[1]}:/etc/regmirror/tls")
+    # ENTRYPOINT and REGMIRROR_CONFIG: `docker run IMAGE check-config` reads the mounted file.
+    step "docker run $IMAGE check-config" "$docker_P" run --rm --network none "${mounts[@]}" "$IMAGE" check-config || return 1
+    local up_mark started=$SECONDS state pid
+    up_mark=$(($(wc -l <"$UP_DOCKER_LOG") + 1))
+    step "docker run -d the mirror (dockerd P, --network host)" "$docker_P" run -d --name "$IMG_CONTAINER" --network host \
+        --health-interval 1s --health-timeout 5s --health-retries 3 --health-start-period 60s \
+        "${mounts[@]}" "$IMAGE" || return 1
+    pid=$("$docker_P" inspect -f '{{.State.Pid}}' "$IMG_CONTAINER")
+    if [ -n "$pid" ] && [ "$pid" != 0 ]; then
+        local ppid
+        ppid=$(awk '{ print $4 }' "/proc/$pid/stat" 2>/dev/null)
+        IMG_PIDS+=("$pid:$(proc_start "$pid")")
+        [ -n "$ppid" ] && IMG_PIDS+=("$ppid:$(proc_start "$ppid")")
+    fi
+    wait_until 90 dockerd-P img_settled
+    state=$(img_state)
+    echo "container state after $((SECONDS - started))s: $state"
+    "$docker_P" logs "$IMG_CONTAINER" >"$LOG/image-regmirror.log" 2>&1
+    if [ "$state" != "healthy true" ]; then
+        fail "the mirror container is '$state', want 'healthy true' (docker logs in image-regmirror.log)"
+        "$docker_P" inspect -f '{{json .State}}' "$IMG_CONTAINER"
+        return 1
+    fi
+    "$docker_P" inspect -f '{{json .State.Health.Log}}' "$IMG_CONTAINER" | cut -c1-600
+    # Not root: the container's process, as the kernel sees it.
+    echo "/proc/$pid/status: $(grep -E '^(Name|Uid|Gid|CapEff):' "/proc/$pid/status" 2>&1 | tr '\t\n' '  ')"
+    local uids gids u
+    uids=$(awk '/^Uid:/ { print $2, $3, $4, $5 }' "/proc/$pid/status" 2>/dev/null)
+    gids=$(awk '/^Gid:/ { print $2, $3, $4, $5 }' "/proc/$pid/status" 2>/dev/null)
+    [ -n "$uids" ] || fail "cannot read /proc/$pid/status of the container's process"
+    for u in $uids $gids; do
+        [ "$u" != 0 ] || { fail "the container's process runs with uid/gid 0 (Uid: $uids, Gid: $gids)"; break; }
+    done
+    "$docker_P" top "$IMG_CONTAINER" -o user,pid,args 2>&1
+    # Its CA: from the volume, and as served on /ca.crt over TLS verified with it.
+    step "docker cp $IMG_CONTAINER:/etc/regmirror/tls/ca.crt" "$docker_P" cp "$IMG_CONTAINER:/etc/regmirror/tls/ca.crt" "$IMG_DIR/ca.crt" || return 1
+    step "GET https://$IMG_MIRROR/ca.crt (verified with that CA)" curl -fsS --max-time 10 --cacert "$IMG_DIR/ca.crt" \
+        -o "$IMG_DIR/ca-served.crt" "https://$IMG_MIRROR/ca.crt" &&
+        { cmp -s "$IMG_DIR/ca.crt" "$IMG_DIR/ca-served.crt" || fail "GET /ca.crt serves another certificate than /etc/regmirror/tls/ca.crt"; }
+    # dockerd C in the client namespace: registry-mirrors and the CA in certs.d, no insecure-registries.
+    make_etc "$C_ETC"
+    mkdir -p "$C_ETC/docker/certs.d/$IMG_MIRROR" && cp "$IMG_DIR/ca.crt" "$C_ETC/docker/certs.d/$IMG_MIRROR/ca.crt"
+    start_test_dockerd C "$CLIENT" "$C_ETC" "{\"registry-mirrors\": [\"https://$IMG_MIRROR\"]}" || return 1
+    step "docker pull hello (dockerd C, through the mirror in the container)" "$docker_C" pull hello || return 1
+    expect_no_mirror_fallback C 1 "$IMG_MIRROR"
+    local digests n
+    digests=$("$docker_C" image inspect -f '{{join .RepoDigests " "}}' hello 2>&1)
+    grep -qw "hello@$UP_HELLO" <<<"$digests" || fail "hello on dockerd C has RepoDigests '$digests', want hello@$UP_HELLO"
+    # The mirror in the container served it: its request log, and the upstream's log.
+    "$docker_P" logs "$IMG_CONTAINER" >"$LOG/image-regmirror.log" 2>&1
+    # (dockerd 20.10 resolves the tag with HEAD, then GETs the manifest by digest)
+    local what
+    local -a f
+    for what in "manifest tag latest, from the upstream;1;method=~HEAD|GET;route=/v2/{name}/manifests/{reference};reference=latest;cache=miss" \
+        "GET manifest;1;method=GET;route=/v2/{name}/manifests/{reference};cache=~hit|miss" \
+        "GET blob, from the upstream;2;method=GET;route=/v2/{name}/blobs/{digest};cache=miss"; do
+        IFS=';' read -r -a f <<<"$what"
+        n=$(reqlog_count "$LOG/image-regmirror.log" "${f[@]:2}" repository=docker.io/library/hello status=200 upstream=docker.io)
+        echo "container request log: $n × ${f[0]} (docker.io/library/hello, 200)"
+        [ "${n:-0}" -ge "${f[1]}" ] || fail "the container's request log shows $n × ${f[0]} of docker.io/library/hello answered 200, want >= ${f[1]}"
+    done
+    local up
+    up=$(tail -n +"$up_mark" "$UP_DOCKER_LOG" | grep 'msg="response completed"' |
+        grep -E 'http.request.uri="?/v2/library/hello/manifests/' | grep -E 'http.request.useragent="?regmirror/')
+    echo "upstream log: $(head -n 1 <<<"$up" | grep -oE 'http.request.(method|remoteaddr|uri|useragent)=("[^"]*"|[^ ]*)|http.response.status=[0-9]+' | tr '\n' ' ')"
+    grep -q 'http.response.status=200' <<<"$up" ||
+        fail "the docker.io upstream logged no 200 for a GET of library/hello's manifest from User-Agent regmirror/*"
+    # ... and not the mirror the other cases use (same User-Agent), which saw nothing of this.
+    expect eq 0 regmirror_upstream_requests_total
+    expect eq 0 regmirror_requests_total 'route=/v2/{name}/manifests/{reference}'
+}
+
+case_image_push_private() {
+    need_image || return 0
+    alive dockerd-P || { fail "dockerd P is not running"; return 1; }
+    alive dockerd-C || { fail "dockerd C is not running"; return 1; }
+    [ "$(img_state)" = "healthy true" ] || { fail "the mirror container is '$(img_state)'"; return 1; }
+    mkdir -p "$P_ETC/docker/certs.d/$IMG_MIRROR" && cp "$IMG_DIR/ca.crt" "$P_ETC/docker/certs.d/$IMG_MIRROR/ca.crt"
+    local ref=$IMG_MIRROR/private/regmirror:e2e up_mark pushed id_p id_c digests n
+    up_mark=$(($(wc -l <"$UP_DOCKER_LOG") + 1))
+    step "docker tag (dockerd P)" "$docker_P" tag "$IMAGE" "$ref" || return 1
+    step "docker push (dockerd P)" "$docker_P" push "$ref" || return 1
+    pushed=$(grep -oE 'digest: sha256:[0-9a-f]{64}' "$T/last.out" | head -n 1 | cut -d' ' -f2)
+    id_p=$("$docker_P" image inspect -f '{{.Id}}' "$ref")
+    step "docker pull (dockerd C)" "$docker_C" pull "$ref" || return 1
+    id_c=$("$docker_C" image inspect -f '{{.Id}}' "$ref")
+    echo "image ID on P: $id_p, on C: $id_c; pushed manifest $pushed"
+    { [ -n "$id_p" ] && [ "$id_p" = "$id_c" ]; } || fail "dockerd C pulled image ID '$id_c', dockerd P pushed '$id_p'"
+    digests=$("$docker_C" image inspect -f '{{join .RepoDigests " "}}' "$ref" 2>&1)
+    { [ -n "$pushed" ] && grep -qw "$IMG_MIRROR/private/regmirror@$pushed" <<<"$digests"; } ||
+        fail "on dockerd C the image has RepoDigests '$digests', the push reported digest '$pushed'"
+    # The pulled image works: its entrypoint runs on dockerd C.
+    step "docker run the pulled image --version (dockerd C)" "$docker_C" run --rm --network none "$ref" --version &&
+        { grep -q '^regmirror ' "$T/last.out" || fail "the pulled image's --version says '$(head -n 1 "$T/last.out")'"; }
+    "$docker_P" logs "$IMG_CONTAINER" >"$LOG/image-regmirror.log" 2>&1
+    n=$(reqlog_count "$LOG/image-regmirror.log" method=PUT 'route=/v2/{name}/manifests/{reference}' repository=private/regmirror status=201)
+    echo "container request log: $n PUT manifest private/regmirror 201"
+    [ "${n:-0}" -ge 1 ] || fail "the container's request log shows no PUT of the private/regmirror manifest answered 201"
+    n=$(reqlog_count "$LOG/image-regmirror.log" method=GET 'route=/v2/{name}/manifests/{reference}' repository=private/regmirror status=200)
+    echo "container request log: $n GET manifest private/regmirror 200"
+    [ "${n:-0}" -ge 1 ] || fail "the container's request log shows no GET of the private/regmirror manifest answered 200"
+    if tail -n +"$up_mark" "$UP_DOCKER_LOG" | grep -q 'private/'; then
+        fail "the docker.io upstream was asked for private/: $(tail -n +"$up_mark" "$UP_DOCKER_LOG" | grep -m 1 'private/' | cut -c1-300)"
+    fi
+}
+
 # ---------------------------------------------------------------------------------------------
 # Run. The docker.io outage (serve_stale) comes last: it stops the docker.io upstream.
 # ---------------------------------------------------------------------------------------------
@@ -1343,6 +1827,12 @@ run_case dockerd-stale-upstream-down case_dockerd_stale "$LOG/dockerd-B.log"
 run_case dockerd-private-fresh-daemon case_dockerd_private_pull "$LOG/dockerd-B.log"
 run_case no-secrets-in-log case_no_secrets_in_log "$LOG/dockerd-B.log"
 run_case metrics-endpoint case_metrics_endpoint
+# Packaging (issue #18). The image cases start the docker.io upstream again when it is down.
+run_case deb-install case_deb_install "$LOG/deb-regmirror.log"
+run_case deb-remove case_deb_remove
+run_case image-build case_image_build "$LOG/dockerd-P.log"
+run_case image-serve-pull case_image_serve_pull "$LOG/image-regmirror.log" "$LOG/dockerd-C.log" "$LOG/dockerd-P.log"
+run_case image-push-private case_image_push_private "$LOG/image-regmirror.log" "$LOG/dockerd-C.log" "$LOG/dockerd-P.log"
 
 echo "regmirror e2e: $((SECONDS - RUN_START))s, E2E_TLS=$E2E_TLS, E2E_AUTH=$E2E_AUTH, counters from $METRICS_SOURCE"
 echo "$PASSED passed, $FAILED failed"

@@ -67,6 +67,8 @@ pub struct Progress {
     pub received: u64,
     /// Local repositories whose upstream repository does not have the blob, with its answer.
     pub not_found: Vec<(RepoName, UpstreamError)>,
+    /// Clients streaming from this fill (each counts itself in and out).
+    clients: Arc<AtomicUsize>,
 }
 
 /// The repositories a fill may use, in the order they asked. The fill tries the next one only
@@ -158,10 +160,13 @@ impl Fills {
             }
             // That fill has given up: this caller starts a fresh one, through its own repository.
         }
-        let (tx, rx) = watch::channel(Progress { phase: Phase::Connecting, received: 0, not_found: Vec::new() });
+        let clients = Arc::new(AtomicUsize::new(0));
+        let progress =
+            Progress { phase: Phase::Connecting, received: 0, not_found: Vec::new(), clients: clients.clone() };
+        let (tx, rx) = watch::channel(progress);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sources = Arc::new(Mutex::new(Sources { list: vec![source], current: 0, closed: false }));
-        let (started, clients) = (Instant::now(), Arc::default());
+        let started = Instant::now();
         running.insert(digest.clone(), Running { id, rx: rx.clone(), sources: sources.clone(), started, clients });
         drop(running);
         tokio::spawn(run(cache.clone(), sources, digest, id, tx));
@@ -217,11 +222,6 @@ impl Fills {
             .collect();
         fills.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
         fills
-    }
-
-    /// The client counter of the running fill of `digest`.
-    fn clients(&self, digest: &Digest) -> Option<Arc<AtomicUsize>> {
-        lock(&self.running).get(digest).map(|r| r.clients.clone())
     }
 }
 
@@ -422,7 +422,7 @@ async fn receive(
         if writer.written() >= offset + PROGRESS_RESETS_RESUMES {
             resumes = 0;
         }
-        let detail = broken.map_or_else(|| "body ended early".to_string(), |e| error_chain(&e));
+        let detail = broken.map_or_else(|| "body ended early".to_string(), |e| error_chain(&e.without_url()));
         let err = upstream.failed(UpstreamError::Reset { upstream: upstream.name().to_string(), detail });
         if resumes >= MAX_RESUMES {
             return Err(CacheError::Upstream(err));
@@ -518,7 +518,7 @@ pub(super) fn follow(
         /// Counts this client among the fill's readers, once bytes flow.
         reader: Option<Reader>,
     }
-    let waiting = WaiterGauge::new(&cache, &digest);
+    let waiting = WaiterGauge::new(&cache, &rx);
     let hold = cache.lru.hold(&digest);
     let follower = Follower { cache, digest, rx, pos: start, end, _waiting: waiting, _hold: hold, reader: None };
     futures_util::stream::unfold(follower, |mut f| async move {
@@ -603,16 +603,15 @@ async fn read(cache: &Cache, digest: &Digest, staging: Option<&str>, pos: u64, w
     Ok(chunk)
 }
 
-/// Counts a client streaming from a fill: in the `fill_waiters` gauge and in the fill's own count.
-struct WaiterGauge(prometheus::IntGauge, Option<Arc<AtomicUsize>>);
+/// Counts a client streaming from a fill: in the `fill_waiters` gauge and in the count of the
+/// fill it joined.
+struct WaiterGauge(prometheus::IntGauge, Arc<AtomicUsize>);
 
 impl WaiterGauge {
-    fn new(cache: &Cache, digest: &Digest) -> Self {
+    fn new(cache: &Cache, rx: &watch::Receiver<Progress>) -> Self {
         cache.metrics.fill_waiters.inc();
-        let fill = cache.fills.clients(digest);
-        if let Some(c) = &fill {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
+        let fill = rx.borrow().clients.clone();
+        fill.fetch_add(1, Ordering::Relaxed);
         WaiterGauge(cache.metrics.fill_waiters.clone(), fill)
     }
 }
@@ -620,8 +619,6 @@ impl WaiterGauge {
 impl Drop for WaiterGauge {
     fn drop(&mut self) {
         self.0.dec();
-        if let Some(c) = &self.1 {
-            c.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.1.fetch_sub(1, Ordering::Relaxed);
     }
 }
