@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::registry::error::LoggedError;
 use crate::registry::uploads::{self, Sessions};
 use crate::registry::{self, RequestInfo};
-use crate::storage::{fs::FsDriver, Store};
+use crate::storage::Store;
 use crate::upstream::Upstreams;
 
 pub struct Shared {
@@ -61,9 +61,8 @@ impl AppState {
         // reqwest and the TLS listener share one crypto provider; installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Metrics::new();
-        let driver = FsDriver::new(&config.storage_root)
+        let store = crate::storage::open(&config, true)
             .map_err(|source| StartError::Storage { path: config.storage_root.clone(), source })?;
-        let store = Store::new(driver);
         let upstreams = Upstreams::new(&config, &metrics).map_err(StartError::Upstreams)?;
         let key = match &config.auth {
             Some(_) => crate::auth::signing_key(&store).await?,

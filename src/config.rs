@@ -69,6 +69,21 @@ struct RawStorage {
     root: Option<PathBuf>,
     max_size: Option<String>,
     upload_expiry: Option<String>,
+    backend: Option<String>,
+    s3: Option<RawS3>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3 {
+    bucket: String,
+    endpoint: Option<String>,
+    region: Option<String>,
+    #[serde(default)]
+    prefix: String,
+    access_key_id: Option<String>,
+    secret_access_key_file: Option<PathBuf>,
+    redirect: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +154,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub max_manifest_size: u64,
     pub storage_root: PathBuf,
+    /// Where content lives: the filesystem under `storage_root`, or an object store (then
+    /// `storage_root` holds staged writes only).
+    pub backend: StorageBackend,
     /// Mirrored content above this is evicted, least recently used first.
     pub max_size: Option<u64>,
     /// Upload sessions older than this are removed with their data.
@@ -239,6 +257,42 @@ pub enum TlsConfig {
     Off,
     SelfSigned { dir: PathBuf, hosts: Vec<String> },
     Files { cert: PathBuf, key: PathBuf },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum StorageBackend {
+    Fs,
+    S3(S3Config),
+}
+
+/// `[storage.s3]`. Credentials: `access_key_id` and the secret read from `secret_access_key_file`,
+/// or the standard `AWS_*` environment variables.
+#[derive(Clone, PartialEq)]
+pub struct S3Config {
+    pub bucket: String,
+    /// `None` for AWS itself.
+    pub endpoint: Option<String>,
+    pub region: String,
+    /// Key prefix inside the bucket.
+    pub prefix: String,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Answer cached blob GETs with a redirect to a presigned URL.
+    pub redirect: bool,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "<redacted>"))
+            .field("redirect", &self.redirect)
+            .finish()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -507,6 +561,7 @@ impl Config {
         let log_format = v.log(&raw.log);
         let auth = raw.auth.map(|a| v.auth(a));
         let storage_root = v.resolve(raw.storage.root.unwrap_or_else(|| "data".into()));
+        let backend = v.backend(raw.storage.backend.as_deref(), raw.storage.s3);
         if !v.problems.is_empty() {
             return Err(v.problems);
         }
@@ -518,6 +573,7 @@ impl Config {
             shutdown_timeout,
             max_manifest_size,
             storage_root,
+            backend,
             max_size,
             upload_expiry,
             private_namespaces: namespaces,
@@ -758,6 +814,48 @@ impl Validator {
         };
 
         tls
+    }
+
+    fn backend(&mut self, backend: Option<&str>, s3: Option<RawS3>) -> StorageBackend {
+        match (backend.unwrap_or("fs"), s3) {
+            ("fs", _) => StorageBackend::Fs,
+            ("s3", None) => {
+                self.problem("storage.backend = \"s3\" needs a [storage.s3] section with at least bucket".into());
+                StorageBackend::Fs
+            }
+            ("s3", Some(s3)) => {
+                if s3.bucket.len() < 3 {
+                    self.problem(format!("storage.s3.bucket = {:?}: a bucket name has 3 characters or more", s3.bucket));
+                }
+                if let Some(e) = &s3.endpoint {
+                    if reqwest::Url::parse(e).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                        self.problem(format!("storage.s3.endpoint = {e:?} is not a URL: use http:// or https:// and a host"));
+                    }
+                }
+                let secret_access_key = s3.secret_access_key_file.map(|p| self.resolve(p)).and_then(|p| {
+                    match std::fs::read_to_string(&p) {
+                        Ok(s) => Some(s.trim().to_string()),
+                        Err(e) => {
+                            self.problem(format!("storage.s3.secret_access_key_file = {:?}: {e}", p.display()));
+                            None
+                        }
+                    }
+                });
+                StorageBackend::S3(S3Config {
+                    bucket: s3.bucket,
+                    endpoint: s3.endpoint,
+                    region: s3.region.unwrap_or_else(|| "us-east-1".into()),
+                    prefix: s3.prefix,
+                    access_key_id: s3.access_key_id,
+                    secret_access_key,
+                    redirect: s3.redirect.unwrap_or(false),
+                })
+            }
+            (other, _) => {
+                self.problem(format!("storage.backend = {other:?} is not allowed: use \"fs\" or \"s3\""));
+                StorageBackend::Fs
+            }
+        }
     }
 
     fn log(&mut self, log: &RawLog) -> LogFormat {

@@ -20,6 +20,7 @@
 //! Repository components never start with `_`, so the `_` directories cannot collide with names.
 
 pub mod fs;
+pub mod s3;
 mod writer;
 
 pub use writer::BlobWriter;
@@ -78,6 +79,21 @@ pub trait Driver: Send + Sync + 'static {
     fn staging_path(&self) -> String;
     /// Bytes that can still be written, when the backend can tell.
     fn available(&self) -> io::Result<Option<u64>>;
+}
+
+/// The store a configuration names. `serving`: this process serves it, so staged writes left by
+/// a previous run are removed (other processes, such as `regmirror gc`, leave them alone).
+pub fn open(config: &crate::config::Config, serving: bool) -> io::Result<Store> {
+    use crate::config::StorageBackend;
+    Ok(match &config.backend {
+        StorageBackend::Fs if serving => Store::new(fs::FsDriver::new(&config.storage_root)?),
+        StorageBackend::Fs => Store::new(fs::FsDriver::open(&config.storage_root)?),
+        StorageBackend::S3(s3) => {
+            let local =
+                if serving { fs::FsDriver::new(&config.storage_root)? } else { fs::FsDriver::open(&config.storage_root)? };
+            Store::new(s3::S3Driver::new(s3, local, config.upstream_timeout)?)
+        }
+    })
 }
 
 /// Whether an error means the store is full (no space left, or over a quota).

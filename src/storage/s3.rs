@@ -1,0 +1,479 @@
+//! The object-store driver (S3 and compatible servers, through the `object_store` crate): every
+//! path becomes a key under the configured prefix. Staged writes (`tmp/…`) stay on the local disk
+//! and become objects only when they are committed, verified, with one (multipart) upload, so no
+//! partial object is ever visible. Upload sessions (`uploads/…`) live in the bucket, so any
+//! replica can continue one: each appended request body becomes a part object
+//! (`<path>.parts/<offset>`), and the parts are read back in order.
+
+use std::io;
+use std::ops::Range;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as Key;
+use object_store::{
+    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+};
+use tokio::io::AsyncWrite;
+
+use super::fs::{unique_name, FsDriver};
+use super::{Driver, Reader, StagedFile, Writer};
+use crate::config::S3Config;
+
+/// Paths under this prefix are staged writes: on the local disk.
+const LOCAL: &str = "tmp/";
+/// Paths under this prefix are appended to: kept as part objects.
+const APPENDED: &str = "uploads/";
+/// Multipart uploads send parts this large (S3 wants at least 5 MiB but for the last).
+const PART: usize = 16 << 20;
+/// Parts uploaded at once by one commit.
+const PARTS_IN_FLIGHT: usize = 4;
+
+pub struct S3Driver {
+    bucket: Arc<AmazonS3>,
+    /// Key prefix inside the bucket, empty or ending in `/`.
+    prefix: String,
+    /// Staged writes, under the node-local storage root.
+    local: FsDriver,
+}
+
+/// Why the bucket could not be used: reported as "unavailable", never with credentials.
+fn backend(e: object_store::Error) -> io::Error {
+    match e {
+        object_store::Error::NotFound { path, .. } => io::Error::new(io::ErrorKind::NotFound, path),
+        e => io::Error::new(io::ErrorKind::ConnectionAborted, format!("object store: {e}")),
+    }
+}
+
+fn not_found_is_none<T>(r: object_store::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(backend(e)),
+    }
+}
+
+impl S3Driver {
+    /// Connect (lazily: nothing is sent until the first request). `timeout` bounds each request.
+    pub fn new(config: &S3Config, local: FsDriver, timeout: Duration) -> io::Result<S3Driver> {
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region)
+            .with_client_options(
+                ClientOptions::new().with_timeout(timeout).with_connect_timeout(timeout.min(Duration::from_secs(10))),
+            )
+            .with_retry(RetryConfig { max_retries: 2, retry_timeout: timeout, ..Default::default() });
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let Some(id) = &config.access_key_id {
+            builder = builder.with_access_key_id(id);
+        }
+        if let Some(secret) = &config.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        let bucket = builder.build().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let prefix = match config.prefix.trim_matches('/') {
+            "" => String::new(),
+            p => format!("{p}/"),
+        };
+        Ok(S3Driver { bucket: Arc::new(bucket), prefix, local })
+    }
+
+    fn key(&self, path: &str) -> Key {
+        Key::from(format!("{}{}", self.prefix, path.trim_matches('/')))
+    }
+
+    fn parts_key(&self, path: &str) -> Key {
+        self.key(&format!("{}.parts", path.trim_matches('/')))
+    }
+
+    fn local(path: &str) -> bool {
+        path.starts_with(LOCAL)
+    }
+
+    fn appended(path: &str) -> bool {
+        path.starts_with(APPENDED)
+    }
+
+    /// The part objects of an appended file, in order: (key, first offset, size).
+    async fn parts(&self, path: &str) -> io::Result<Vec<(Key, u64, u64)>> {
+        let prefix = self.parts_key(path);
+        let mut parts: Vec<(Key, u64, u64)> = self
+            .bucket
+            .list(Some(&prefix))
+            .map_ok(|m| {
+                let offset = m.location.filename().and_then(|f| f.parse::<u64>().ok()).unwrap_or(u64::MAX);
+                (m.location, offset, m.size)
+            })
+            .try_collect()
+            .await
+            .map_err(backend)?;
+        parts.sort_by_key(|p| p.1);
+        Ok(parts)
+    }
+
+    /// Bytes `range` of one object (clipped at its end).
+    async fn get_range(&self, key: &Key, range: Range<u64>) -> io::Result<Option<Bytes>> {
+        if range.is_empty() {
+            return Ok(self.head(key).await?.map(|_| Bytes::new()));
+        }
+        let options = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..Default::default() };
+        match self.bucket.get_opts(key, options).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(backend)?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // A range starting at or past the end (an empty object included).
+            Err(e) => match self.head(key).await? {
+                Some(size) if size <= range.start => Ok(Some(Bytes::new())),
+                _ => Err(backend(e)),
+            },
+        }
+    }
+
+    async fn head(&self, key: &Key) -> io::Result<Option<u64>> {
+        Ok(not_found_is_none(self.bucket.head(key).await)?.map(|m| m.size))
+    }
+
+    /// Everything under `prefix/`, and `prefix` itself.
+    async fn delete_tree(&self, key: &Key) -> io::Result<()> {
+        let below: Vec<Key> = self
+            .bucket
+            .list(Some(key))
+            .map_ok(|m| m.location)
+            .try_collect()
+            .await
+            .map_err(backend)?;
+        for k in below.iter().chain(std::iter::once(key)) {
+            match self.bucket.delete(k).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(backend(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn upload(&self, from: Reader, to: &Key) -> io::Result<()> {
+        upload(&self.bucket, from, to).await
+    }
+
+    /// A reader over the bytes of `path` from `offset`: one object, or the parts of an
+    /// appended file in order.
+    async fn reader(&self, path: &str, offset: u64) -> io::Result<Option<Reader>> {
+        let mut pieces: Vec<(Key, Range<u64>)> = Vec::new();
+        let key = self.key(path);
+        let Some(size) = self.head(&key).await? else { return Ok(None) };
+        let mut start = 0;
+        let mut objects = vec![(key, 0, size)];
+        if Self::appended(path) {
+            objects.extend(self.parts(path).await?);
+        }
+        for (k, _, len) in objects {
+            let end = start + len;
+            if end > offset && len > 0 {
+                pieces.push((k, offset.max(start) - start..len));
+            }
+            start = end;
+        }
+        let bucket = self.bucket.clone();
+        let stream = futures_util::stream::iter(pieces)
+            .then(move |(k, range)| {
+                let bucket = bucket.clone();
+                async move {
+                    let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
+                    bucket.get_opts(&k, options).await.map(|r| r.into_stream()).map_err(backend)
+                }
+            })
+            .map_ok(|s| s.map_err(backend))
+            .try_flatten();
+        Ok(Some(Box::new(tokio_util::io::StreamReader::new(Box::pin(stream)))))
+    }
+}
+
+#[async_trait]
+impl Driver for S3Driver {
+    async fn get(&self, path: &str) -> io::Result<Option<Vec<u8>>> {
+        if Self::local(path) {
+            return self.local.get(path).await;
+        }
+        let Some(r) = not_found_is_none(self.bucket.get(&self.key(path)).await)? else { return Ok(None) };
+        Ok(Some(r.bytes().await.map_err(backend)?.to_vec()))
+    }
+
+    async fn put(&self, path: &str, content: &[u8]) -> io::Result<()> {
+        if Self::local(path) {
+            return self.local.put(path, content).await;
+        }
+        self.bucket.put(&self.key(path), PutPayload::from(content.to_vec())).await.map(|_| ()).map_err(backend)
+    }
+
+    async fn put_private(&self, path: &str, content: &[u8]) -> io::Result<()> {
+        // Objects are private to the bucket's credentials.
+        self.put(path, content).await
+    }
+
+    async fn delete(&self, path: &str) -> io::Result<()> {
+        if Self::local(path) {
+            return self.local.delete(path).await;
+        }
+        self.delete_tree(&self.key(path)).await
+    }
+
+    async fn list(&self, path: &str) -> io::Result<Vec<String>> {
+        let listed = self.bucket.list_with_delimiter(Some(&self.key(path))).await.map_err(backend)?;
+        let mut names: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .chain(listed.objects.iter().map(|m| &m.location))
+            .filter_map(|k| k.filename().map(str::to_string))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    async fn size(&self, path: &str) -> io::Result<Option<u64>> {
+        if Self::local(path) {
+            return self.local.size(path).await;
+        }
+        let Some(size) = self.head(&self.key(path)).await? else { return Ok(None) };
+        if !Self::appended(path) {
+            return Ok(Some(size));
+        }
+        Ok(Some(size + self.parts(path).await?.iter().map(|p| p.2).sum::<u64>()))
+    }
+
+    async fn stat(&self, path: &str) -> io::Result<Option<(u64, u64)>> {
+        if Self::local(path) {
+            return self.local.stat(path).await;
+        }
+        let Some(meta) = not_found_is_none(self.bucket.head(&self.key(path)).await)? else { return Ok(None) };
+        let mut size = meta.size;
+        let mut mtime = meta.last_modified.timestamp().max(0) as u64;
+        if Self::appended(path) {
+            for (_, _, len) in self.parts(path).await? {
+                size += len;
+            }
+        }
+        // `touch` leaves a marker: objects cannot have their time changed.
+        if let Some(touched) = not_found_is_none(self.bucket.head(&self.key(&format!("{path}.touched"))).await)? {
+            mtime = mtime.max(touched.last_modified.timestamp().max(0) as u64);
+        }
+        Ok(Some((size, mtime)))
+    }
+
+    async fn open_read(&self, path: &str, offset: u64) -> io::Result<Option<Reader>> {
+        if Self::local(path) {
+            return self.local.open_read(path, offset).await;
+        }
+        self.reader(path, offset).await
+    }
+
+    async fn read_at(&self, path: &str, offset: u64, len: usize) -> io::Result<Option<Bytes>> {
+        if Self::local(path) {
+            return self.local.read_at(path, offset, len).await;
+        }
+        if !Self::appended(path) {
+            return self.get_range(&self.key(path), offset..offset + len as u64).await;
+        }
+        use tokio::io::AsyncReadExt;
+        let Some(r) = self.reader(path, offset).await? else { return Ok(None) };
+        let mut buf = Vec::with_capacity(len);
+        r.take(len as u64).read_to_end(&mut buf).await?;
+        Ok(Some(Bytes::from(buf)))
+    }
+
+    async fn open_append(&self, path: &str) -> io::Result<Writer> {
+        if !Self::appended(path) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{path}: not appendable in an object store")));
+        }
+        let Some(size) = self.size(path).await? else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, path.to_string()));
+        };
+        let staging = self.local.staging_path();
+        let file = tokio::fs::File::create(self.local.root().join(&staging)).await?;
+        let part = self.parts_key(path).clone().join(format!("{size:020}"));
+        Ok(Box::new(PartWriter {
+            file: Some(file),
+            staging,
+            part,
+            bucket: self.bucket.clone(),
+            local_root: self.local.root().to_path_buf(),
+            written: 0,
+            upload: None,
+        }))
+    }
+
+    async fn truncate(&self, path: &str, len: u64) -> io::Result<()> {
+        if Self::local(path) {
+            return self.local.truncate(path, len).await;
+        }
+        let key = self.key(path);
+        let Some(first) = self.head(&key).await? else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, path.to_string()));
+        };
+        if first > len {
+            let kept = self.get_range(&key, 0..len).await?.unwrap_or_default();
+            self.bucket.put(&key, PutPayload::from(kept)).await.map_err(backend)?;
+        }
+        for (k, offset, size) in self.parts(path).await? {
+            if offset >= len {
+                self.bucket.delete(&k).await.map_err(backend)?;
+            } else if offset + size > len {
+                let kept = self.get_range(&k, 0..len - offset).await?.unwrap_or_default();
+                self.bucket.put(&k, PutPayload::from(kept)).await.map_err(backend)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_staged(&self, path: &str) -> io::Result<Box<dyn StagedFile>> {
+        self.local.create_staged(path).await
+    }
+
+    fn discard_staged(&self, path: &str) {
+        self.local.discard_staged(path)
+    }
+
+    async fn touch(&self, path: &str) -> io::Result<()> {
+        if Self::local(path) {
+            return self.local.touch(path).await;
+        }
+        if self.head(&self.key(path)).await?.is_none() {
+            return Ok(());
+        }
+        self.put(&format!("{path}.touched"), b"").await
+    }
+
+    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+        let key = self.key(to);
+        if Self::local(from) {
+            let Some(reader) = self.local.open_read(from, 0).await? else {
+                return Err(io::Error::new(io::ErrorKind::NotFound, from.to_string()));
+            };
+            self.upload(reader, &key).await?;
+            return self.local.delete(from).await;
+        }
+        // An upload session becomes the blob: copied by the server when it is one object.
+        let parts = if Self::appended(from) { self.parts(from).await? } else { Vec::new() };
+        if parts.iter().all(|p| p.2 == 0) {
+            self.bucket.copy(&self.key(from), &key).await.map_err(backend)?;
+        } else {
+            let Some(reader) = self.reader(from, 0).await? else {
+                return Err(io::Error::new(io::ErrorKind::NotFound, from.to_string()));
+            };
+            self.upload(reader, &key).await?;
+        }
+        self.delete(from).await
+    }
+
+    fn staging_path(&self) -> String {
+        format!("{LOCAL}{}", unique_name())
+    }
+
+    fn available(&self) -> io::Result<Option<u64>> {
+        // A bucket has no "disk full" to foresee; staging space is checked as it is written.
+        Ok(None)
+    }
+}
+
+/// Stream a reader into `to` as one multipart upload: visible only once complete, aborted on any
+/// error.
+async fn upload(bucket: &AmazonS3, mut from: Reader, to: &Key) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let upload = bucket.put_multipart(to).await.map_err(backend)?;
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+    let copied = async {
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, io::Error>(());
+            }
+            writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(backend)?;
+            writer.write(&buf[..n]);
+        }
+    }
+    .await;
+    match copied {
+        Ok(()) => writer.finish().await.map(|_| ()).map_err(backend),
+        Err(e) => {
+            let _ = writer.abort().await;
+            Err(e)
+        }
+    }
+}
+
+/// One request body appended to an upload session: written to a local file, uploaded as the
+/// session's next part object when the writer is shut down.
+struct PartWriter {
+    file: Option<tokio::fs::File>,
+    staging: String,
+    part: Key,
+    bucket: Arc<AmazonS3>,
+    local_root: std::path::PathBuf,
+    written: u64,
+    upload: Option<Pin<Box<dyn std::future::Future<Output = io::Result<()>> + Send>>>,
+}
+
+impl AsyncWrite for PartWriter {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let Some(file) = self.file.as_mut() else {
+            return Poll::Ready(Err(io::Error::other("write after shutdown")));
+        };
+        let n = std::task::ready!(Pin::new(file).poll_write(cx, buf))?;
+        self.written += n as u64;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.file.as_mut() {
+            Some(f) => Pin::new(f).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(f) = self.file.as_mut() {
+            std::task::ready!(Pin::new(f).poll_shutdown(cx))?;
+            self.file = None;
+            let (bucket, part, path) =
+                (self.bucket.clone(), self.part.clone(), self.local_root.join(&self.staging));
+            let empty = self.written == 0;
+            self.upload = Some(Box::pin(async move {
+                let result = if empty {
+                    Ok(())
+                } else {
+                    match tokio::fs::File::open(&path).await {
+                        Ok(f) => upload(&bucket, Box::new(f), &part).await,
+                        Err(e) => Err(e),
+                    }
+                };
+                let _ = tokio::fs::remove_file(&path).await;
+                result
+            }));
+        }
+        match self.upload.as_mut() {
+            Some(upload) => {
+                let result = std::task::ready!(upload.as_mut().poll(cx));
+                self.upload = None;
+                Poll::Ready(result)
+            }
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl Drop for PartWriter {
+    fn drop(&mut self) {
+        // Never shut down (the request failed): its bytes never became a part.
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(self.local_root.join(&self.staging));
+        }
+    }
+}
