@@ -825,11 +825,16 @@ impl Validator {
             }
             ("s3", Some(s3)) => {
                 if s3.bucket.len() < 3 {
-                    self.problem(format!("storage.s3.bucket = {:?}: a bucket name has 3 characters or more", s3.bucket));
+                    self.problem(format!(
+                        "storage.s3.bucket = {:?}: a bucket name has 3 characters or more",
+                        s3.bucket
+                    ));
                 }
                 if let Some(e) = &s3.endpoint {
                     if reqwest::Url::parse(e).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
-                        self.problem(format!("storage.s3.endpoint = {e:?} is not a URL: use http:// or https:// and a host"));
+                        self.problem(format!(
+                            "storage.s3.endpoint = {e:?} is not a URL: use http:// or https:// and a host"
+                        ));
                     }
                 }
                 let secret_access_key = s3.secret_access_key_file.map(|p| self.resolve(p)).and_then(|p| {

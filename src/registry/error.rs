@@ -26,6 +26,7 @@ pub enum Code {
     UploadTooLarge,
     /// The store is full (ENOSPC, or a quota).
     StorageFull,
+    StoreUnavailable,
     Unavailable,
     Internal,
 }
@@ -58,6 +59,7 @@ impl Code {
             Code::ManifestTooLarge => ("MANIFEST_INVALID", S::PAYLOAD_TOO_LARGE, "manifest exceeds the size limit"),
             Code::UploadTooLarge => ("BLOB_UPLOAD_INVALID", S::PAYLOAD_TOO_LARGE, "upload exceeds the size limit"),
             Code::StorageFull => ("UNAVAILABLE", S::INSUFFICIENT_STORAGE, "the registry's storage is full"),
+            Code::StoreUnavailable => ("UNAVAILABLE", S::SERVICE_UNAVAILABLE, "the registry's storage is unavailable"),
             Code::Unavailable => ("UNAVAILABLE", S::SERVICE_UNAVAILABLE, "upstream registry unavailable"),
             Code::Internal => ("UNKNOWN", S::INTERNAL_SERVER_ERROR, "internal error"),
         }
@@ -109,6 +111,9 @@ impl From<std::io::Error> for RegistryError {
         if crate::storage::is_full(&err) {
             return Self::new(Code::StorageFull, format!("storage: {err}"));
         }
+        if crate::storage::is_unavailable(&err) {
+            return Self::new(Code::StoreUnavailable, "the object store did not answer; try again".to_string());
+        }
         Self::internal(format!("storage: {err}"))
     }
 }
@@ -159,6 +164,9 @@ impl From<crate::cache::CacheError> for RegistryError {
             }
             E::Upstream(_) => Self::new(Code::Unavailable, err.to_string()),
             E::Storage(io) if crate::storage::is_full(io) => Self::new(Code::StorageFull, err.to_string()),
+            E::Storage(io) if crate::storage::is_unavailable(io) => {
+                Self::new(Code::StoreUnavailable, "the object store did not answer; try again".to_string())
+            }
             E::Storage(_) | E::Internal(_) => Self::internal(err),
         }
     }

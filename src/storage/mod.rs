@@ -89,11 +89,25 @@ pub fn open(config: &crate::config::Config, serving: bool) -> io::Result<Store> 
         StorageBackend::Fs if serving => Store::new(fs::FsDriver::new(&config.storage_root)?),
         StorageBackend::Fs => Store::new(fs::FsDriver::open(&config.storage_root)?),
         StorageBackend::S3(s3) => {
-            let local =
-                if serving { fs::FsDriver::new(&config.storage_root)? } else { fs::FsDriver::open(&config.storage_root)? };
+            let local = if serving {
+                fs::FsDriver::new(&config.storage_root)?
+            } else {
+                fs::FsDriver::open(&config.storage_root)?
+            };
             Store::new(s3::S3Driver::new(s3, local, config.upstream_timeout)?)
         }
     })
+}
+
+/// The storage backend (an object store) failed or did not answer: worth retrying, not a fault
+/// of the request. Carried inside `io::Error`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// Whether an error means the storage backend is unavailable (see [`Unavailable`]).
+pub fn is_unavailable(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Unavailable>())
 }
 
 /// Whether an error means the store is full (no space left, or over a quota).
@@ -359,8 +373,10 @@ impl Store {
     }
 
     /// Whether the store takes a write now (readiness).
+    /// Whether the store takes writes now: a small write where the content lives (the bucket,
+    /// for an object store).
     pub async fn check_writable(&self) -> io::Result<()> {
-        self.driver.put("tmp/.readyz", b"ok").await
+        self.driver.put("meta/readyz", b"ok").await
     }
 
     /// Bytes of a fill's staging file (`None` once it is gone: committed or removed).

@@ -47,7 +47,7 @@ pub struct S3Driver {
 fn backend(e: object_store::Error) -> io::Error {
     match e {
         object_store::Error::NotFound { path, .. } => io::Error::new(io::ErrorKind::NotFound, path),
-        e => io::Error::new(io::ErrorKind::ConnectionAborted, format!("object store: {e}")),
+        e => io::Error::other(super::Unavailable(format!("object store: {e}"))),
     }
 }
 
@@ -102,15 +102,15 @@ impl S3Driver {
         path.starts_with(APPENDED)
     }
 
-    /// The part objects of an appended file, in order: (key, first offset, size).
-    async fn parts(&self, path: &str) -> io::Result<Vec<(Key, u64, u64)>> {
+    /// The part objects of an appended file, in order: (key, first offset, size, modified).
+    async fn parts(&self, path: &str) -> io::Result<Vec<(Key, u64, u64, u64)>> {
         let prefix = self.parts_key(path);
-        let mut parts: Vec<(Key, u64, u64)> = self
+        let mut parts: Vec<(Key, u64, u64, u64)> = self
             .bucket
             .list(Some(&prefix))
             .map_ok(|m| {
                 let offset = m.location.filename().and_then(|f| f.parse::<u64>().ok()).unwrap_or(u64::MAX);
-                (m.location, offset, m.size)
+                (m.location, offset, m.size, m.last_modified.timestamp().max(0) as u64)
             })
             .try_collect()
             .await
@@ -142,13 +142,8 @@ impl S3Driver {
 
     /// Everything under `prefix/`, and `prefix` itself.
     async fn delete_tree(&self, key: &Key) -> io::Result<()> {
-        let below: Vec<Key> = self
-            .bucket
-            .list(Some(key))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await
-            .map_err(backend)?;
+        let below: Vec<Key> =
+            self.bucket.list(Some(key)).map_ok(|m| m.location).try_collect().await.map_err(backend)?;
         for k in below.iter().chain(std::iter::once(key)) {
             match self.bucket.delete(k).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
@@ -171,7 +166,7 @@ impl S3Driver {
         let mut start = 0;
         let mut objects = vec![(key, 0, size)];
         if Self::appended(path) {
-            objects.extend(self.parts(path).await?);
+            objects.extend(self.parts(path).await?.into_iter().map(|(k, offset, len, _)| (k, offset, len)));
         }
         for (k, _, len) in objects {
             let end = start + len;
@@ -256,8 +251,9 @@ impl Driver for S3Driver {
         let mut size = meta.size;
         let mut mtime = meta.last_modified.timestamp().max(0) as u64;
         if Self::appended(path) {
-            for (_, _, len) in self.parts(path).await? {
+            for (_, _, len, modified) in self.parts(path).await? {
                 size += len;
+                mtime = mtime.max(modified);
             }
         }
         // `touch` leaves a marker: objects cannot have their time changed.
@@ -290,7 +286,10 @@ impl Driver for S3Driver {
 
     async fn open_append(&self, path: &str) -> io::Result<Writer> {
         if !Self::appended(path) {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, format!("{path}: not appendable in an object store")));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{path}: not appendable in an object store"),
+            ));
         }
         let Some(size) = self.size(path).await? else {
             return Err(io::Error::new(io::ErrorKind::NotFound, path.to_string()));
@@ -321,7 +320,7 @@ impl Driver for S3Driver {
             let kept = self.get_range(&key, 0..len).await?.unwrap_or_default();
             self.bucket.put(&key, PutPayload::from(kept)).await.map_err(backend)?;
         }
-        for (k, offset, size) in self.parts(path).await? {
+        for (k, offset, size, _) in self.parts(path).await? {
             if offset >= len {
                 self.bucket.delete(&k).await.map_err(backend)?;
             } else if offset + size > len {
@@ -442,8 +441,7 @@ impl AsyncWrite for PartWriter {
         if let Some(f) = self.file.as_mut() {
             std::task::ready!(Pin::new(f).poll_shutdown(cx))?;
             self.file = None;
-            let (bucket, part, path) =
-                (self.bucket.clone(), self.part.clone(), self.local_root.join(&self.staging));
+            let (bucket, part, path) = (self.bucket.clone(), self.part.clone(), self.local_root.join(&self.staging));
             let empty = self.written == 0;
             self.upload = Some(Box::pin(async move {
                 let result = if empty {

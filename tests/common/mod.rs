@@ -17,6 +17,24 @@ pub fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
+/// The test's configuration on the backend the run asks for: REGMIRROR_TEST_BACKEND=s3 puts the
+/// store in the shared SeaweedFS (under a key prefix of its own), anything else leaves it as is.
+pub fn with_test_backend(toml: &str, base: &Path) -> String {
+    if std::env::var("REGMIRROR_TEST_BACKEND").as_deref() != Ok("s3") {
+        return toml.to_string();
+    }
+    let Some(server) = s3::shared() else { return toml.to_string() };
+    let mut table: toml::Table = toml.parse().expect("test configuration");
+    if table.get("storage").and_then(|s| s.get("backend")).is_some() {
+        return toml.to_string(); // the test chose its backend itself
+    }
+    let storage = table.entry("storage").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let storage = storage.as_table_mut().expect("[storage] is a table");
+    storage.insert("backend".into(), "s3".into());
+    storage.insert("s3".into(), toml::Value::Table(s3::storage_toml(server, base).parse().expect("[storage.s3]")));
+    toml::to_string(&table).expect("toml")
+}
+
 /// regmirror running inside the test process.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -33,6 +51,7 @@ impl TestServer {
     }
 
     pub async fn start_in(dir: tempfile::TempDir, toml: &str) -> TestServer {
+        let toml = &with_test_backend(toml, dir.path());
         let config = Config::parse(toml, dir.path()).unwrap_or_else(|e| panic!("config: {e:?}"));
         // The same start as `regmirror serve`: store indexed, background tasks running.
         let state = start(config).await.unwrap();
@@ -351,6 +370,7 @@ impl Drop for Proc {
     }
 }
 pub mod hub;
+pub mod s3;
 
 pub const MIB: usize = 1 << 20;
 

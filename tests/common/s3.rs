@@ -33,6 +33,58 @@ pub fn weed_binary() -> Option<String> {
     super::require("weed").then(|| "weed".to_string())
 }
 
+/// A server of the test's own (to stop and start), `None` when `weed` is missing and the run
+/// allows it.
+pub fn own() -> Option<Seaweed> {
+    weed_binary().map(|w| start(&w))
+}
+
+impl Seaweed {
+    /// Freeze (SIGSTOP) or thaw (SIGCONT) the server: requests to it hang meanwhile.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.pid.to_string()]).status().unwrap().success();
+        assert!(ok, "kill -{sig} {}", self.pid);
+    }
+
+    /// `[storage.s3]` for a store under `prefix`.
+    pub fn storage(&self, prefix: &str) -> String {
+        let secret = self.dir.join("secret");
+        std::fs::write(&secret, SECRET_KEY).unwrap();
+        format!(
+            "bucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\nprefix = \"{prefix}\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key_file = \"{}\"\n",
+            self.endpoint,
+            secret.display()
+        )
+    }
+
+    /// Keys under `prefix` in the bucket.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let (endpoint, prefix) = (self.endpoint.clone(), prefix.to_string());
+        std::thread::spawn(move || {
+            use futures_util::TryStreamExt;
+            use object_store::ObjectStore;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let bucket = client(&endpoint);
+            let p = object_store::path::Path::from(prefix);
+            rt.block_on(bucket.list(Some(&p)).map_ok(|m| m.location.to_string()).try_collect::<Vec<_>>()).unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+fn client(endpoint: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .with_bucket_name(BUCKET)
+        .with_region("us-east-1")
+        .with_access_key_id(ACCESS_KEY)
+        .with_secret_access_key(SECRET_KEY)
+        .build()
+        .unwrap()
+}
+
 /// The shared server, started on first use; `None` when `weed` is missing and the run allows it.
 pub fn shared() -> Option<&'static Seaweed> {
     static SERVER: OnceLock<Option<Seaweed>> = OnceLock::new();
@@ -81,36 +133,41 @@ fn start(weed: &str) -> Seaweed {
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("weed");
+        let mut child = cmd.spawn().expect("weed");
         tx.send(child.id()).unwrap();
-        loop {
-            std::thread::park();
-        }
+        let _ = child.wait();
     });
     let pid = rx.recv().unwrap();
-    // Ready when the bucket answers a listing.
-    let url = format!("{endpoint}/{BUCKET}?list-type=2");
-    for _ in 0..600 {
-        let ok = Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1", &url])
-            .output()
-            .is_ok_and(|o| o.stdout != b"000" && o.stdout != b"404" && o.stdout != b"503");
-        if ok {
-            return Seaweed { endpoint, dir, pid };
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("SeaweedFS did not come up; its log: {}", std::fs::read_to_string(dir.join("weed.log")).unwrap_or_default());
+    // Ready when the bucket answers a signed listing (unsigned requests get 403 either way). On a
+    // thread of its own: this may run inside a test's runtime.
+    let ready = {
+        let endpoint = endpoint.clone();
+        std::thread::spawn(move || {
+            use object_store::ObjectStore;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let bucket = client(&endpoint);
+            for _ in 0..300 {
+                if rt.block_on(bucket.list_with_delimiter(None)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            false
+        })
+        .join()
+        .unwrap()
+    };
+    assert!(
+        ready,
+        "SeaweedFS did not come up; its log: {}",
+        std::fs::read_to_string(dir.join("weed.log")).unwrap_or_default()
+    );
+    Seaweed { endpoint, dir, pid }
 }
 
-/// `[storage.s3]` for a store under a fresh key prefix of the shared server.
-pub fn storage_toml(server: &Seaweed) -> String {
-    let prefix = format!("{:016x}", rand::random::<u64>());
-    let secret = server.dir.join("secret");
-    std::fs::write(&secret, SECRET_KEY).unwrap();
-    format!(
-        "bucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\nprefix = \"{prefix}\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key_file = \"{}\"\n",
-        server.endpoint,
-        secret.display()
-    )
+/// `[storage.s3]` for a store under a key prefix of the shared server that belongs to the test's
+/// folder (`base`): a restart on the same folder finds the same store.
+pub fn storage_toml(server: &Seaweed, base: &std::path::Path) -> String {
+    use sha2::Digest as _;
+    server.storage(&hex::encode(&sha2::Sha256::digest(base.as_os_str().as_encoded_bytes())[..8]))
 }

@@ -1,0 +1,140 @@
+//! The object-store backend against a real S3 server (SeaweedFS): what a replica finds in the
+//! bucket alone, that nothing unverified lands under a blob key, and an object store that stops
+//! answering. (The whole API suite also runs on this backend: REGMIRROR_TEST_BACKEND=s3.)
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::hub::Hub;
+use common::s3::Seaweed;
+use common::*;
+
+fn s3_config(server: &Seaweed, prefix: &str, upstream: &str) -> String {
+    format!(
+        "[storage]\nroot = \"local\"\nbackend = \"s3\"\n[storage.s3]\n{}[[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\n[cache]\nupstream_timeout = \"3s\"\n",
+        server.storage(prefix)
+    )
+}
+
+fn prefix() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+async fn pull_blob(c: &reqwest::Client, s: &TestServer, repo: &str, d: &str) -> reqwest::Response {
+    c.get(s.url(&format!("/v2/{repo}/blobs/{d}"))).send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_with_an_empty_local_folder_serves_the_bucket_with_the_upstream_gone() {
+    let Some(server) = common::s3::shared() else { return };
+    let hub = Hub::start().await;
+    let blob = blob_of(3 << 20, 7);
+    let (blob_digest, manifest_digest, manifest) = hub_image(&hub, "app", "1", blob.clone());
+    let prefix = prefix();
+    let a = TestServer::start(&s3_config(server, &prefix, &hub.url())).await;
+    let c = client();
+    let r = c
+        .get(a.url("/v2/library/app/manifests/1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(download_digest(pull_blob(&c, &a, "library/app", &blob_digest).await).await, blob_digest);
+    // The content is in the bucket, not on A's disk.
+    assert!(server.keys(&prefix).iter().any(|k| k.ends_with(&format!("{}/data", &blob_digest[7..]))));
+    assert_eq!(blobs_on_disk(&a.dir.path().join("local")), 0);
+    a.stop().await;
+
+    // B: a fresh folder, the same bucket, an upstream nobody listens on.
+    let b = TestServer::start(&s3_config(server, &prefix, "http://127.0.0.1:9")).await;
+    let r = c
+        .get(b.url("/v2/library/app/manifests/1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["docker-content-digest"], manifest_digest.as_str());
+    assert_eq!(r.bytes().await.unwrap(), manifest);
+    let r = pull_blob(&c, &b, "library/app", &blob_digest).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(download_digest(r).await, blob_digest);
+    // A range, as clients resume.
+    let r = c
+        .get(b.url(&format!("/v2/library/app/blobs/{blob_digest}")))
+        .header("range", "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().await.unwrap()[..], &blob[1000..2000]);
+}
+
+#[tokio::test]
+async fn corrupt_upstream_bytes_leave_nothing_under_the_blob_keys() {
+    let Some(server) = common::s3::shared() else { return };
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "app", "1", blob_of(2 << 20, 9));
+    hub.state.corrupt.store(true, Ordering::SeqCst);
+    let prefix = prefix();
+    let s = TestServer::start(&s3_config(server, &prefix, &hub.url())).await;
+    let c = client();
+    let r = pull_blob(&c, &s, "library/app", &blob_digest).await;
+    // The error shows at the end of the body at the latest: never complete with bad bytes.
+    let complete = r.status() == 200 && r.bytes().await.is_ok_and(|b| common::sha256(&b) == blob_digest);
+    assert!(!complete, "corrupt bytes were served as the blob");
+    let blob_keys: Vec<String> = server.keys(&format!("{prefix}/blobs")).into_iter().collect();
+    assert!(blob_keys.is_empty(), "blob keys after a corrupt fill: {blob_keys:?}");
+    // Nothing staged is left on the local disk either.
+    assert_eq!(std::fs::read_dir(s.dir.path().join("local/tmp")).map_or(0, |d| d.count()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_object_store_that_stops_answering_gives_503_then_service_resumes() {
+    let Some(server) = common::s3::own() else { return };
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "app", "1", blob_of(1 << 20, 5));
+    let prefix = prefix();
+    let s = TestServer::start(&s3_config(&server, &prefix, &hub.url())).await;
+    let c = client();
+    assert_eq!(download_digest(pull_blob(&c, &s, "library/app", &blob_digest).await).await, blob_digest);
+    assert_eq!(c.get(s.url("/readyz")).send().await.unwrap().status(), 200);
+
+    server.signal("STOP");
+    // Requests end within the timeout bounds (3 s per attempt, two retries), with error JSON.
+    let started = Instant::now();
+    let r = pull_blob(&c, &s, "library/app", &blob_digest).await;
+    let waited = started.elapsed();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+    assert!(!body.to_string().contains(common::s3::SECRET_KEY));
+    assert!(waited < Duration::from_secs(15), "answered after {waited:?}");
+    assert_eq!(c.get(s.url("/readyz")).send().await.unwrap().status(), 503);
+    // Health is the process's own: still alive.
+    assert_eq!(c.get(s.url("/healthz")).send().await.unwrap().status(), 200);
+
+    server.signal("CONT");
+    eventually_async("the store answers again", || async {
+        c.get(s.url("/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let r = pull_blob(&c, &s, "library/app", &blob_digest).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(download_digest(r).await, blob_digest);
+}
+
+async fn eventually_async<F, Fut>(what: &str, cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
