@@ -169,6 +169,10 @@ async fn ca_certificate(State(state): State<AppState>) -> Response {
 async fn ready(State(state): State<AppState>) -> Response {
     match state.store.check_writable().await {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) if crate::storage::is_unavailable(&e) => {
+            tracing::warn!(error = %e, "not ready: storage backend unavailable");
+            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response()
+        }
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store not writable: {e}\n")).into_response(),
     }
 }

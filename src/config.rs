@@ -837,6 +837,9 @@ impl Validator {
                         ));
                     }
                 }
+                if s3.redirect == Some(true) {
+                    self.problem("storage.s3.redirect = true is not available yet: remove it (cached blobs are served by regmirror)".into());
+                }
                 let secret_access_key = s3.secret_access_key_file.map(|p| self.resolve(p)).and_then(|p| {
                     match std::fs::read_to_string(&p) {
                         Ok(s) => Some(s.trim().to_string()),

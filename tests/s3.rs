@@ -45,7 +45,8 @@ async fn a_replica_with_an_empty_local_folder_serves_the_bucket_with_the_upstrea
     assert_eq!(download_digest(pull_blob(&c, &a, "library/app", &blob_digest).await).await, blob_digest);
     // The content is in the bucket, not on A's disk.
     assert!(server.keys(&prefix).iter().any(|k| k.ends_with(&format!("{}/data", &blob_digest[7..]))));
-    assert_eq!(blobs_on_disk(&a.dir.path().join("local")), 0);
+    assert!(!a.dir.path().join("local/blobs").exists(), "blobs on the local disk");
+    assert_eq!(std::fs::read_dir(a.dir.path().join("local/tmp")).map_or(0, |d| d.count()), 0);
     a.stop().await;
 
     // B: a fresh folder, the same bucket, an upstream nobody listens on.
@@ -125,6 +126,69 @@ async fn an_object_store_that_stops_answering_gives_503_then_service_resumes() {
     let r = pull_blob(&c, &s, "library/app", &blob_digest).await;
     assert_eq!(r.status(), 200);
     assert_eq!(download_digest(r).await, blob_digest);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunked_push_started_on_one_replica_is_finished_on_another() {
+    let Some(server) = common::s3::shared() else { return };
+    let prefix = prefix();
+    let a = TestServer::start(&s3_config(server, &prefix, "http://127.0.0.1:9")).await;
+    let b = TestServer::start(&s3_config(server, &prefix, "http://127.0.0.1:9")).await;
+    let c = client();
+    let first = blob_of(3 << 20, 1);
+    let second = blob_of(1 << 20, 2);
+    let whole: Vec<u8> = first.iter().chain(second.iter()).copied().collect();
+    let digest = common::sha256(&whole);
+    let r = c.post(a.url("/v2/private/app/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let r = c
+        .patch(a.url(&loc))
+        .header("content-range", format!("0-{}", first.len() - 1))
+        .body(first.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // The next chunk and the end go to B (a load balancer's choice).
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let r = c.get(b.url(&loc)).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["range"], format!("0-{}", first.len() - 1).as_str());
+    let r = c
+        .patch(b.url(&loc))
+        .header("content-range", format!("{}-{}", first.len(), whole.len() - 1))
+        .body(second.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c.put(b.url(&format!("{loc}{sep}digest={digest}"))).send().await.unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    // Either replica serves it; the session's parts are gone.
+    for s in [&a, &b] {
+        let r = c.get(s.url(&format!("/v2/private/app/blobs/{digest}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(download_digest(r).await, digest);
+    }
+    let left = server.keys(&format!("{prefix}/uploads"));
+    assert!(left.is_empty(), "{left:?}");
+
+    // A chunked push whose bytes do not match its digest leaves no blob key.
+    let r = c.post(a.url("/v2/private/app/blobs/uploads/")).send().await.unwrap();
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let r = c.patch(a.url(&loc)).body(b"not what the digest says".to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let loc = r.headers()["location"].to_str().unwrap().to_string();
+    let wrong = common::sha256(b"something else");
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let r = c.put(b.url(&format!("{loc}{sep}digest={wrong}"))).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let actual = common::sha256(b"not what the digest says");
+    let blob_keys = server.keys(&format!("{prefix}/blobs"));
+    assert!(blob_keys.iter().all(|k| !k.contains(&wrong[7..]) && !k.contains(&actual[7..])), "{blob_keys:?}");
 }
 
 async fn eventually_async<F, Fut>(what: &str, cond: F)

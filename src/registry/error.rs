@@ -94,6 +94,14 @@ impl RegistryError {
     pub fn internal(err: impl std::fmt::Display) -> Self {
         Self::new(Code::Internal, err.to_string())
     }
+
+    /// The object store failed: the cause goes to the log (operators need it), the client is
+    /// told to try again (it names the bucket's endpoint and keys, which are not the client's
+    /// business).
+    fn store_unavailable(err: &std::io::Error) -> Self {
+        tracing::warn!(error = %err, "storage backend unavailable");
+        Self::new(Code::StoreUnavailable, "the object store did not answer; try again".to_string())
+    }
 }
 
 impl std::fmt::Display for RegistryError {
@@ -112,7 +120,7 @@ impl From<std::io::Error> for RegistryError {
             return Self::new(Code::StorageFull, format!("storage: {err}"));
         }
         if crate::storage::is_unavailable(&err) {
-            return Self::new(Code::StoreUnavailable, "the object store did not answer; try again".to_string());
+            return Self::store_unavailable(&err);
         }
         Self::internal(format!("storage: {err}"))
     }
@@ -164,9 +172,7 @@ impl From<crate::cache::CacheError> for RegistryError {
             }
             E::Upstream(_) => Self::new(Code::Unavailable, err.to_string()),
             E::Storage(io) if crate::storage::is_full(io) => Self::new(Code::StorageFull, err.to_string()),
-            E::Storage(io) if crate::storage::is_unavailable(io) => {
-                Self::new(Code::StoreUnavailable, "the object store did not answer; try again".to_string())
-            }
+            E::Storage(io) if crate::storage::is_unavailable(io) => Self::store_unavailable(io),
             E::Storage(_) | E::Internal(_) => Self::internal(err),
         }
     }

@@ -412,23 +412,32 @@ fn visitor_host(state: &AppState, headers: &HeaderMap) -> String {
     }
 }
 
-/// Who is looking: HTTP Basic against the htpasswd file (a browser's login), or one of our tokens.
-async fn visitor(state: &AppState, headers: &HeaderMap, conn: Option<ConnInfo>) -> (Principal, bool) {
-    let authn = state.access.authenticate(headers, conn, true).await;
-    (authn.principal, authn.rejected)
+/// Who is looking (HTTP Basic against the htpasswd file, a browser's login, or one of our
+/// tokens), from where.
+struct Visitor {
+    who: Principal,
+    /// Credentials came and were wrong.
+    rejected: bool,
+    host: String,
+}
+
+impl Visitor {
+    async fn of(state: &AppState, req: Request) -> Visitor {
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        let headers = req.headers().clone();
+        drop(req);
+        let authn = state.access.authenticate(&headers, conn, true).await;
+        Visitor { who: authn.principal, rejected: authn.rejected, host: visitor_host(state, &headers) }
+    }
 }
 
 /// `GET /`.
 pub async fn page(State(state): State<AppState>, Query(view): Query<View>, req: Request) -> Response {
     let started = Instant::now();
-    let conn = req.extensions().get::<ConnInfo>().copied();
-    let headers = req.headers().clone();
-    drop(req);
-    let (who, rejected) = visitor(&state, &headers, conn).await;
+    let Visitor { who, rejected, host } = Visitor::of(&state, req).await;
     if state.access.enabled() && (view.login.is_some() || rejected) && who == Principal::Anonymous {
         return login_challenge();
     }
-    let host = visitor_host(&state, &headers);
     let status = Status::collect(&state, &who, &view, &host);
     // Logging in sends a password: offered only where it is encrypted.
     let login = state.access.enabled() && !matches!(state.config.tls, TlsConfig::Off);
@@ -441,14 +450,10 @@ pub async fn page(State(state): State<AppState>, Query(view): Query<View>, req: 
 /// `GET /api/status`.
 pub async fn json(State(state): State<AppState>, Query(view): Query<View>, req: Request) -> Response {
     let started = Instant::now();
-    let conn = req.extensions().get::<ConnInfo>().copied();
-    let headers = req.headers().clone();
-    drop(req);
-    let (who, rejected) = visitor(&state, &headers, conn).await;
+    let Visitor { who, rejected, host } = Visitor::of(&state, req).await;
     if rejected {
         return login_challenge();
     }
-    let host = visitor_host(&state, &headers);
     let status = Status::collect(&state, &who, &view, &host);
     let mut resp = axum::Json(status).into_response();
     secure(&mut resp, started, false);

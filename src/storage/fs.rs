@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use tokio::io::AsyncSeekExt;
 
 use super::{Driver, Reader, StagedFile, Writer};
+use crate::oci::Digest;
 
 /// Where staged writes live; on the same filesystem as everything else so renames are atomic.
 const TMP_DIR: &str = "tmp";
@@ -259,7 +260,7 @@ impl Driver for FsDriver {
         .map_err(io::Error::other)?
     }
 
-    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+    async fn commit(&self, from: &str, to: &str, _expected: &Digest) -> io::Result<()> {
         let (from, to) = (self.full(from), self.full(to));
         tokio::fs::File::open(&from).await?.sync_all().await?;
         let parent = to.parent().map(Path::to_path_buf).unwrap_or_else(|| self.root.clone());

@@ -73,8 +73,9 @@ pub trait Driver: Send + Sync + 'static {
     fn discard_staged(&self, path: &str);
     /// Set a file's modification time to now (a blob in use again is not garbage).
     async fn touch(&self, path: &str) -> io::Result<()>;
-    /// Make a staged file durable and move it to `to`, atomically.
-    async fn commit(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Make a staged file durable and move it to `to`, atomically. Its content was checked to be
+    /// `expected`; a backend that copies it checks again on the way.
+    async fn commit(&self, from: &str, to: &str, expected: &Digest) -> io::Result<()>;
     /// A fresh path for staging a write.
     fn staging_path(&self) -> String;
     /// Bytes that can still be written, when the backend can tell.
@@ -486,7 +487,7 @@ impl Store {
             return self.driver.delete(staged).await;
         }
         let size = self.driver.size(staged).await?.unwrap_or(0);
-        self.driver.commit(staged, &blob_path(d)).await?;
+        self.driver.commit(staged, &blob_path(d), d).await?;
         self.stats.add(size as i64, 1);
         Ok(())
     }

@@ -25,6 +25,7 @@ use tokio::io::AsyncWrite;
 use super::fs::{unique_name, FsDriver};
 use super::{Driver, Reader, StagedFile, Writer};
 use crate::config::S3Config;
+use crate::oci::{Digest, Hasher};
 
 /// Paths under this prefix are staged writes: on the local disk.
 const LOCAL: &str = "tmp/";
@@ -33,7 +34,9 @@ const APPENDED: &str = "uploads/";
 /// Multipart uploads send parts this large (S3 wants at least 5 MiB but for the last).
 const PART: usize = 16 << 20;
 /// Parts uploaded at once by one commit.
-const PARTS_IN_FLIGHT: usize = 4;
+const PARTS_IN_FLIGHT: usize = 2;
+/// The longest any one request may take, a large part's upload included.
+const WHOLE_REQUEST: Duration = Duration::from_secs(3600);
 
 pub struct S3Driver {
     bucket: Arc<AmazonS3>,
@@ -46,7 +49,7 @@ pub struct S3Driver {
 /// Why the bucket could not be used: reported as "unavailable", never with credentials.
 fn backend(e: object_store::Error) -> io::Error {
     match e {
-        object_store::Error::NotFound { path, .. } => io::Error::new(io::ErrorKind::NotFound, path),
+        object_store::Error::NotFound { .. } => io::Error::new(io::ErrorKind::NotFound, "not in the object store"),
         e => io::Error::other(super::Unavailable(format!("object store: {e}"))),
     }
 }
@@ -62,15 +65,25 @@ fn not_found_is_none<T>(r: object_store::Result<T>) -> io::Result<Option<T>> {
 impl S3Driver {
     /// Connect (lazily: nothing is sent until the first request). `timeout` bounds each request.
     pub fn new(config: &S3Config, local: FsDriver, timeout: Duration) -> io::Result<S3Driver> {
+        use object_store::aws::AmazonS3ConfigKey as K;
+        // A stalled store is caught by the read timeout; a whole request (a large part) may take
+        // longer.
         let mut builder = AmazonS3Builder::from_env()
             .with_bucket_name(&config.bucket)
             .with_region(&config.region)
             .with_client_options(
-                ClientOptions::new().with_timeout(timeout).with_connect_timeout(timeout.min(Duration::from_secs(10))),
+                ClientOptions::new()
+                    .with_read_timeout(timeout)
+                    .with_connect_timeout(timeout.min(Duration::from_secs(10)))
+                    .with_timeout(WHOLE_REQUEST),
             )
-            .with_retry(RetryConfig { max_retries: 2, retry_timeout: timeout, ..Default::default() });
+            .with_retry(RetryConfig { max_retries: 1, retry_timeout: timeout * 2, ..Default::default() });
         if let Some(endpoint) = &config.endpoint {
-            builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
+            builder = builder.with_endpoint(endpoint);
+        }
+        // An http:// endpoint, from the file or from AWS_ENDPOINT.
+        if builder.get_config_value(&K::Endpoint).is_some_and(|e| e.to_ascii_lowercase().starts_with("http://")) {
+            builder = builder.with_allow_http(true);
         }
         if let Some(id) = &config.access_key_id {
             builder = builder.with_access_key_id(id);
@@ -109,7 +122,13 @@ impl S3Driver {
             .bucket
             .list(Some(&prefix))
             .map_ok(|m| {
-                let offset = m.location.filename().and_then(|f| f.parse::<u64>().ok()).unwrap_or(u64::MAX);
+                // `<offset>-<unique>`: two appends racing at one offset never overwrite each other.
+                let offset = m
+                    .location
+                    .filename()
+                    .and_then(|f| f.split('-').next())
+                    .and_then(|o| o.parse::<u64>().ok())
+                    .unwrap_or(u64::MAX);
                 (m.location, offset, m.size, m.last_modified.timestamp().max(0) as u64)
             })
             .try_collect()
@@ -153,8 +172,8 @@ impl S3Driver {
         Ok(())
     }
 
-    async fn upload(&self, from: Reader, to: &Key) -> io::Result<()> {
-        upload(&self.bucket, from, to).await
+    async fn upload(&self, from: Reader, to: &Key, expected: Option<&Digest>) -> io::Result<()> {
+        upload(&self.bucket, from, to, expected).await
     }
 
     /// A reader over the bytes of `path` from `offset`: one object, or the parts of an
@@ -167,6 +186,17 @@ impl S3Driver {
         let mut objects = vec![(key, 0, size)];
         if Self::appended(path) {
             objects.extend(self.parts(path).await?.into_iter().map(|(k, offset, len, _)| (k, offset, len)));
+        }
+        // Each part must start where the ones before it end: a gap or two parts at one offset
+        // mean requests raced (on two replicas); such a session is refused, never guessed at.
+        let mut expected = 0;
+        for (_, offset, len) in objects.iter().skip(1) {
+            if *offset != size + expected {
+                return Err(io::Error::other(format!(
+                    "{path}: the upload session was changed by concurrent requests; start the upload again"
+                )));
+            }
+            expected += len;
         }
         for (k, _, len) in objects {
             let end = start + len;
@@ -296,7 +326,7 @@ impl Driver for S3Driver {
         };
         let staging = self.local.staging_path();
         let file = tokio::fs::File::create(self.local.root().join(&staging)).await?;
-        let part = self.parts_key(path).clone().join(format!("{size:020}"));
+        let part = self.parts_key(path).clone().join(format!("{size:020}-{}", unique_name()));
         Ok(Box::new(PartWriter {
             file: Some(file),
             staging,
@@ -324,8 +354,12 @@ impl Driver for S3Driver {
             if offset >= len {
                 self.bucket.delete(&k).await.map_err(backend)?;
             } else if offset + size > len {
+                // Written anew under a key of its own, then the old one removed: a part is never
+                // overwritten.
                 let kept = self.get_range(&k, 0..len - offset).await?.unwrap_or_default();
-                self.bucket.put(&k, PutPayload::from(kept)).await.map_err(backend)?;
+                let cut = self.parts_key(path).clone().join(format!("{offset:020}-{}", unique_name()));
+                self.bucket.put(&cut, PutPayload::from(kept)).await.map_err(backend)?;
+                self.bucket.delete(&k).await.map_err(backend)?;
             }
         }
         Ok(())
@@ -349,25 +383,16 @@ impl Driver for S3Driver {
         self.put(&format!("{path}.touched"), b"").await
     }
 
-    async fn commit(&self, from: &str, to: &str) -> io::Result<()> {
+    async fn commit(&self, from: &str, to: &str, expected: &Digest) -> io::Result<()> {
+        // Hashed again on the way into the bucket (an upload session may have been changed by
+        // another replica since it was checked).
         let key = self.key(to);
-        if Self::local(from) {
-            let Some(reader) = self.local.open_read(from, 0).await? else {
-                return Err(io::Error::new(io::ErrorKind::NotFound, from.to_string()));
-            };
-            self.upload(reader, &key).await?;
-            return self.local.delete(from).await;
-        }
-        // An upload session becomes the blob: copied by the server when it is one object.
-        let parts = if Self::appended(from) { self.parts(from).await? } else { Vec::new() };
-        if parts.iter().all(|p| p.2 == 0) {
-            self.bucket.copy(&self.key(from), &key).await.map_err(backend)?;
-        } else {
-            let Some(reader) = self.reader(from, 0).await? else {
-                return Err(io::Error::new(io::ErrorKind::NotFound, from.to_string()));
-            };
-            self.upload(reader, &key).await?;
-        }
+        let reader =
+            if Self::local(from) { self.local.open_read(from, 0).await? } else { self.reader(from, 0).await? };
+        let Some(reader) = reader else {
+            return Err(io::Error::new(io::ErrorKind::NotFound, from.to_string()));
+        };
+        self.upload(reader, &key, Some(expected)).await?;
         self.delete(from).await
     }
 
@@ -381,29 +406,64 @@ impl Driver for S3Driver {
     }
 }
 
-/// Stream a reader into `to` as one multipart upload: visible only once complete, aborted on any
-/// error.
-async fn upload(bucket: &AmazonS3, mut from: Reader, to: &Key) -> io::Result<()> {
+/// Stream a reader into `to` as one multipart upload, visible only once complete. With
+/// `expected`, the bytes are hashed on the way and the upload completes only when they match:
+/// whatever happened to the source meanwhile, a blob key never holds other content. Aborted on
+/// any error, and when dropped half way (a client gone, a shutdown).
+async fn upload(bucket: &AmazonS3, mut from: Reader, to: &Key, expected: Option<&Digest>) -> io::Result<()> {
     use tokio::io::AsyncReadExt;
     let upload = bucket.put_multipart(to).await.map_err(backend)?;
-    let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
-    let copied = async {
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = from.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<_, io::Error>(());
-            }
-            writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(backend)?;
-            writer.write(&buf[..n]);
+    let mut writer = Unfinished(Some(WriteMultipart::new_with_chunk_size(upload, PART)));
+    let mut hasher = expected.map(|d| Hasher::new(d.algorithm()));
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        if let Some(h) = hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        let w = writer.get()?;
+        w.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(backend)?;
+        w.write(&buf[..n]);
+    }
+    if let (Some(h), Some(expected)) = (hasher, expected) {
+        let actual = h.finish();
+        if &actual != expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("content {actual} is not {expected}: not stored"),
+            ));
         }
     }
-    .await;
-    match copied {
-        Ok(()) => writer.finish().await.map(|_| ()).map_err(backend),
-        Err(e) => {
-            let _ = writer.abort().await;
-            Err(e)
+    writer.finish().await
+}
+
+/// A multipart upload until it is finished: aborted when dropped before.
+struct Unfinished(Option<WriteMultipart>);
+
+impl Unfinished {
+    fn get(&mut self) -> io::Result<&mut WriteMultipart> {
+        self.0.as_mut().ok_or_else(|| io::Error::other("upload already finished"))
+    }
+
+    async fn finish(mut self) -> io::Result<()> {
+        match self.0.take() {
+            Some(w) => w.finish().await.map(|_| ()).map_err(backend),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let (Some(w), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                if let Err(e) = w.abort().await {
+                    tracing::warn!(error = %e, "could not abort a multipart upload (a bucket lifecycle rule for incomplete uploads cleans it up)");
+                }
+            });
         }
     }
 }
@@ -448,7 +508,7 @@ impl AsyncWrite for PartWriter {
                     Ok(())
                 } else {
                     match tokio::fs::File::open(&path).await {
-                        Ok(f) => upload(&bucket, Box::new(f), &part).await,
+                        Ok(f) => upload(&bucket, Box::new(f), &part, None).await,
                         Err(e) => Err(e),
                     }
                 };
@@ -469,9 +529,7 @@ impl AsyncWrite for PartWriter {
 
 impl Drop for PartWriter {
     fn drop(&mut self) {
-        // Never shut down (the request failed): its bytes never became a part.
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(self.local_root.join(&self.staging));
-        }
+        // Never shut down, or dropped while uploading: the local copy goes either way.
+        let _ = std::fs::remove_file(self.local_root.join(&self.staging));
     }
 }

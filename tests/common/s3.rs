@@ -49,7 +49,6 @@ impl Seaweed {
     /// `[storage.s3]` for a store under `prefix`.
     pub fn storage(&self, prefix: &str) -> String {
         let secret = self.dir.join("secret");
-        std::fs::write(&secret, SECRET_KEY).unwrap();
         format!(
             "bucket = \"{BUCKET}\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\nprefix = \"{prefix}\"\naccess_key_id = \"{ACCESS_KEY}\"\nsecret_access_key_file = \"{}\"\n",
             self.endpoint,
@@ -91,8 +90,26 @@ pub fn shared() -> Option<&'static Seaweed> {
     SERVER.get_or_init(|| weed_binary().map(|w| start(&w))).as_ref()
 }
 
+/// Where the servers keep their data: under target/, each run's own folder. A server lives as
+/// long as its test binary, so its folder cannot be removed on the way out: folders of runs
+/// over two hours old are removed instead.
+fn data_dir() -> PathBuf {
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for e in entries.flatten() {
+            let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+            if e.file_name().to_string_lossy().starts_with("seaweedfs-")
+                && old.is_some_and(|a| a > std::time::Duration::from_secs(7200))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    tempfile::Builder::new().prefix("seaweedfs-").tempdir_in(base).unwrap().keep()
+}
+
 fn start(weed: &str) -> Seaweed {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = data_dir();
     let s3 = port();
     let endpoint = format!("http://127.0.0.1:{s3}");
     let args = vec![
@@ -143,11 +160,18 @@ fn start(weed: &str) -> Seaweed {
     let ready = {
         let endpoint = endpoint.clone();
         std::thread::spawn(move || {
-            use object_store::ObjectStore;
+            use object_store::{ObjectStore, ObjectStoreExt};
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let bucket = client(&endpoint);
-            for _ in 0..300 {
-                if rt.block_on(bucket.list_with_delimiter(None)).is_ok() {
+            // A first write too: SeaweedFS allocates its volumes then, which can take seconds.
+            let probe = object_store::path::Path::from("ready-probe");
+            for _ in 0..600 {
+                let written = rt.block_on(async {
+                    bucket.list_with_delimiter(None).await?;
+                    bucket.put(&probe, object_store::PutPayload::from_static(b"ok")).await?;
+                    bucket.delete(&probe).await
+                });
+                if written.is_ok() {
                     return true;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(100));
@@ -162,6 +186,7 @@ fn start(weed: &str) -> Seaweed {
         "SeaweedFS did not come up; its log: {}",
         std::fs::read_to_string(dir.join("weed.log")).unwrap_or_default()
     );
+    std::fs::write(dir.join("secret"), SECRET_KEY).unwrap();
     Seaweed { endpoint, dir, pid }
 }
 
