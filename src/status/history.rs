@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::lock;
 use crate::app::AppState;
 use crate::gc::GcRecord;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Snapshot};
 use crate::oci::RepoName;
 use crate::storage::Meta;
 
@@ -28,16 +28,19 @@ pub struct Bucket {
 
 /// The counters' values at the last sample.
 #[derive(Clone, Copy, Default)]
-struct Counters {
-    served: u64,
-    upstream: u64,
-    lookups: u64,
-    answered: u64,
+pub struct Counters {
+    /// Blob bytes sent to clients.
+    pub served: u64,
+    /// Bytes received from upstreams.
+    pub upstream: u64,
+    /// Lookups of mirrored content.
+    pub lookups: u64,
+    /// Lookups answered from the store: outcome hit, revalidated or stale.
+    pub answered: u64,
 }
 
 impl Counters {
-    fn read(m: &Metrics) -> Counters {
-        let snapshot = m.snapshot();
+    pub fn of(snapshot: &Snapshot) -> Counters {
         let sum = |family: &str, labels: &[(&str, &str)]| snapshot.sum(family, labels) as u64;
         let outcome = |o: &str| sum("regmirror_cache_requests_total", &[("outcome", o)]);
         Counters {
@@ -67,11 +70,13 @@ struct Saved {
 }
 
 impl History {
-    /// Add what the counters gained since the last sample to the hour of `now`.
-    pub fn sample(&self, metrics: &Metrics, now: u64) {
+    /// Add what the counters gained since the last sample to the hour of `now`; returns the
+    /// metrics as read, for the caller to show the same figures.
+    pub fn sample(&self, metrics: &Metrics, now: u64) -> Snapshot {
         // Read under the lock: two samples at once must not hand back counts already added.
         let mut seen = lock(&self.seen);
-        let current = Counters::read(metrics);
+        let snapshot = metrics.snapshot();
+        let current = Counters::of(&snapshot);
         let gained = Counters {
             served: current.served.saturating_sub(seen.served),
             upstream: current.upstream.saturating_sub(seen.upstream),
@@ -88,6 +93,7 @@ impl History {
         b.lookups += gained.lookups;
         b.answered_from_store += gained.answered;
         keep_last_day(&mut buckets, hour);
+        snapshot
     }
 
     /// The last 24 hours, one bucket per hour (empty ones included), oldest first.

@@ -219,24 +219,24 @@ impl Status {
     pub fn collect(state: &AppState, who: &Principal, view: &View, host: &str) -> Status {
         let now = unix_now();
         state.refresh_store_gauges();
-        state.status.history.sample(&state.metrics, now);
         let m = &state.metrics;
-        let snapshot = m.snapshot();
+        let snapshot = state.status.history.sample(m, now);
         let sum = |family: &str, labels: &[(&str, &str)]| snapshot.sum(family, labels) as u64;
-        let lookups = sum("regmirror_cache_requests_total", &[]);
-        let outcome = |o: &str| sum("regmirror_cache_requests_total", &[("outcome", o)]);
-        let (hit, revalidated, stale) = (outcome("hit"), outcome("revalidated"), outcome("stale"));
-        let manifest = |o: &str| sum("regmirror_cache_requests_total", &[("kind", "manifest"), ("outcome", o)]);
-        let answered = hit + revalidated + stale;
+        let totals = history::Counters::of(&snapshot);
+        let hit = |kind: Option<&str>| {
+            let mut labels = vec![("outcome", "hit")];
+            labels.extend(kind.map(|k| ("kind", k)));
+            sum("regmirror_cache_requests_total", &labels)
+        };
         let savings = Savings {
-            served_bytes: sum("regmirror_served_bytes_total", &[]),
+            served_bytes: totals.served,
             served_from_store_bytes: sum("regmirror_served_bytes_total", &[("source", "cache")]),
-            upstream_bytes: sum("regmirror_upstream_bytes_total", &[]),
-            lookups,
-            answered_from_store: answered,
-            hit_ratio: if lookups == 0 { 0.0 } else { answered as f64 / lookups as f64 },
-            upstream_requests_avoided: hit,
-            manifest_requests_avoided: manifest("hit"),
+            upstream_bytes: totals.upstream,
+            lookups: totals.lookups,
+            answered_from_store: totals.answered,
+            hit_ratio: if totals.lookups == 0 { 0.0 } else { totals.answered as f64 / totals.lookups as f64 },
+            upstream_requests_avoided: hit(None),
+            manifest_requests_avoided: hit(Some("manifest")),
             history: state.status.history.last_day(now),
         };
 

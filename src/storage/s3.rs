@@ -172,10 +172,6 @@ impl S3Driver {
         Ok(())
     }
 
-    async fn upload(&self, from: Reader, to: &Key, expected: Option<&Digest>) -> io::Result<()> {
-        upload(&self.bucket, from, to, expected).await
-    }
-
     /// A reader over the bytes of `path` from `offset`: one object, or the parts of an
     /// appended file in order.
     async fn reader(&self, path: &str, offset: u64) -> io::Result<Option<Reader>> {
@@ -392,7 +388,7 @@ impl Driver for S3Driver {
         let Some(reader) = reader else {
             return Err(io::Error::new(io::ErrorKind::NotFound, from.to_string()));
         };
-        self.upload(reader, &key, Some(expected)).await?;
+        upload(&self.bucket, reader, &key, Some(expected)).await?;
         self.delete(from).await
     }
 

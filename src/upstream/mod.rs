@@ -227,12 +227,16 @@ impl Upstream {
     /// Record an upstream failure (labelled by cause) and pass it on.
     pub fn failed(&self, e: UpstreamError) -> UpstreamError {
         self.metrics.upstream_failures.with_label_values(&[&self.name, e.cause()]).inc();
-        self.health.lock().unwrap_or_else(|p| p.into_inner()).failed(&e);
+        self.health_now().failed(&e);
         e
     }
 
     pub fn health(&self) -> Health {
-        self.health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.health_now().clone()
+    }
+
+    fn health_now(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Send a request for `repo`, answering a bearer or basic challenge once.
@@ -301,7 +305,7 @@ impl Upstream {
     fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response, UpstreamError> {
         let status = resp.status();
         if status.is_success() {
-            self.health.lock().unwrap_or_else(|p| p.into_inner()).succeeded(resp.headers());
+            self.health_now().succeeded(resp.headers());
             return Ok(resp);
         }
         let upstream = self.name.clone();
@@ -314,7 +318,7 @@ impl Upstream {
         if err.is_absent() {
             // A working upstream saying the repository does not have it (Docker Hub answers 401
             // for a name that does not exist): counted as before, but no sign of trouble.
-            self.health.lock().unwrap_or_else(|p| p.into_inner()).succeeded(resp.headers());
+            self.health_now().succeeded(resp.headers());
             if !err.is_not_found() {
                 self.metrics.upstream_failures.with_label_values(&[&self.name, err.cause()]).inc();
             }
