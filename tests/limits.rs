@@ -139,6 +139,8 @@ async fn uploads_over_the_limit_are_refused_and_leave_nothing() {
     let d = sha256(&big);
     let r = c.post(format!("{base}/v2/private/big/blobs/uploads/?digest={d}")).body(big.clone()).send().await.unwrap();
     assert_eq!(r.status(), 413);
+    // The body was refused unread, so the connection must not be reused for the next request.
+    assert_eq!(r.headers()["connection"], "close");
     assert_eq!(code(r).await, "BLOB_UPLOAD_INVALID");
     // Chunked, streamed without a length: refused when the bytes pass the limit, and the session
     // keeps only what it had.

@@ -192,6 +192,11 @@ impl IntoResponse for RegistryError {
         for (name, value) in self.headers {
             resp.headers_mut().insert(name, value);
         }
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The body was refused unread: the client must not send its next request on this
+            // connection (it would race the close), as nginx does for 413.
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp.extensions_mut().insert(LoggedError(format!("{code}: {}", self.detail)));
         resp
     }
