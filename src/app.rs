@@ -70,7 +70,8 @@ impl AppState {
         };
         let proxies = config.trusted_proxies.clone();
         let access = Access::new(config.auth.clone(), key, config.namespaces(), proxies, metrics.clone())?;
-        let cache = Cache::new(&config, store.clone(), metrics.clone());
+        let cluster = crate::cluster::Cluster::new(&config, &store, &metrics).await?;
+        let cache = Cache::new(&config, store.clone(), metrics.clone(), cluster);
         Ok(AppState(Arc::new(Shared {
             config,
             store,
@@ -133,6 +134,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ready))
         .route("/ca.crt", get(ca_certificate))
         .route("/auth/token", get(registry::token::token))
+        .route("/_regmirror/fills/{digest}", get(registry::blobs::for_replica))
         .fallback(registry::handle)
         .layer(middleware::from_fn_with_state(state.clone(), log_request))
         .with_state(state)

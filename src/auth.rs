@@ -128,8 +128,12 @@ pub async fn signing_key(store: &Store) -> Result<[u8; 32], AuthError> {
             .map_err(|_| AuthError::SigningKey("not 32 bytes; remove it and a new one is made".into()));
     }
     let key: [u8; 32] = rand::random();
-    store.write_meta(Meta::TokenKey, &key).await.map_err(broken)?;
-    Ok(key)
+    if store.create_meta(Meta::TokenKey, &key).await.map_err(broken)? {
+        return Ok(key);
+    }
+    // Another replica made one at the same moment: every replica must sign with the same key.
+    let bytes = store.read_meta(Meta::TokenKey).await.map_err(broken)?.unwrap_or_default();
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| AuthError::SigningKey("not 32 bytes".into()))
 }
 
 /// Password checks: bcrypt on blocking threads, a few at a time and a few per address, answers

@@ -29,6 +29,14 @@ struct RawConfig {
     auth: Option<RawAuth>,
     #[serde(default)]
     ui: RawUi,
+    #[serde(default)]
+    cluster: RawCluster,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    advertise: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +185,9 @@ pub struct Config {
     pub auth: Option<AuthConfig>,
     /// The status page (`GET /`) and `/api/status` (`[ui] enabled`, default true).
     pub ui_enabled: bool,
+    /// Where the other replicas on the same bucket reach this one (`[cluster] advertise`):
+    /// set, replicas share fills through leases in the bucket.
+    pub advertise: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -562,6 +573,7 @@ impl Config {
         let auth = raw.auth.map(|a| v.auth(a));
         let storage_root = v.resolve(raw.storage.root.unwrap_or_else(|| "data".into()));
         let backend = v.backend(raw.storage.backend.as_deref(), raw.storage.s3);
+        let advertise = v.cluster(raw.cluster, &backend);
         if !v.problems.is_empty() {
             return Err(v.problems);
         }
@@ -589,6 +601,7 @@ impl Config {
             log_format,
             auth,
             ui_enabled: raw.ui.enabled.unwrap_or(true),
+            advertise,
         })
     }
 }
@@ -837,9 +850,6 @@ impl Validator {
                         ));
                     }
                 }
-                if s3.redirect == Some(true) {
-                    self.problem("storage.s3.redirect = true is not available yet: remove it (cached blobs are served by regmirror)".into());
-                }
                 let secret_access_key = s3.secret_access_key_file.map(|p| self.resolve(p)).and_then(|p| {
                     match std::fs::read_to_string(&p) {
                         Ok(s) => Some(s.trim().to_string()),
@@ -864,6 +874,24 @@ impl Validator {
                 StorageBackend::Fs
             }
         }
+    }
+
+    fn cluster(&mut self, cluster: RawCluster, backend: &StorageBackend) -> Option<String> {
+        let advertise = cluster.advertise?;
+        let url = reqwest::Url::parse(&advertise)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some() && matches!(u.path(), "" | "/"));
+        if url.is_none() {
+            self.problem(format!(
+                "cluster.advertise = {advertise:?} is not a base URL: use http(s)://HOST:PORT, where the other replicas reach this one"
+            ));
+        }
+        if matches!(backend, StorageBackend::Fs) {
+            self.problem(
+                "cluster.advertise needs storage.backend = \"s3\": replicas coordinate through a shared bucket".into(),
+            );
+        }
+        Some(advertise.trim_end_matches('/').to_string())
     }
 
     fn log(&mut self, log: &RawLog) -> LogFormat {

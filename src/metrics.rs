@@ -33,6 +33,9 @@ pub struct Metrics {
     pub over_limit: IntGauge,
     pub gc_runs: IntGauge,
     pub gc_freed_bytes: IntGauge,
+    pub fill_takeovers: IntCounter,
+    pub relayed_bytes: IntCounter,
+    pub peer_failures: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -155,6 +158,21 @@ impl Metrics {
             ),
             gc_runs: gauge(&r, "regmirror_gc_runs", "Completed `regmirror gc` runs on this store."),
             gc_freed_bytes: gauge(&r, "regmirror_gc_freed_bytes", "Bytes freed by `regmirror gc` runs on this store."),
+            fill_takeovers: counter(
+                &r,
+                "regmirror_cluster_fill_takeovers_total",
+                "Fills this replica took over from a replica whose lease expired.",
+            ),
+            relayed_bytes: counter(
+                &r,
+                "regmirror_cluster_relayed_bytes_total",
+                "Blob bytes received from the replica that runs the fill.",
+            ),
+            peer_failures: counter(
+                &r,
+                "regmirror_cluster_peer_failures_total",
+                "Requests to another replica that failed (unreachable, broken off, refused).",
+            ),
             registry: r,
         }
     }

@@ -9,7 +9,7 @@ const LAYERS: &[&[&str]] = &[
     &["oci"],
     &["config", "metrics"],
     &["storage", "upstream", "tls"],
-    &["cache", "auth", "gc", "prefetch"],
+    &["cache", "auth", "cluster", "gc", "prefetch"],
     &["registry", "app", "status"],
     &["server"],
     &["cli"],

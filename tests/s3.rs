@@ -190,15 +190,3 @@ async fn a_chunked_push_started_on_one_replica_is_finished_on_another() {
     let blob_keys = server.keys(&format!("{prefix}/blobs"));
     assert!(blob_keys.iter().all(|k| !k.contains(&wrong[7..]) && !k.contains(&actual[7..])), "{blob_keys:?}");
 }
-
-async fn eventually_async<F, Fut>(what: &str, cond: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}

@@ -56,6 +56,31 @@ impl Cache {
         Ok(Some(BlobSource::Stored { size, hold }))
     }
 
+    /// A blob for another replica on the bucket, which found this one holding its fill's lease:
+    /// the running fill (from its first byte on), or the store once the fill has finished.
+    /// `None` when neither has it (the fill failed).
+    pub async fn blob_for_replica(&self, d: &Digest) -> Result<Option<BlobSource>, CacheError> {
+        if let Some(mut rx) = self.fills.progress(d) {
+            loop {
+                let phase = rx.borrow_and_update().phase.clone();
+                match phase {
+                    Phase::Streaming(staged) => {
+                        let fill = Following { cache: self.clone(), digest: d.clone(), rx };
+                        return Ok(Some(BlobSource::Filling { total: staged.total, fill }));
+                    }
+                    Phase::Failed(_) => return Ok(None),
+                    Phase::Done { .. } => break,
+                    Phase::Connecting => {
+                        if rx.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(self.stored_blob(d).await?)
+    }
+
     /// Find a mirrored blob: stored (this repository's, or another's that this upstream
     /// delivered and confirms for this repository), or through a fill. A HEAD (`head`) never
     /// starts a fill: the upstream's HEAD answers it.

@@ -93,6 +93,8 @@ pub struct Shared {
     pub last_eviction: std::sync::Mutex<Option<EvictionRecord>>,
     /// When each repository's manifests were last pulled (Unix seconds), for the status page.
     pub last_pulls: std::sync::Mutex<std::collections::HashMap<RepoName, u64>>,
+    /// The other replicas on the same bucket, when there are any (`[cluster] advertise`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// One eviction that removed something.
@@ -112,7 +114,12 @@ impl std::ops::Deref for Cache {
 }
 
 impl Cache {
-    pub fn new(config: &Config, store: Store, metrics: Metrics) -> Cache {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        metrics: Metrics,
+        cluster: Option<Arc<crate::cluster::Cluster>>,
+    ) -> Cache {
         Cache(Arc::new(Shared {
             store,
             fills: Default::default(),
@@ -134,6 +141,7 @@ impl Cache {
             over_limit_logged: AtomicU64::new(0),
             last_eviction: Default::default(),
             last_pulls: Default::default(),
+            cluster,
         }))
     }
 

@@ -80,6 +80,35 @@ pub trait Driver: Send + Sync + 'static {
     fn staging_path(&self) -> String;
     /// Bytes that can still be written, when the backend can tell.
     fn available(&self) -> io::Result<Option<u64>>;
+    /// A small object with its version, for compare-and-swap writes (replicas coordinate through
+    /// these). Only a shared backend has them.
+    async fn get_versioned(&self, _path: &str) -> io::Result<Option<(Vec<u8>, Version)>> {
+        Err(not_shared())
+    }
+    /// Write `content` only if `condition` holds: the new version, or `None` when it did not hold.
+    async fn put_if(&self, _path: &str, _content: &[u8], _condition: Condition) -> io::Result<Option<Version>> {
+        Err(not_shared())
+    }
+    /// A URL where a client can GET the file itself for `ttl`, when the backend can give one.
+    async fn presigned_get(&self, _path: &str, _ttl: std::time::Duration) -> io::Result<Option<String>> {
+        Ok(None)
+    }
+}
+
+/// A version of an object (an S3 ETag) for compare-and-swap writes.
+pub type Version = String;
+
+/// When a conditional write may happen.
+#[derive(Clone, Debug)]
+pub enum Condition {
+    /// Nothing is stored under the path yet.
+    Absent,
+    /// What is stored is still at this version.
+    Unchanged(Version),
+}
+
+fn not_shared() -> io::Error {
+    io::Error::new(io::ErrorKind::Unsupported, "conditional writes need a shared (object store) backend")
 }
 
 /// The store a configuration names. `serving`: this process serves it, so staged writes left by
@@ -259,6 +288,10 @@ fn upload_dir(id: &str) -> String {
     format!("uploads/{id}")
 }
 
+fn lease_path(name: &str) -> String {
+    format!("cluster/leases/{name}")
+}
+
 fn upload_data(id: &str) -> String {
     format!("uploads/{id}/data")
 }
@@ -355,6 +388,37 @@ impl Store {
     }
 
     // ---- bookkeeping ----
+
+    /// Write a bookkeeping file unless there is one: `false` when another replica was first (read
+    /// it back then). On a backend that is not shared, a plain write.
+    pub async fn create_meta(&self, meta: Meta, content: &[u8]) -> io::Result<bool> {
+        match self.driver.put_if(meta.path(), content, Condition::Absent).await {
+            Ok(created) => Ok(created.is_some()),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => self.write_meta(meta, content).await.map(|()| true),
+            Err(e) => Err(e),
+        }
+    }
+
+    // ---- leases (replicas on one bucket) ----
+
+    pub async fn read_lease(&self, name: &str) -> io::Result<Option<(Vec<u8>, Version)>> {
+        self.driver.get_versioned(&lease_path(name)).await
+    }
+
+    /// Write a lease if `condition` holds: its new version, or `None` when it did not hold.
+    pub async fn write_lease(&self, name: &str, content: &[u8], condition: Condition) -> io::Result<Option<Version>> {
+        self.driver.put_if(&lease_path(name), content, condition).await
+    }
+
+    pub async fn remove_lease(&self, name: &str) -> io::Result<()> {
+        self.driver.delete(&lease_path(name)).await
+    }
+
+    /// A short-lived URL a client can fetch a stored blob from directly, when the backend gives
+    /// one.
+    pub async fn blob_url(&self, d: &Digest, ttl: std::time::Duration) -> io::Result<Option<String>> {
+        self.driver.presigned_get(&blob_path(d), ttl).await
+    }
 
     pub async fn read_meta(&self, meta: Meta) -> io::Result<Option<Vec<u8>>> {
         self.driver.get(meta.path()).await

@@ -18,12 +18,13 @@ use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
 use object_store::{
-    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    UpdateVersion, WriteMultipart,
 };
 use tokio::io::AsyncWrite;
 
 use super::fs::{unique_name, FsDriver};
-use super::{Driver, Reader, StagedFile, Writer};
+use super::{Condition, Driver, Reader, StagedFile, Version, Writer};
 use crate::config::S3Config;
 use crate::oci::{Digest, Hasher};
 
@@ -399,6 +400,31 @@ impl Driver for S3Driver {
     fn available(&self) -> io::Result<Option<u64>> {
         // A bucket has no "disk full" to foresee; staging space is checked as it is written.
         Ok(None)
+    }
+
+    async fn get_versioned(&self, path: &str) -> io::Result<Option<(Vec<u8>, Version)>> {
+        let Some(r) = not_found_is_none(self.bucket.get(&self.key(path)).await)? else { return Ok(None) };
+        let version = r.meta.e_tag.clone().unwrap_or_default();
+        Ok(Some((r.bytes().await.map_err(backend)?.to_vec(), version)))
+    }
+
+    async fn put_if(&self, path: &str, content: &[u8], condition: Condition) -> io::Result<Option<Version>> {
+        let mode = match condition {
+            Condition::Absent => PutMode::Create,
+            Condition::Unchanged(e_tag) => PutMode::Update(UpdateVersion { e_tag: Some(e_tag), version: None }),
+        };
+        let opts = PutOptions { mode, ..Default::default() };
+        match self.bucket.put_opts(&self.key(path), PutPayload::from(content.to_vec()), opts).await {
+            Ok(r) => Ok(Some(r.e_tag.unwrap_or_default())),
+            Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(None),
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn presigned_get(&self, path: &str, ttl: Duration) -> io::Result<Option<String>> {
+        use object_store::signer::{Method, Signer};
+        let url = self.bucket.signed_url(Method::GET, &self.key(path), ttl).await.map_err(backend)?;
+        Ok(Some(url.to_string()))
     }
 }
 

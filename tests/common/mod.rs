@@ -50,13 +50,14 @@ impl TestServer {
         Self::start_in(tempfile::tempdir().unwrap(), toml).await
     }
 
+    /// `@SELF@` in the TOML becomes the server's own URL (`[cluster] advertise`).
     pub async fn start_in(dir: tempfile::TempDir, toml: &str) -> TestServer {
-        let toml = &with_test_backend(toml, dir.path());
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let toml = &with_test_backend(&toml.replace("@SELF@", &format!("http://{addr}")), dir.path());
         let config = Config::parse(toml, dir.path()).unwrap_or_else(|e| panic!("config: {e:?}"));
         // The same start as `regmirror serve`: store indexed, background tasks running.
         let state = start(config).await.unwrap();
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let listeners = vec![Listener { tcp, tls: None, app: router(state.clone()) }];
         let metrics = state.metrics.clone();
@@ -261,6 +262,19 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
     while !cond() {
         assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
+/// `eventually` for a condition that must be awaited (a request).
+pub async fn eventually_async<F, Fut>(what: &str, cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -7,6 +7,7 @@
 //! A client that disconnects drops only its reader, and N clients cost one upstream fetch and
 //! constant memory.
 
+mod replicas;
 mod window;
 
 use std::collections::HashMap;
@@ -15,14 +16,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use tokio::sync::watch;
 
 use super::{Cache, CacheError, Content, Mirrored};
 use crate::oci::{Digest, RepoName};
 use crate::storage::{BlobWriter, CommitError, CHUNK};
 use crate::upstream::{content_length, error_chain, UpstreamError};
+use replicas::{Coordination, Next, Opened, Received};
 use window::{Pacing, Reader, Shared, Source};
 
 /// How often in a row a broken upstream connection is resumed before the fill gives up: with
@@ -237,7 +238,10 @@ async fn run(cache: Cache, sources: Arc<Mutex<Sources>>, digest: Digest, id: u64
     if let Some(s) = &first {
         tracing::info!(upstream = s.upstream.name(), repository = %s.local, %digest, "fill started");
     }
-    let outcome = fetch(&cache, &sources, &digest, &tx).await;
+    // Held until the blob is recorded below: another replica that finds the lease gone finds
+    // the blob stored.
+    let mut coordination = Coordination::new(&cache);
+    let outcome = fetch(&cache, &sources, &digest, &tx, &mut coordination).await;
     let running = tx.borrow().phase.clone();
     // The repository that delivered the blob has it now; others link it as their clients finish.
     let outcome = match outcome {
@@ -268,6 +272,7 @@ async fn run(cache: Cache, sources: Arc<Mutex<Sources>>, digest: Digest, id: u64
         }
     }
     lock(&sources).closed = true;
+    coordination.release(&digest);
     // Readers now go to the store (or fail); the window's memory is not needed any more.
     if let Phase::Streaming(staged) = &running {
         let mut window = staged.shared.window();
@@ -298,10 +303,16 @@ async fn fetch(
     sources: &Mutex<Sources>,
     digest: &Digest,
     tx: &watch::Sender<Progress>,
+    coordination: &mut Coordination,
 ) -> Result<(u64, Mirrored), CacheError> {
     let mut writer = cache.store.begin_blob(digest.algorithm()).await?;
-    let (staged, source) = match receive(cache, sources, digest, tx, &mut writer).await {
-        Ok(received) => received,
+    let (staged, source) = match receive(cache, sources, digest, tx, &mut writer, coordination).await {
+        Ok(Received::Bytes(staged, source)) => (staged, source),
+        // Another replica stored it (verified) while this one waited: nothing to write.
+        Ok(Received::Stored(total, source)) => {
+            writer.abort().await;
+            return Ok((total, source));
+        }
         Err(e) => {
             writer.abort().await;
             return Err(e);
@@ -334,7 +345,8 @@ async fn receive(
     digest: &Digest,
     tx: &watch::Sender<Progress>,
     writer: &mut BlobWriter,
-) -> Result<(Staged, Mirrored), CacheError> {
+    coordination: &mut Coordination,
+) -> Result<Received, CacheError> {
     let mut staged: Option<Staged> = None;
     let mut pacing = Pacing::new();
     let mut resumes = 0;
@@ -344,7 +356,12 @@ async fn receive(
     loop {
         let upstream = source.upstream.clone();
         let offset = writer.written();
-        let resp = match upstream.blob(Method::GET, &source.remote, digest, offset).await {
+        let (resp, from_peer) = match coordination.open(cache, &source, digest, offset).await? {
+            Opened::Stored(total) => return Ok(Received::Stored(total, source)),
+            Opened::Peer(resp) => (Ok(resp), true),
+            Opened::Upstream(resp) => (resp, false),
+        };
+        let resp = match resp {
             Ok(r) => r,
             // This repository does not have it: that fails its own clients only. Another
             // repository that joined (and whose HEAD succeeded) is tried next.
@@ -367,7 +384,16 @@ async fn receive(
             }
             Err(e) => return Err(CacheError::upstream(Content::Blob, e)),
         };
-        if offset > 0 && (resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(offset)) {
+        let misplaced =
+            offset > 0 && (resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(offset));
+        if misplaced && from_peer && resumes < MAX_RESUMES {
+            // The replica answered for another range (its fill ended and restarted, say): ask again.
+            coordination.peer_failed();
+            tokio::time::sleep(resume_delay(resumes)).await;
+            resumes += 1;
+            continue;
+        }
+        if misplaced {
             // The upstream ignored the range, or answered another: resuming would misplace bytes.
             let range = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok());
             return Err(CacheError::Upstream(upstream.failed(UpstreamError::Reset {
@@ -399,30 +425,53 @@ async fn receive(
         let upstream_bytes = cache.metrics.upstream_bytes.with_label_values(&[upstream.name(), "blob"]);
         let mut body = resp.bytes_stream();
         let mut broken = None;
-        while let Some(next) = body.next().await {
+        loop {
+            let next = match coordination.next_chunk(&mut body, digest, from_peer).await {
+                Next::Chunk(next) => next,
+                Next::End => break,
+                // The lease changed hands (or its holder is gone): where the bytes come from is
+                // decided again.
+                Next::Switch(why) => {
+                    tracing::info!(%digest, offset = writer.written(), why, "fill switches source");
+                    broken = Some(why);
+                    break;
+                }
+            };
             match next {
                 Ok(chunk) => {
                     let received = writer.written() + chunk.len() as u64;
                     staged.shared.window().push(chunk.clone(), writer.on_disk());
                     tx.send_modify(|p| p.received = received);
-                    upstream_bytes.inc_by(chunk.len() as u64);
+                    match from_peer {
+                        true => coordination.relayed(chunk.len() as u64),
+                        false => upstream_bytes.inc_by(chunk.len() as u64),
+                    }
                     writer.write(chunk).await?;
                     pacing.keep_pace(&staged.shared, received).await;
                 }
                 Err(e) => {
-                    broken = Some(e);
+                    broken = Some(error_chain(&e.without_url()));
                     break;
                 }
             }
         }
         if writer.written() >= staged.total {
-            return Ok((staged, source));
+            return Ok(Received::Bytes(staged, source));
         }
         // A connection that made real progress starts the count of resumes afresh.
         if writer.written() >= offset + PROGRESS_RESETS_RESUMES {
             resumes = 0;
         }
-        let detail = broken.map_or_else(|| "body ended early".to_string(), |e| error_chain(&e.without_url()));
+        let detail = broken.unwrap_or_else(|| "body ended early".to_string());
+        if from_peer || coordination.lease_lost() {
+            // Asked again at once: the replica may have gone, and its lease is then taken over.
+            tracing::info!(%digest, offset = writer.written(), detail, "the stream from the replica running the fill broke off");
+            coordination.peer_failed();
+            if resumes < MAX_RESUMES {
+                resumes += 1;
+                continue;
+            }
+        }
         let err = upstream.failed(UpstreamError::Reset { upstream: upstream.name().to_string(), detail });
         if resumes >= MAX_RESUMES {
             return Err(CacheError::Upstream(err));

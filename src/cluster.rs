@@ -1,0 +1,309 @@
+//! Replicas on one bucket: which of them runs a fill, and how the others reach it.
+//!
+//! A fill's lease is an object in the bucket (`cluster/leases/fill-<digest>`) naming the replica
+//! that fetches the blob from the upstream and the URL its peers reach it at. It is taken with a
+//! create-only write (`If-None-Match: *`) and renewed every [`RENEW`] with a compare-and-swap
+//! write (`If-Match: <etag>`) while the fill runs; the other replicas stream the blob from the
+//! owner as it arrives. A lease whose version has not changed for [`EXPIRY`], by the observer's
+//! own clock (so the replicas' clocks need not agree), belongs to a replica that is gone: it is
+//! taken over with a compare-and-swap write, which exactly one replica wins.
+//!
+//! Requests between replicas carry an HMAC of the path and an expiry time, keyed from the token
+//! signing key that all replicas read from the bucket.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hmac::{KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::AuthError;
+use crate::config::{Config, TlsConfig};
+use crate::metrics::Metrics;
+use crate::oci::Digest;
+use crate::storage::{unix_now, Condition, Store, Version};
+
+/// How often an owner renews its lease.
+pub const RENEW: Duration = Duration::from_secs(2);
+
+/// A lease unchanged for this long is taken to belong to a replica that is gone.
+pub const EXPIRY: Duration = Duration::from_secs(6);
+
+/// The path other replicas fetch a blob's bytes at.
+pub const PEER_PATH: &str = "/_regmirror/fills/";
+
+/// The header that authenticates a request between replicas.
+pub const PEER_AUTH: &str = "x-regmirror-peer";
+
+/// How long a signed request between replicas stays valid (the replicas' clocks may differ by
+/// up to this much).
+const SIGNATURE_TTL: u64 = 120;
+
+/// What a lease object holds.
+#[derive(Serialize, Deserialize)]
+struct LeaseRecord {
+    /// The process holding it (a replica restarted at the same address is another holder).
+    node: String,
+    /// Where the other replicas reach the holder.
+    url: String,
+    /// Counts renewals, so every renewal changes the object.
+    beat: u64,
+}
+
+/// The outcome of asking for a lease.
+pub enum Claim {
+    /// This replica holds it until the `Lease` is dropped.
+    Owned(Lease),
+    /// Another replica holds it and is reachable at `url`.
+    Held { url: String },
+}
+
+pub struct Cluster {
+    store: Store,
+    node: String,
+    advertise: String,
+    peer_key: [u8; 32],
+    client: reqwest::Client,
+    /// The version of each lease seen held by another replica, and since when (this replica's
+    /// clock): a version that outlives `EXPIRY` is a lease nobody renews.
+    observed: Mutex<HashMap<String, (Version, Instant)>>,
+    metrics: Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn fill_lease(d: &Digest) -> String {
+    format!("fill-{}-{}", d.algorithm().as_str(), d.hex())
+}
+
+impl Cluster {
+    /// The cluster a configuration asks for (`[cluster] advertise`), `None` for a lone replica.
+    pub async fn new(config: &Config, store: &Store, metrics: &Metrics) -> Result<Option<Arc<Cluster>>, AuthError> {
+        let Some(advertise) = &config.advertise else { return Ok(None) };
+        let signing_key = crate::auth::signing_key(store).await?;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&signing_key)
+            .map_err(|e| AuthError::SigningKey(e.to_string()))?;
+        mac.update(b"regmirror replicas v1");
+        let peer_key: [u8; 32] = mac.finalize().into_bytes().into();
+        let mut client = reqwest::Client::builder()
+            .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION"), " (replica)"))
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(120))
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none());
+        // Replicas behind one name share one certificate; a CA regmirror made is trusted here too.
+        if let TlsConfig::SelfSigned { dir, .. } = &config.tls {
+            if let Ok(pem) = std::fs::read(dir.join(crate::tls::CA_CERT)) {
+                if let Ok(ca) = reqwest::Certificate::from_pem(&pem) {
+                    client = client.tls_certs_merge([ca]);
+                }
+            }
+        }
+        let client = client.build().map_err(|e| AuthError::SigningKey(format!("replica client: {e}")))?;
+        Ok(Some(Arc::new(Cluster {
+            store: store.clone(),
+            node: hex::encode(rand::random::<[u8; 8]>()),
+            advertise: advertise.clone(),
+            peer_key,
+            client,
+            observed: Mutex::default(),
+            metrics: metrics.clone(),
+        })))
+    }
+
+    fn record(&self, beat: u64) -> Vec<u8> {
+        let record = LeaseRecord { node: self.node.clone(), url: self.advertise.clone(), beat };
+        serde_json::to_vec(&record).unwrap_or_default()
+    }
+
+    /// Take the lease of the fill of `d`, or learn who holds it.
+    pub async fn claim_fill(&self, d: &Digest) -> std::io::Result<Claim> {
+        self.claim(&fill_lease(d)).await
+    }
+
+    /// Whether the holder of `d`'s fill lease still renews it (`false` once it is gone, or has
+    /// not renewed for `EXPIRY`).
+    pub async fn fill_owner_alive(&self, d: &Digest) -> std::io::Result<bool> {
+        let name = fill_lease(d);
+        Ok(match self.store.read_lease(&name).await? {
+            Some((_, version)) => !self.stale(&name, &version),
+            None => false,
+        })
+    }
+
+    async fn claim(&self, name: &str) -> std::io::Result<Claim> {
+        loop {
+            if let Some(version) = self.store.write_lease(name, &self.record(0), Condition::Absent).await? {
+                lock(&self.observed).remove(name);
+                return Ok(Claim::Owned(self.hold(name, version)));
+            }
+            let Some((content, version)) = self.store.read_lease(name).await? else {
+                continue; // released in between: try to take it again
+            };
+            let url = serde_json::from_slice::<LeaseRecord>(&content).map(|r| r.url).unwrap_or_default();
+            if !self.stale(name, &version) {
+                return Ok(Claim::Held { url });
+            }
+            // Nobody renewed it for EXPIRY: take it over, unless another replica is quicker.
+            if let Some(new) = self.store.write_lease(name, &self.record(0), Condition::Unchanged(version)).await? {
+                lock(&self.observed).remove(name);
+                self.metrics.fill_takeovers.inc();
+                tracing::warn!(lease = name, previous = url, "took over a lease its replica stopped renewing");
+                return Ok(Claim::Owned(self.hold(name, new)));
+            }
+        }
+    }
+
+    /// Whether `version` of lease `name` has been seen unchanged for `EXPIRY` (and remember it).
+    fn stale(&self, name: &str, version: &Version) -> bool {
+        let mut observed = lock(&self.observed);
+        match observed.get(name) {
+            Some((seen, since)) if seen == version => since.elapsed() >= EXPIRY,
+            _ => {
+                observed.insert(name.to_string(), (version.clone(), Instant::now()));
+                false
+            }
+        }
+    }
+
+    /// Forget what was observed of `d`'s fill lease (the fill ended here).
+    pub fn forget_fill(&self, d: &Digest) {
+        lock(&self.observed).remove(&fill_lease(d));
+    }
+
+    /// Keep renewing a lease just taken, until the returned handle is dropped.
+    fn hold(&self, name: &str, version: Version) -> Lease {
+        let lost = Arc::new(AtomicBool::new(false));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (store, name, lost_flag) = (self.store.clone(), name.to_string(), lost.clone());
+        let (node, url) = (self.node.clone(), self.advertise.clone());
+        tokio::spawn(async move {
+            let mut version = version;
+            let mut beat = 0;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(RENEW) => {}
+                }
+                beat += 1;
+                let record =
+                    serde_json::to_vec(&LeaseRecord { node: node.clone(), url: url.clone(), beat }).unwrap_or_default();
+                match store.write_lease(&name, &record, Condition::Unchanged(version.clone())).await {
+                    Ok(Some(v)) => version = v,
+                    Ok(None) => {
+                        tracing::warn!(lease = name, "lost a lease to another replica (not renewed in time)");
+                        lost_flag.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    // The bucket did not answer: try again at the next beat (the others take the
+                    // lease over only after EXPIRY without a renewal).
+                    Err(e) => tracing::warn!(lease = name, error = %e, "renewing a lease failed"),
+                }
+            }
+            // Released: removed, unless it has changed hands in the meantime.
+            if let Ok(Some((_, current))) = store.read_lease(&name).await {
+                if current == version {
+                    let _ = store.remove_lease(&name).await;
+                }
+            }
+        });
+        Lease { lost, _stop: stop }
+    }
+
+    /// Ask the replica at `url` for bytes of `d` from `offset` on (its running fill, or its store).
+    pub async fn fetch_from_peer(&self, url: &str, d: &Digest, offset: u64) -> Result<reqwest::Response, String> {
+        let path = format!("{PEER_PATH}{d}");
+        let mut req = self.client.get(format!("{url}{path}")).header(PEER_AUTH, self.sign(&path, unix_now()));
+        if offset > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
+        }
+        let failed = |e: String| {
+            self.metrics.peer_failures.inc();
+            e
+        };
+        let resp = req.send().await.map_err(|e| failed(crate::upstream::error_chain(&e.without_url())))?;
+        if !resp.status().is_success() {
+            return Err(failed(format!("the replica at {url} answered {}", resp.status())));
+        }
+        Ok(resp)
+    }
+
+    /// Count bytes that came from another replica.
+    pub fn relayed(&self, n: u64) {
+        self.metrics.relayed_bytes.inc_by(n);
+    }
+
+    /// A broken-off stream from another replica.
+    pub fn peer_failed(&self) {
+        self.metrics.peer_failures.inc();
+    }
+
+    fn signature(&self, path: &str, expires: u64) -> String {
+        let mut mac =
+            <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.peer_key).expect("HMAC takes any key length");
+        mac.update(format!("{path}\n{expires}").as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    fn sign(&self, path: &str, now: u64) -> String {
+        let expires = now + SIGNATURE_TTL;
+        format!("{expires}.{}", self.signature(path, expires))
+    }
+
+    /// Whether a request for `path` carries a valid signature of another replica.
+    pub fn verify(&self, path: &str, header: Option<&str>) -> bool {
+        let Some((expires, signature)) = header.and_then(|h| h.split_once('.')) else { return false };
+        let Ok(expires) = expires.parse::<u64>() else { return false };
+        let now = unix_now();
+        if expires < now || expires > now + 2 * SIGNATURE_TTL {
+            return false;
+        }
+        let expected = self.signature(path, expires);
+        subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), signature.as_bytes()).into()
+    }
+}
+
+/// A lease this replica holds, renewed in the background; dropped, it is released.
+pub struct Lease {
+    lost: Arc<AtomicBool>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Lease {
+    /// Another replica took the lease over (this one did not renew it in time).
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn signatures_bind_the_path_and_expire() {
+        let store = Store::new(crate::storage::fs::FsDriver::new(tempfile::tempdir().unwrap().path()).unwrap());
+        let cluster = Cluster {
+            store,
+            node: "a".into(),
+            advertise: "http://127.0.0.1:1".into(),
+            peer_key: [7; 32],
+            client: reqwest::Client::new(),
+            observed: Mutex::default(),
+            metrics: Metrics::new(),
+        };
+        let path = "/_regmirror/fills/sha256:00";
+        let good = cluster.sign(path, unix_now());
+        assert!(cluster.verify(path, Some(&good)));
+        assert!(!cluster.verify("/_regmirror/fills/sha256:01", Some(&good)));
+        assert!(!cluster.verify(path, Some(&cluster.sign(path, unix_now() - 2 * SIGNATURE_TTL))));
+        assert!(!cluster.verify(path, Some("1.00")));
+        assert!(!cluster.verify(path, None));
+        let other = Cluster { peer_key: [8; 32], ..cluster };
+        assert!(!other.verify(path, Some(&good)));
+    }
+}

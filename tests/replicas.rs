@@ -1,0 +1,190 @@
+//! Replicas on one bucket (SeaweedFS): one upstream fetch per blob across replicas, with the
+//! bytes streamed between them as they arrive; a replica killed mid-fill and its fill taken over.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::hub::Hub;
+use common::s3::Seaweed;
+use common::*;
+use futures_util::StreamExt;
+use sha2::Digest as _;
+
+fn prefix() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// A replica's configuration: the store under `prefix`, advertised at `advertise` (`@SELF@`: the
+/// test server's own address).
+fn replica_config(server: &Seaweed, prefix: &str, upstream: &str, advertise: &str) -> String {
+    format!(
+        "[storage]\nroot = \"local\"\nbackend = \"s3\"\n[storage.s3]\n{}[cluster]\nadvertise = \"{advertise}\"\n[[upstream]]\nname = \"docker.io\"\nurl = \"{upstream}\"\n[cache]\nupstream_timeout = \"5s\"\n",
+        server.storage(prefix)
+    )
+}
+
+/// A client's download: sends on `first` when its first bytes arrived, returns the digest.
+async fn download(c: reqwest::Client, url: String, first: tokio::sync::mpsc::Sender<Instant>) -> String {
+    let r = c.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    let mut h = sha2::Sha256::new();
+    let mut body = r.bytes_stream();
+    let mut told = false;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.unwrap();
+        if !told && !chunk.is_empty() {
+            first.send(Instant::now()).await.unwrap();
+            told = true;
+        }
+        h.update(&chunk);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_clients_on_two_replicas_cost_one_upstream_get_and_the_second_replica_streams_early() {
+    let Some(server) = common::s3::shared() else { return };
+    let size = 256 << 20;
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "big", "1", blob_of(size, 41));
+    let prefix = prefix();
+    let a = TestServer::start(&replica_config(server, &prefix, &hub.url(), "@SELF@")).await;
+    let b = TestServer::start(&replica_config(server, &prefix, &hub.url(), "@SELF@")).await;
+    let c = client();
+    let path = format!("/v2/library/big/blobs/{blob_digest}");
+    // The upstream sends a quarter, then holds the rest back until the test says so: the fill
+    // cannot end before then.
+    hub.state.gate.send_replace((size / 4) as u64);
+
+    let (a_first_tx, mut a_first) = tokio::sync::mpsc::channel(8);
+    let (b_first_tx, mut b_first) = tokio::sync::mpsc::channel(8);
+    let mut clients = Vec::new();
+    // A starts the fill (and takes its lease) ...
+    clients.push(tokio::spawn(download(c.clone(), a.url(&path), a_first_tx.clone())));
+    a_first.recv().await.unwrap();
+    // ... then seven more on A and eight on B.
+    for _ in 0..7 {
+        clients.push(tokio::spawn(download(c.clone(), a.url(&path), a_first_tx.clone())));
+    }
+    for _ in 0..8 {
+        clients.push(tokio::spawn(download(c.clone(), b.url(&path), b_first_tx.clone())));
+    }
+    for _ in 0..8 {
+        b_first.recv().await.unwrap();
+    }
+    // Every client of B has bytes while the upstream still holds back three quarters.
+    let fetched = metric(&a.metrics(), "regmirror_upstream_bytes_total{kind=\"blob\",upstream=\"docker.io\"}");
+    assert!(fetched > 0.0 && fetched as usize <= size / 4, "{fetched}");
+    hub.state.gate.send_replace(u64::MAX);
+    for client in clients {
+        assert_eq!(client.await.unwrap(), blob_digest);
+    }
+    assert_eq!(hub.count(&hub.state.counters.blob_gets), 1, "one upstream GET for the site");
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
+    // B took every byte from A, none from the upstream.
+    assert_eq!(metric(&b.metrics(), "regmirror_cluster_relayed_bytes_total") as usize, size);
+    assert_eq!(metric(&b.metrics(), "regmirror_upstream_bytes_total{kind=\"blob\",upstream=\"docker.io\"}"), 0.0);
+    // Stored once, and both replicas serve it from the bucket now.
+    let blob_keys: Vec<String> =
+        server.keys(&prefix).into_iter().filter(|k| k.ends_with(&format!("{}/data", &blob_digest[7..]))).collect();
+    assert_eq!(blob_keys.len(), 1, "{blob_keys:?}");
+    let r = c.get(b.url(&path)).send().await.unwrap();
+    assert_eq!(download_digest(r).await, blob_digest);
+    assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_other_replica_completes() {
+    let Some(server) = common::s3::shared() else { return };
+    let size = 96 << 20;
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "taken", "1", blob_of(size, 42));
+    let prefix = prefix();
+    // A: a process of its own, to be killed.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let a_url = format!("http://127.0.0.1:{port}");
+    let config = dir.path().join("mirror.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{}", replica_config(server, &prefix, &hub.url(), &a_url)),
+    )
+    .unwrap();
+    let mut a = Proc::spawn(&config, &dir.path().join("a.log"));
+    wait_until_up(&format!("{a_url}/healthz")).await;
+    let b = TestServer::start(&replica_config(server, &prefix, &hub.url(), "@SELF@")).await;
+    let c = client();
+    let path = format!("/v2/library/taken/blobs/{blob_digest}");
+    hub.state.gate.send_replace((size / 3) as u64);
+
+    // A's client starts the fill; B's eight follow it through A.
+    let (a_first_tx, mut a_first) = tokio::sync::mpsc::channel(1);
+    let a_client = tokio::spawn({
+        let (c, url) = (c.clone(), format!("{a_url}{path}"));
+        async move {
+            let r = c.get(&url).send().await.unwrap();
+            a_first_tx.send(()).await.unwrap();
+            r.bytes().await.is_ok()
+        }
+    });
+    a_first.recv().await.unwrap();
+    let (b_first_tx, mut b_first) = tokio::sync::mpsc::channel(8);
+    let b_clients: Vec<_> =
+        (0..8).map(|_| tokio::spawn(download(c.clone(), b.url(&path), b_first_tx.clone()))).collect();
+    for _ in 0..8 {
+        b_first.recv().await.unwrap();
+    }
+    // A third of the blob has reached B through A.
+    eventually("B has a third of the blob", || {
+        metric(&b.metrics(), "regmirror_cluster_relayed_bytes_total") as usize >= size / 3
+    })
+    .await;
+
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let killed = Instant::now();
+    hub.state.gate.send_replace(u64::MAX);
+    eventually_async("B took the fill over", || async {
+        metric(&b.metrics(), "regmirror_cluster_fill_takeovers_total") == 1.0
+    })
+    .await;
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(10), "the lease outlived its owner by {took:?}");
+    for client in b_clients {
+        assert_eq!(client.await.unwrap(), blob_digest);
+    }
+    assert!(!a_client.await.unwrap(), "A's client completed although A was killed");
+    // B went on from the byte it had.
+    assert!(hub.count(&hub.state.counters.cdn_range_gets) >= 1);
+    // The bucket holds the blob once, verified, and nothing partial.
+    let keys = server.keys(&prefix);
+    let blob_keys: Vec<&String> = keys.iter().filter(|k| k.ends_with(&format!("{}/data", &blob_digest[7..]))).collect();
+    assert_eq!(blob_keys.len(), 1, "{keys:?}");
+    assert!(!keys.iter().any(|k| k.contains("/tmp/") || k.contains(".parts")), "{keys:?}");
+    let r = c.get(b.url(&path)).send().await.unwrap();
+    assert_eq!(download_digest(r).await, blob_digest);
+    // The lease is gone with the fill.
+    assert!(!keys.iter().any(|k| k.contains("cluster/leases/fill-")), "{keys:?}");
+}
+
+#[tokio::test]
+async fn a_replica_refuses_unsigned_requests_for_its_fills() {
+    let Some(server) = common::s3::shared() else { return };
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "secret", "1", blob_of(1 << 20, 43));
+    let a = TestServer::start(&replica_config(server, &prefix(), &hub.url(), "@SELF@")).await;
+    let c = client();
+    let r = c.get(a.url(&format!("/v2/library/secret/blobs/{blob_digest}"))).send().await.unwrap();
+    assert_eq!(download_digest(r).await, blob_digest);
+    for auth in [None, Some("4102444800.00"), Some("garbage")] {
+        let mut req = c.get(a.url(&format!("/_regmirror/fills/{blob_digest}")));
+        if let Some(auth) = auth {
+            req = req.header("x-regmirror-peer", auth);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["errors"][0]["code"], "DENIED");
+    }
+}
