@@ -188,3 +188,98 @@ async fn a_replica_refuses_unsigned_requests_for_its_fills() {
         assert_eq!(body["errors"][0]["code"], "DENIED");
     }
 }
+
+fn skopeo(args: &[&str]) -> String {
+    let out = std::process::Command::new("skopeo").args(args).output().expect("skopeo");
+    assert!(out.status.success(), "skopeo {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_multi_arch_image_pushed_through_one_replica_comes_back_identical_through_the_other() {
+    let Some(server) = common::s3::shared() else { return };
+    if !require("skopeo") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let htpasswd = work.path().join("htpasswd");
+    regmirror::auth::set_password(&htpasswd, "alice", "alice-secret-pw").unwrap();
+    let auth = format!(
+        "[auth]\nhtpasswd = \"{}\"\nanonymous = \"none\"\n[[auth.grant]]\nusers = [\"alice\"]\nrepositories = [\"private/*\"]\naccess = \"delete\"\n",
+        htpasswd.display()
+    );
+    let prefix = prefix();
+    let config = format!("{}{auth}", replica_config(server, &prefix, "http://127.0.0.1:9", "@SELF@"));
+    let a = TestServer::start(&config).await;
+    let b = TestServer::start(&config).await;
+    let layout = work.path().join("multi");
+    let index_digest = write_oci_layout(&layout, "v1", &[("linux", "amd64"), ("linux", "arm64")], "replicas");
+    let (on_a, on_b) =
+        (format!("docker://{}/private/multi:v1", a.addr), format!("docker://{}/private/multi:v1", b.addr));
+    let creds = "alice:alice-secret-pw";
+    skopeo(&[
+        "copy",
+        "--all",
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        creds,
+        &format!("oci:{}:v1", layout.display()),
+        &on_a,
+    ]);
+    let back = work.path().join("back");
+    skopeo(&[
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        "--src-creds",
+        creds,
+        &on_b,
+        &format!("dir:{}", back.display()),
+    ]);
+    // The index and every manifest and blob of both platforms, byte for byte.
+    assert_eq!(sha256(&std::fs::read(back.join("manifest.json")).unwrap()), index_digest);
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&back).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if let Some(hex) = name.strip_suffix(".manifest.json").or(Some(name.as_str())).filter(|n| n.len() == 64) {
+            assert_eq!(sha256(&std::fs::read(&path).unwrap()), format!("sha256:{hex}"), "{name}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6, "only {checked} manifests and blobs came back");
+
+    // A token A issued is accepted by B (one signing key in the bucket).
+    let c = client();
+    let token: serde_json::Value = c
+        .get(a.url("/auth/token?service=regmirror&scope=repository:private/multi:pull,delete"))
+        .basic_auth("alice", Some("alice-secret-pw"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["token"].as_str().unwrap().to_string();
+    let manifest_on = |s: &TestServer| {
+        c.get(s.url("/v2/private/multi/manifests/v1"))
+            .bearer_auth(&token)
+            .header("accept", "application/vnd.oci.image.index.v1+json")
+            .send()
+    };
+    assert_eq!(manifest_on(&b).await.unwrap().status(), 200);
+    // A tag deleted through B is gone on A at once.
+    let r = c.delete(b.url("/v2/private/multi/manifests/v1")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let r = manifest_on(&a).await.unwrap();
+    assert_eq!(r.status(), 404);
+    // The manifest itself is still there by digest, on both.
+    let r = c
+        .get(a.url(&format!("/v2/private/multi/manifests/{index_digest}")))
+        .bearer_auth(&token)
+        .header("accept", "application/vnd.oci.image.index.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -190,3 +190,105 @@ async fn a_chunked_push_started_on_one_replica_is_finished_on_another() {
     let blob_keys = server.keys(&format!("{prefix}/blobs"));
     assert!(blob_keys.iter().all(|k| !k.contains(&wrong[7..]) && !k.contains(&actual[7..])), "{blob_keys:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_seconds_without_the_object_store_under_a_light_pull_load() {
+    let Some(server) = common::s3::own() else { return };
+    let hub = Hub::start().await;
+    let images: Vec<(String, String)> = (0..4u8)
+        .map(|i| {
+            let (blob, _, _) = hub_image(&hub, &format!("app{i}"), "1", blob_of(1 << 20, 50 + i));
+            (format!("library/app{i}"), blob)
+        })
+        .collect();
+    let prefix = prefix();
+    let s = std::sync::Arc::new(TestServer::start(&s3_config(&server, &prefix, &hub.url())).await);
+    let c = client();
+    // Two images cached before the outage, two pulled for the first time during it.
+    for (repo, blob) in &images[..2] {
+        assert_eq!(download_digest(pull_blob(&c, &s, repo, blob).await).await, *blob);
+    }
+
+    // The load: one pull after another, round the images, every answer recorded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u16, Duration, String)>::new()));
+    let load = tokio::spawn({
+        let (s, c, stop, answers, images) = (s.clone(), c.clone(), stop.clone(), answers.clone(), images.clone());
+        async move {
+            for n in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (repo, blob) = &images[n % images.len()];
+                let started = Instant::now();
+                let r = pull_blob(&c, &s, repo, blob).await;
+                let status = r.status().as_u16();
+                let body = match status {
+                    // A fill the outage cuts short aborts its body: recorded as status 0.
+                    200 => match r.bytes().await {
+                        Ok(bytes) => sha256(&bytes),
+                        Err(e) => {
+                            answers.lock().unwrap().push((0, started.elapsed(), e.to_string()));
+                            continue;
+                        }
+                    },
+                    _ => r.text().await.unwrap_or_default(),
+                };
+                answers.lock().unwrap().push((status, started.elapsed(), body));
+                tokio::time::sleep(Duration::from_millis(100)).await; // the pace of the load, not a wait
+            }
+        }
+    });
+    eventually("the load runs", || answers.lock().unwrap().len() >= 4).await;
+    server.signal("STOP");
+    let outage = Instant::now();
+    eventually_async("/readyz says not ready", || async {
+        c.get(s.url("/readyz")).send().await.is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    // The outage lasts 10 s (the scenario, not a synchronisation).
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed())).await;
+    let during = answers.lock().unwrap().len();
+    server.signal("CONT");
+    eventually_async("/readyz is ready again", || async {
+        c.get(s.url("/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    eventually("eight pulls in a row succeeded", || {
+        let a = answers.lock().unwrap();
+        a.len() >= during + 8 && a[a.len() - 8..].iter().all(|(status, _, _)| *status == 200)
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+
+    let answers = answers.lock().unwrap();
+    let unavailable: Vec<_> = answers.iter().filter(|(status, _, _)| *status == 503).collect();
+    assert!(!unavailable.is_empty(), "no 503 during the outage");
+    for (status, took, body) in answers.iter() {
+        match status {
+            200 => assert!(images.iter().any(|(_, blob)| blob == body), "a pull returned other bytes: {body}"),
+            503 => {
+                let v: serde_json::Value = serde_json::from_str(body).unwrap();
+                assert_eq!(v["errors"][0]["code"], "UNAVAILABLE");
+                assert!(!body.contains(common::s3::SECRET_KEY));
+            }
+            0 => {} // aborted, never completed with wrong bytes
+            other => panic!("answered {other}: {body}"),
+        }
+        assert!(*took < Duration::from_secs(15), "an answer took {took:?}");
+    }
+    // Every image pulls now, the ones first pulled during the outage too.
+    for (repo, blob) in &images {
+        assert_eq!(download_digest(pull_blob(&c, &s, repo, blob).await).await, *blob);
+    }
+    // Every blob in the bucket matches its digest; nothing partial is there.
+    let keys = server.keys(&prefix);
+    let blob_keys: Vec<&String> = keys.iter().filter(|k| k.contains("/blobs/") && k.ends_with("/data")).collect();
+    assert!(blob_keys.len() >= images.len(), "{keys:?}");
+    for key in blob_keys {
+        let hex = key.trim_end_matches("/data").rsplit('/').next().unwrap();
+        assert_eq!(sha256(&server.get(key)), format!("sha256:{hex}"), "{key}");
+    }
+    assert!(!keys.iter().any(|k| k.contains(".parts") || k.contains("/tmp/")), "{keys:?}");
+}

@@ -72,6 +72,22 @@ impl Seaweed {
     }
 }
 
+impl Seaweed {
+    /// The content of one key (read straight from the bucket).
+    pub fn get(&self, key: &str) -> Vec<u8> {
+        let (endpoint, key) = (self.endpoint.clone(), key.to_string());
+        std::thread::spawn(move || {
+            use object_store::ObjectStoreExt;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let bucket = client(&endpoint);
+            let path = object_store::path::Path::from(key);
+            rt.block_on(async { bucket.get(&path).await.unwrap().bytes().await.unwrap().to_vec() })
+        })
+        .join()
+        .unwrap()
+    }
+}
+
 fn client(endpoint: &str) -> object_store::aws::AmazonS3 {
     object_store::aws::AmazonS3Builder::new()
         .with_endpoint(endpoint)
