@@ -262,7 +262,7 @@ async fn ten_seconds_without_the_object_store_under_a_light_pull_load() {
     stop.store(true, Ordering::SeqCst);
     load.await.unwrap();
 
-    let answers = answers.lock().unwrap();
+    let answers = std::mem::take(&mut *answers.lock().unwrap());
     let unavailable: Vec<_> = answers.iter().filter(|(status, _, _)| *status == 503).collect();
     assert!(!unavailable.is_empty(), "no 503 during the outage");
     for (status, took, body) in answers.iter() {
