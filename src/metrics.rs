@@ -36,6 +36,7 @@ pub struct Metrics {
     pub fill_takeovers: IntCounter,
     pub relayed_bytes: IntCounter,
     pub peer_failures: IntCounter,
+    pub blob_redirects: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -172,6 +173,11 @@ impl Metrics {
                 &r,
                 "regmirror_cluster_peer_failures_total",
                 "Requests to another replica that failed (unreachable, broken off, refused).",
+            ),
+            blob_redirects: counter(
+                &r,
+                "regmirror_blob_redirects_total",
+                "Blob GETs answered with a redirect to the object store (storage.s3.redirect).",
             ),
             registry: r,
         }

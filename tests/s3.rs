@@ -292,3 +292,44 @@ async fn ten_seconds_without_the_object_store_under_a_light_pull_load() {
     }
     assert!(!keys.iter().any(|k| k.contains(".parts") || k.contains("/tmp/")), "{keys:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redirect_cached_blobs_are_fetched_from_the_bucket_and_the_replica_serves_no_blob_bytes() {
+    let Some(server) = common::s3::shared() else { return };
+    let hub = Hub::start().await;
+    let blob = blob_of(3 << 20, 60);
+    let (blob_digest, _, _) = hub_image(&hub, "app", "1", blob.clone());
+    let prefix = prefix();
+    let config = s3_config(server, &prefix, &hub.url()).replace("[storage.s3]\n", "[storage.s3]\nredirect = true\n");
+    let s = TestServer::start(&config).await;
+    let c = client();
+    let manual = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    // The first pull runs the fill (streamed by the replica: the blob is not in the bucket yet).
+    assert_eq!(download_digest(pull_blob(&c, &s, "library/app", &blob_digest).await).await, blob_digest);
+    let served_by_fill = metric(&s.metrics(), "regmirror_bytes_served_total{source=\"fill\"}");
+    // From then on: a 307 to a presigned URL of the bucket, which serves the bytes (ranges too).
+    let url = s.url(&format!("/v2/library/app/blobs/{blob_digest}"));
+    let r = manual.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    assert_eq!(r.headers()["docker-content-digest"], blob_digest.as_str());
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with(&server.endpoint) && location.contains("X-Amz-Signature"), "{location}");
+    assert_eq!(download_digest(manual.get(&location).send().await.unwrap()).await, blob_digest);
+    // A client that follows redirects, asking for a range.
+    let follows = reqwest::Client::new();
+    let r = follows.get(&url).header("range", "bytes=100-199").send().await.unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(&r.bytes().await.unwrap()[..], &blob[100..200]);
+    // HEAD is still answered by the replica.
+    let r = manual.head(&url).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-length"], (3 << 20).to_string().as_str());
+    // A pushed blob too.
+    let pushed = push_blob(&c, &s.url(""), "private/app", &blob_of(1 << 20, 61)).await;
+    let r = manual.get(s.url(&format!("/v2/private/app/blobs/{pushed}"))).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    let text = s.metrics();
+    assert_eq!(metric(&text, "regmirror_bytes_served_total{source=\"cache\"}"), 0.0, "the replica served blob bytes");
+    assert_eq!(metric(&text, "regmirror_bytes_served_total{source=\"fill\"}"), served_by_fill);
+    assert_eq!(metric(&text, "regmirror_blob_redirects_total"), 3.0);
+}

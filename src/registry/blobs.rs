@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::error::{Code, RegistryError, Result};
@@ -35,7 +35,26 @@ pub async fn get(ctx: Ctx, target: Target, digest: &str, info: &mut RequestInfo)
             found?.0
         }
     };
+    if let BlobSource::Stored { .. } = source {
+        if !ctx.is_head() && redirects(&ctx.state) {
+            if let Some(url) = ctx.state.store.blob_url(&d, REDIRECT_TTL).await? {
+                ctx.state.metrics.blob_redirects.inc();
+                let mut resp = located(StatusCode::TEMPORARY_REDIRECT, &url, Some(&d));
+                resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                return Ok(resp);
+            }
+        }
+    }
     serve(&ctx, &d, source)
+}
+
+/// How long a redirect to the object store stays valid: long enough to start a large download,
+/// short enough that a leaked URL soon stops working.
+const REDIRECT_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether stored blobs are answered with a redirect to the object store (`storage.s3.redirect`).
+fn redirects(state: &AppState) -> bool {
+    matches!(&state.config.backend, crate::config::StorageBackend::S3(s3) if s3.redirect)
 }
 
 fn serve(ctx: &Ctx, d: &Digest, source: BlobSource) -> Result<Response> {
