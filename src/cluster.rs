@@ -122,7 +122,22 @@ impl Cluster {
 
     /// Take the lease of the fill of `d`, or learn who holds it.
     pub async fn claim_fill(&self, d: &Digest) -> std::io::Result<Claim> {
-        self.claim(&fill_lease(d)).await
+        let claim = self.claim(&fill_lease(d)).await?;
+        if let Claim::Owned(lease) = &claim {
+            if lease.taken_over {
+                self.metrics.fill_takeovers.inc();
+            }
+        }
+        Ok(claim)
+    }
+
+    /// The eviction lease, when no other replica holds it: one eviction pass at a time for the
+    /// whole bucket.
+    pub async fn claim_eviction(&self) -> std::io::Result<Option<Lease>> {
+        Ok(match self.claim("eviction").await? {
+            Claim::Owned(lease) => Some(lease),
+            Claim::Held { .. } => None,
+        })
     }
 
     /// Whether the holder of `d`'s fill lease still renews it (`false` once it is gone, or has
@@ -139,7 +154,7 @@ impl Cluster {
         loop {
             if let Some(version) = self.store.write_lease(name, &self.record(0), Condition::Absent).await? {
                 lock(&self.observed).remove(name);
-                return Ok(Claim::Owned(self.hold(name, version)));
+                return Ok(Claim::Owned(self.hold(name, version, false)));
             }
             let Some((content, version)) = self.store.read_lease(name).await? else {
                 continue; // released in between: try to take it again
@@ -151,9 +166,8 @@ impl Cluster {
             // Nobody renewed it for EXPIRY: take it over, unless another replica is quicker.
             if let Some(new) = self.store.write_lease(name, &self.record(0), Condition::Unchanged(version)).await? {
                 lock(&self.observed).remove(name);
-                self.metrics.fill_takeovers.inc();
                 tracing::warn!(lease = name, previous = url, "took over a lease its replica stopped renewing");
-                return Ok(Claim::Owned(self.hold(name, new)));
+                return Ok(Claim::Owned(self.hold(name, new, true)));
             }
         }
     }
@@ -176,7 +190,7 @@ impl Cluster {
     }
 
     /// Keep renewing a lease just taken, until the returned handle is dropped.
-    fn hold(&self, name: &str, version: Version) -> Lease {
+    fn hold(&self, name: &str, version: Version, taken_over: bool) -> Lease {
         let lost = Arc::new(AtomicBool::new(false));
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let (store, name, lost_flag) = (self.store.clone(), name.to_string(), lost.clone());
@@ -211,7 +225,7 @@ impl Cluster {
                 }
             }
         });
-        Lease { lost, _stop: stop }
+        Lease { lost, taken_over, _stop: stop }
     }
 
     /// Ask the replica at `url` for bytes of `d` from `offset` on (its running fill, or its store).
@@ -270,6 +284,8 @@ impl Cluster {
 /// A lease this replica holds, renewed in the background; dropped, it is released.
 pub struct Lease {
     lost: Arc<AtomicBool>,
+    /// Taken over from a replica that stopped renewing it.
+    taken_over: bool,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 

@@ -283,3 +283,61 @@ async fn a_multi_arch_image_pushed_through_one_replica_comes_back_identical_thro
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+/// The bytes of blob content in the bucket under `prefix`.
+fn blob_bytes(server: &Seaweed, prefix: &str) -> u64 {
+    server
+        .objects(&format!("{prefix}/blobs"))
+        .iter()
+        .filter(|(k, ..)| k.ends_with("/data"))
+        .map(|(_, size, _)| size)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn eviction_keeps_the_bucket_under_max_size_and_counts_uses_on_every_replica() {
+    let Some(server) = common::s3::shared() else { return };
+    let hub = Hub::start().await;
+    let blobs: Vec<String> =
+        (0..5u8).map(|i| hub_image(&hub, &format!("e{i}"), "1", blob_of(3 << 20, 70 + i)).0).collect();
+    let prefix = prefix();
+    let config = replica_config(server, &prefix, &hub.url(), "@SELF@")
+        .replace("[storage]\n", "[storage]\nmax_size = \"16MiB\"\n");
+    let a = TestServer::start(&config).await;
+    let b = TestServer::start(&config).await;
+    let c = client();
+    let pull = |s: &TestServer, i: usize| {
+        let url = s.url(&format!("/v2/library/e{i}/blobs/{}", blobs[i]));
+        let c = c.clone();
+        async move { download_digest(c.get(url).send().await.unwrap()).await }
+    };
+    // Private content through B (never evicted), four images through A: 14 MiB, under the bound.
+    let private = push_blob(&c, &b.url(""), "private/keep", &blob_of(2 << 20, 79)).await;
+    for i in 0..4 {
+        assert_eq!(pull(&a, i).await, blobs[i]);
+    }
+    let marker = format!("{}/data.touched", &blobs[0][7..]);
+    let touched_at = |server: &Seaweed| {
+        server.objects(&prefix).into_iter().find(|(k, ..)| k.ends_with(&marker)).map_or(0, |(_, _, t)| t)
+    };
+    let first_use = touched_at(server);
+    // The bucket keeps times in seconds: B's use of e0 must fall in a later second than A's.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(pull(&b, 0).await, blobs[0]);
+    eventually("B's use of e0 is recorded in the bucket", || touched_at(server) > first_use).await;
+
+    // A fifth image through A passes the bound: one least recently used blob goes, and e0 is not
+    // it (A last used it before the others, but B used it since).
+    assert_eq!(pull(&a, 4).await, blobs[4]);
+    eventually("the bucket is back under max_size", || blob_bytes(server, &prefix) <= 16 << 20).await;
+    let keys = server.keys(&prefix);
+    let present = |d: &str| keys.iter().any(|k| k.ends_with(&format!("{}/data", &d[7..])));
+    assert!(present(&blobs[0]), "e0 was evicted although B used it last");
+    assert!(present(&private), "private content was evicted");
+    assert!(present(&blobs[4]));
+    assert_eq!(blobs[1..4].iter().filter(|d| !present(d)).count(), 1, "{keys:?}");
+    assert_eq!(
+        metric(&a.metrics(), "regmirror_evictions_total") + metric(&b.metrics(), "regmirror_evictions_total"),
+        1.0
+    );
+}

@@ -109,6 +109,7 @@ impl Cache {
                         upstream.blob(Method::HEAD, remote, d, 0).await.map_err(missing)?;
                         self.store.link_blob(local, d).await?;
                     }
+                    self.share_use(d);
                     self.lru.touch(d, size);
                     return Ok((BlobSource::Stored { size, hold }, Obtained::Hit));
                 }
@@ -134,6 +135,22 @@ impl Cache {
             BlobSource::Filling { total, fill: Following { cache: self.clone(), digest: d.clone(), rx } },
             Obtained::Miss,
         ))
+    }
+
+    /// Replicas on one bucket: record a use in the bucket too (at most once a minute per blob and
+    /// replica), so the replica that runs eviction counts it.
+    fn share_use(&self, d: &Digest) {
+        const SHARED_EVERY: u64 = 60;
+        if self.cluster.is_none() || self.lru.last_use(d).is_some_and(|t| t + SHARED_EVERY > crate::storage::unix_now())
+        {
+            return;
+        }
+        let (store, d) = (self.store.clone(), d.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.touch_blob(&d).await {
+                tracing::debug!(digest = %d, error = %e, "could not record a use in the bucket");
+            }
+        });
     }
 
     /// Have a mirrored blob in the store and linked to its repository (pins): a stored copy

@@ -35,7 +35,12 @@ pub fn spawn(cache: Cache) {
                 tracing::warn!(error = %e, "could not persist access times");
             }
             if let Some(max) = cache.policy.max_size {
-                pass(&cache, max).await;
+                match &cache.cluster {
+                    Some(cluster) => replicated_pass(&cache, cluster, max).await,
+                    None => {
+                        pass(&cache, max).await;
+                    }
+                }
             }
         }
     });
@@ -46,6 +51,16 @@ pub fn spawn(cache: Cache) {
 pub async fn load(cache: &Cache) -> std::io::Result<()> {
     let blobs = cache.store.scan_blobs().await?;
     cache.store.stats().reset(blobs.iter().map(|b| b.1).sum(), blobs.len() as u64);
+    let (repositories, protected) = private_content(cache).await?;
+    mark_provenance(cache, &repositories, &protected).await?;
+    cache.lru.load(protected, blobs);
+    cache.loaded.store(true, Ordering::Release);
+    Ok(())
+}
+
+/// Every repository, and the digests private repositories hold (never evicted); relations of
+/// referrers to their subjects are recorded on the way.
+async fn private_content(cache: &Cache) -> std::io::Result<(Vec<crate::oci::RepoName>, HashSet<crate::oci::Digest>)> {
     let mut protected = HashSet::new();
     let repositories = cache.store.list_repositories_all().await?;
     for repo in &repositories {
@@ -57,10 +72,35 @@ pub async fn load(cache: &Cache) -> std::io::Result<()> {
             }
         }
     }
-    mark_provenance(cache, &repositories, &protected).await?;
-    cache.lru.load(protected, blobs);
-    cache.loaded.store(true, Ordering::Release);
-    Ok(())
+    Ok((repositories, protected))
+}
+
+/// An eviction pass on a bucket shared by replicas: by one replica at a time (the eviction
+/// lease), over what the bucket holds now (blobs every replica added, pushes through any of
+/// them) with every replica's uses (the blobs' `touch` times in the bucket).
+async fn replicated_pass(cache: &Cache, cluster: &crate::cluster::Cluster, max: u64) {
+    let lease = match cluster.claim_eviction().await {
+        Ok(Some(lease)) => lease,
+        Ok(None) => return, // another replica runs the pass
+        Err(e) => {
+            tracing::warn!(error = %e, "could not take the eviction lease");
+            return;
+        }
+    };
+    let refreshed = async {
+        let blobs = cache.store.scan_blobs().await?;
+        let (_, protected) = private_content(cache).await?;
+        cache.store.stats().reset(blobs.iter().map(|b| b.1).sum(), blobs.len() as u64);
+        cache.lru.refresh(protected, blobs);
+        std::io::Result::Ok(())
+    };
+    match refreshed.await {
+        Ok(()) => {
+            pass(cache, max).await;
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read the bucket for an eviction pass"),
+    }
+    drop(lease);
 }
 
 /// Evict least recently used mirrored content, `bytes` at least where there is that much.

@@ -110,6 +110,33 @@ impl Lru {
         idx.dirty.push((d.clone(), now));
     }
 
+    /// When `d` was last used here (Unix seconds), if it is in the eviction order.
+    pub fn last_use(&self, d: &Digest) -> Option<u64> {
+        self.lock().entries.get(d).map(|e| e.atime)
+    }
+
+    /// Bring the order up to date with a store other replicas share: blobs they added join it,
+    /// blobs gone leave it, and a use anywhere (the store's time for a blob) counts like one here.
+    pub fn refresh(&self, protected: HashSet<Digest>, blobs: Vec<(Digest, u64, u64)>) {
+        let mut idx = self.lock();
+        idx.protected.extend(protected);
+        let present: HashSet<&Digest> = blobs.iter().map(|b| &b.0).collect();
+        let gone: Vec<Digest> =
+            idx.entries.keys().filter(|d| !present.contains(d) && !idx.in_use.contains_key(*d)).cloned().collect();
+        for d in gone {
+            idx.remove(&d);
+        }
+        for (d, size, used) in blobs {
+            if idx.protected.contains(&d) || idx.evicting.contains(&d) {
+                continue;
+            }
+            let atime = idx.entries.get(&d).map_or(used, |e| e.atime.max(used));
+            if idx.entries.get(&d).is_none_or(|e| e.atime != atime || e.size != size) {
+                idx.insert(d, atime, size);
+            }
+        }
+    }
+
     /// Mark content as private: it leaves the eviction order for good.
     pub fn protect(&self, d: &Digest) {
         let mut idx = self.lock();

@@ -89,6 +89,11 @@ pub trait Driver: Send + Sync + 'static {
     async fn put_if(&self, _path: &str, _content: &[u8], _condition: Condition) -> io::Result<Option<Version>> {
         Err(not_shared())
     }
+    /// Every file below `path` with its size and modification time (Unix seconds), paths relative
+    /// to `path`, in one sweep; `None` when the backend has no cheaper way than walking `list`.
+    async fn list_tree(&self, _path: &str) -> io::Result<Option<Vec<(String, u64, u64)>>> {
+        Ok(None)
+    }
     /// A URL where a client can GET the file itself for `ttl`, when the backend can give one.
     async fn presigned_get(&self, _path: &str, _ttl: std::time::Duration) -> io::Result<Option<String>> {
         Ok(None)
@@ -323,6 +328,28 @@ impl Meta {
     }
 }
 
+/// The blobs among the files under `blobs/` (`<alg>/<xx>/<hex>/data`), each with its size and
+/// last use: the later of its own time and its `touch` marker's (`data.touched`).
+fn blobs_in_tree(files: Vec<(String, u64, u64)>) -> Vec<(Digest, u64, u64)> {
+    let mut blobs: std::collections::HashMap<Digest, (Option<u64>, u64)> = std::collections::HashMap::new();
+    for (path, size, mtime) in files {
+        let mut parts = path.split('/');
+        let (Some(alg), Some(_), Some(hex), Some(file), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() else { continue };
+        let entry = blobs.entry(d).or_insert((None, 0));
+        match file {
+            "data" => *entry = (Some(size), entry.1.max(mtime)),
+            "data.touched" => entry.1 = entry.1.max(mtime),
+            _ => {}
+        }
+    }
+    blobs.into_iter().filter_map(|(d, (size, mtime))| size.map(|s| (d, s, mtime))).collect()
+}
+
 /// Upload ids are ours (hex); anything else cannot name a session and must not reach a path.
 pub fn valid_upload_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
@@ -339,6 +366,9 @@ impl Store {
 
     /// Every blob in the store with its size and modification time.
     pub async fn scan_blobs(&self) -> io::Result<Vec<(Digest, u64, u64)>> {
+        if let Some(files) = self.driver.list_tree("blobs").await? {
+            return Ok(blobs_in_tree(files));
+        }
         let mut out = Vec::new();
         for alg in self.driver.list("blobs").await? {
             for prefix in self.driver.list(&format!("blobs/{alg}")).await? {
@@ -566,6 +596,11 @@ impl Store {
     }
 
     // ---- repository links ----
+
+    /// Record a use of a blob in the store itself (replicas on one bucket see each other's uses).
+    pub async fn touch_blob(&self, d: &Digest) -> io::Result<()> {
+        self.driver.touch(&blob_path(d)).await
+    }
 
     pub async fn link_blob(&self, repo: &RepoName, d: &Digest) -> io::Result<()> {
         let _changed = self.stats.change();

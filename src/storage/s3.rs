@@ -402,6 +402,23 @@ impl Driver for S3Driver {
         Ok(None)
     }
 
+    async fn list_tree(&self, path: &str) -> io::Result<Option<Vec<(String, u64, u64)>>> {
+        let root = self.key(path);
+        let strip = format!("{root}/");
+        let files = self
+            .bucket
+            .list(Some(&root))
+            .map_ok(|m| {
+                let key = m.location.to_string();
+                let relative = key.strip_prefix(&strip).unwrap_or(&key).to_string();
+                (relative, m.size, m.last_modified.timestamp().max(0) as u64)
+            })
+            .try_collect()
+            .await
+            .map_err(backend)?;
+        Ok(Some(files))
+    }
+
     async fn get_versioned(&self, path: &str) -> io::Result<Option<(Vec<u8>, Version)>> {
         let Some(r) = not_found_is_none(self.bucket.get(&self.key(path)).await)? else { return Ok(None) };
         let version = r.meta.e_tag.clone().unwrap_or_default();

@@ -58,6 +58,11 @@ impl Seaweed {
 
     /// Keys under `prefix` in the bucket.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
+        self.objects(prefix).into_iter().map(|(key, _, _)| key).collect()
+    }
+
+    /// Objects under `prefix` in the bucket: key, size, last modified (Unix seconds).
+    pub fn objects(&self, prefix: &str) -> Vec<(String, u64, i64)> {
         let (endpoint, prefix) = (self.endpoint.clone(), prefix.to_string());
         std::thread::spawn(move || {
             use futures_util::TryStreamExt;
@@ -65,7 +70,13 @@ impl Seaweed {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let bucket = client(&endpoint);
             let p = object_store::path::Path::from(prefix);
-            rt.block_on(bucket.list(Some(&p)).map_ok(|m| m.location.to_string()).try_collect::<Vec<_>>()).unwrap()
+            rt.block_on(
+                bucket
+                    .list(Some(&p))
+                    .map_ok(|m| (m.location.to_string(), m.size, m.last_modified.timestamp()))
+                    .try_collect::<Vec<_>>(),
+            )
+            .unwrap()
         })
         .join()
         .unwrap()
