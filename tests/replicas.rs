@@ -313,8 +313,8 @@ async fn eviction_keeps_the_bucket_under_max_size_and_counts_uses_on_every_repli
     };
     // Private content through B (never evicted), four images through A: 14 MiB, under the bound.
     let private = push_blob(&c, &b.url(""), "private/keep", &blob_of(2 << 20, 79)).await;
-    for i in 0..4 {
-        assert_eq!(pull(&a, i).await, blobs[i]);
+    for (i, blob) in blobs.iter().enumerate().take(4) {
+        assert_eq!(pull(&a, i).await, *blob);
     }
     let marker = format!("{}/data.touched", &blobs[0][7..]);
     let touched_at = |server: &Seaweed| {
