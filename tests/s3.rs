@@ -306,7 +306,8 @@ async fn with_redirect_cached_blobs_are_fetched_from_the_bucket_and_the_replica_
     let manual = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
     // The first pull runs the fill (streamed by the replica: the blob is not in the bucket yet).
     assert_eq!(download_digest(pull_blob(&c, &s, "library/app", &blob_digest).await).await, blob_digest);
-    let served_by_fill = metric(&s.metrics(), "regmirror_bytes_served_total{source=\"fill\"}");
+    let served_by_fill = metric(&s.metrics(), "regmirror_served_bytes_total{source=\"fill\"}");
+    assert_eq!(served_by_fill, (3 << 20) as f64);
     // From then on: a 307 to a presigned URL of the bucket, which serves the bytes (ranges too).
     let url = s.url(&format!("/v2/library/app/blobs/{blob_digest}"));
     let r = manual.get(&url).send().await.unwrap();
@@ -329,7 +330,7 @@ async fn with_redirect_cached_blobs_are_fetched_from_the_bucket_and_the_replica_
     let r = manual.get(s.url(&format!("/v2/private/app/blobs/{pushed}"))).send().await.unwrap();
     assert_eq!(r.status(), 307);
     let text = s.metrics();
-    assert_eq!(metric(&text, "regmirror_bytes_served_total{source=\"cache\"}"), 0.0, "the replica served blob bytes");
-    assert_eq!(metric(&text, "regmirror_bytes_served_total{source=\"fill\"}"), served_by_fill);
+    assert_eq!(metric(&text, "regmirror_served_bytes_total{source=\"cache\"}"), 0.0, "the replica served blob bytes");
+    assert_eq!(metric(&text, "regmirror_served_bytes_total{source=\"fill\"}"), served_by_fill);
     assert_eq!(metric(&text, "regmirror_blob_redirects_total"), 3.0);
 }

@@ -124,12 +124,12 @@ fn keep_last_day(buckets: &mut BTreeMap<u64, Bucket>, hour: u64) {
 /// Take up the saved history and pull times (a missing or unreadable file starts empty).
 pub async fn load(state: &AppState) {
     *lock(&state.status.history.gc) = crate::gc::record(&state.store).await;
-    let saved: Saved = match state.store.read_meta(Meta::StatusHistory).await {
-        Ok(Some(bytes)) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+    let saved: Saved = match tokio::fs::read(saved_path(state)).await {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "the saved status history is unreadable; starting a new one");
             Saved::default()
         }),
-        Ok(None) => Saved::default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Saved::default(),
         Err(e) => {
             tracing::warn!(error = %e, "could not read the saved status history");
             Saved::default()
@@ -148,7 +148,13 @@ pub async fn load(state: &AppState) {
     }
 }
 
-/// Write the history and pull times to the store; read the gc record anew.
+/// Where this replica keeps its history: on its own disk (replicas on one bucket each count
+/// what they served).
+fn saved_path(state: &AppState) -> std::path::PathBuf {
+    state.config.storage_root.join(Meta::StatusHistory.path())
+}
+
+/// Write the history and pull times to the local disk; read the gc record anew.
 pub async fn save(state: &AppState) -> std::io::Result<()> {
     *lock(&state.status.history.gc) = crate::gc::record(&state.store).await;
     let saved = Saved {
@@ -156,7 +162,15 @@ pub async fn save(state: &AppState) -> std::io::Result<()> {
         last_pulls: lock(&state.cache.last_pulls).iter().map(|(k, v)| (k.to_string(), *v)).collect(),
     };
     let json = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
-    state.store.write_meta(Meta::StatusHistory, &json).await
+    let path = saved_path(state);
+    tokio::task::spawn_blocking(move || {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        crate::storage::fs::atomic_write(&path, &json, 0o644)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 #[cfg(test)]

@@ -306,13 +306,15 @@ fn upload_data(id: &str) -> String {
 pub enum Meta {
     /// The token signing key.
     TokenKey,
-    /// The last use of every mirrored blob, appended to (eviction order).
+    /// The last use of every mirrored blob, appended to (eviction order; on the replica's own
+    /// disk, under `storage.root`).
     AccessLog,
     /// Totals of `regmirror gc` runs.
     GcRecord,
     /// Present once the blobs of an older store have been given their provenance.
     ProvenanceMarked,
-    /// The status page's hourly savings and the last pull of each repository.
+    /// The status page's hourly savings and the last pull of each repository (kept on the
+    /// replica's own disk, under `storage.root`).
     StatusHistory,
 }
 
