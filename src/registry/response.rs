@@ -117,24 +117,53 @@ pub fn blob_body(
         let _ = &keep;
         on_bytes(n)
     };
+    // An object store serves the range best as one GET; a filesystem in large chunks.
+    enum Source {
+        Unopened,
+        Stream(crate::storage::ByteStream),
+        Chunks,
+    }
+    let ended_early = |digest: &Digest| std::io::Error::other(format!("blob {digest} ended early"));
     let stream = futures_util::stream::unfold(
-        (offset, store, digest, on_bytes),
-        move |(pos, store, digest, on_bytes)| async move {
+        (offset, Source::Unopened, store, digest, on_bytes),
+        move |(pos, mut source, store, digest, on_bytes)| async move {
             if pos >= end {
                 return None;
             }
-            let want = (end - pos).min(CHUNK as u64) as usize;
-            match store.read_blob_at(&digest, pos, want).await {
-                Ok(Some(chunk)) if chunk.len() == want => {
-                    on_bytes(want as u64);
-                    Some((Ok(chunk), (pos + want as u64, store, digest, on_bytes)))
+            loop {
+                match source {
+                    Source::Unopened => match store.blob_stream(&digest, pos, end - pos).await {
+                        Ok(Some(s)) => source = Source::Stream(s),
+                        Ok(None) => source = Source::Chunks,
+                        Err(e) => return Some((Err(e), (end, Source::Chunks, store, digest, on_bytes))),
+                    },
+                    Source::Stream(mut s) => {
+                        let next = s.next().await;
+                        return match next {
+                            Some(Ok(chunk)) if pos + chunk.len() as u64 <= end => {
+                                on_bytes(chunk.len() as u64);
+                                let pos = pos + chunk.len() as u64;
+                                Some((Ok(chunk), (pos, Source::Stream(s), store, digest, on_bytes)))
+                            }
+                            Some(Err(e)) => Some((Err(e), (end, Source::Chunks, store, digest, on_bytes))),
+                            // Short or long: abort the response rather than complete it wrong.
+                            _ => Some((Err(ended_early(&digest)), (end, Source::Chunks, store, digest, on_bytes))),
+                        };
+                    }
+                    Source::Chunks => {
+                        let want = (end - pos).min(CHUNK as u64) as usize;
+                        return match store.read_blob_at(&digest, pos, want).await {
+                            Ok(Some(chunk)) if chunk.len() == want => {
+                                on_bytes(want as u64);
+                                Some((Ok(chunk), (pos + want as u64, Source::Chunks, store, digest, on_bytes)))
+                            }
+                            // The file ended early or vanished: abort the response rather than
+                            // complete it short.
+                            Ok(_) => Some((Err(ended_early(&digest)), (end, Source::Chunks, store, digest, on_bytes))),
+                            Err(e) => Some((Err(e), (end, Source::Chunks, store, digest, on_bytes))),
+                        };
+                    }
                 }
-                // The file ended early or vanished: abort the response rather than complete it short.
-                Ok(_) => Some((
-                    Err(std::io::Error::other(format!("blob {digest} ended early"))),
-                    (end, store, digest, on_bytes),
-                )),
-                Err(e) => Some((Err(e), (end, store, digest, on_bytes))),
             }
         },
     );

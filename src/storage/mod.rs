@@ -94,11 +94,19 @@ pub trait Driver: Send + Sync + 'static {
     async fn list_tree(&self, _path: &str) -> io::Result<Option<Vec<(String, u64, u64)>>> {
         Ok(None)
     }
+    /// Bytes `range` of a file as one stream (an object store's single ranged GET), when that is
+    /// the backend's fast way to serve it; `None`: serve with `read_at`, chunk by chunk.
+    async fn stream_range(&self, _path: &str, _range: std::ops::Range<u64>) -> io::Result<Option<ByteStream>> {
+        Ok(None)
+    }
     /// A URL where a client can GET the file itself for `ttl`, when the backend can give one.
     async fn presigned_get(&self, _path: &str, _ttl: std::time::Duration) -> io::Result<Option<String>> {
         Ok(None)
     }
 }
+
+/// File content as it arrives.
+pub type ByteStream = futures_util::stream::BoxStream<'static, io::Result<bytes::Bytes>>;
 
 /// A version of an object (an S3 ETag) for compare-and-swap writes.
 pub type Version = String;
@@ -493,6 +501,12 @@ impl Store {
 
     pub async fn read_blob_at(&self, d: &Digest, offset: u64, len: usize) -> io::Result<Option<bytes::Bytes>> {
         self.driver.read_at(&blob_path(d), offset, len).await
+    }
+
+    /// Bytes `[offset, offset + len)` of a stored blob as one stream, where the backend serves
+    /// it faster that way than chunk by chunk (an object store).
+    pub async fn blob_stream(&self, d: &Digest, offset: u64, len: u64) -> io::Result<Option<ByteStream>> {
+        self.driver.stream_range(&blob_path(d), offset..offset + len).await
     }
 
     pub async fn read_blob(&self, d: &Digest) -> io::Result<Option<Vec<u8>>> {

@@ -419,6 +419,15 @@ impl Driver for S3Driver {
         Ok(Some(files))
     }
 
+    async fn stream_range(&self, path: &str, range: Range<u64>) -> io::Result<Option<super::ByteStream>> {
+        if Self::local(path) || Self::appended(path) || range.is_empty() {
+            return Ok(None);
+        }
+        let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
+        let found = self.bucket.get_opts(&self.key(path), options).await.map_err(backend)?;
+        Ok(Some(found.into_stream().map_err(backend).boxed()))
+    }
+
     async fn get_versioned(&self, path: &str) -> io::Result<Option<(Vec<u8>, Version)>> {
         let Some(r) = not_found_is_none(self.bucket.get(&self.key(path)).await)? else { return Ok(None) };
         let version = r.meta.e_tag.clone().unwrap_or_default();
