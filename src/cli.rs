@@ -20,8 +20,8 @@ use crate::config::{Config, LogFormat, TlsConfig, DEFAULT_CONFIG_PATH};
 /// override common keys: REGMIRROR_LISTEN, REGMIRROR_STORAGE_ROOT, REGMIRROR_MAX_SIZE,
 /// REGMIRROR_PRIVATE_NAMESPACES, REGMIRROR_TAG_TTL, REGMIRROR_TLS_MODE, REGMIRROR_TLS_DIR,
 /// REGMIRROR_TLS_HOSTS, REGMIRROR_TLS_CERT, REGMIRROR_TLS_KEY, REGMIRROR_AUTH_HTPASSWD,
-/// REGMIRROR_AUTH_ANONYMOUS, REGMIRROR_METRICS_LISTEN, REGMIRROR_LOG_FORMAT (lists are
-/// comma-separated). RUST_LOG sets the log level. `regmirror check-config` names every problem.
+/// REGMIRROR_AUTH_ANONYMOUS, REGMIRROR_METRICS_LISTEN, REGMIRROR_LOG_FORMAT,
+/// REGMIRROR_CLUSTER_ADVERTISE (lists are comma-separated). RUST_LOG sets the log level. `regmirror check-config` names every problem.
 ///
 /// Signals: SIGHUP reloads the TLS certificate; SIGTERM drains requests (server.shutdown_timeout)
 /// and stops. Full documentation: /usr/share/doc/regmirror/README.md.

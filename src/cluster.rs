@@ -31,6 +31,9 @@ pub const RENEW: Duration = Duration::from_secs(2);
 /// A lease unchanged for this long is taken to belong to a replica that is gone.
 pub const EXPIRY: Duration = Duration::from_secs(6);
 
+/// Attempts to take or read a lease that keeps changing under our hands.
+const CLAIM_ROUNDS: usize = 8;
+
 /// The path other replicas fetch a blob's bytes at.
 pub const PEER_PATH: &str = "/_regmirror/fills/";
 
@@ -48,6 +51,8 @@ struct LeaseRecord {
     node: String,
     /// Where the other replicas reach the holder.
     url: String,
+    /// Random per claim: two claims never write the same object.
+    nonce: u64,
     /// Counts renewals, so every renewal changes the object.
     beat: u64,
 }
@@ -84,6 +89,9 @@ impl Cluster {
     /// The cluster a configuration asks for (`[cluster] advertise`), `None` for a lone replica.
     pub async fn new(config: &Config, store: &Store, metrics: &Metrics) -> Result<Option<Arc<Cluster>>, AuthError> {
         let Some(advertise) = &config.advertise else { return Ok(None) };
+        if advertise.starts_with("http://") && !matches!(config.tls, TlsConfig::Off) {
+            tracing::warn!(advertise, "cluster.advertise is plain http while this replica serves TLS: blob bytes between replicas travel unencrypted");
+        }
         let signing_key = crate::auth::signing_key(store).await?;
         let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&signing_key)
             .map_err(|e| AuthError::SigningKey(e.to_string()))?;
@@ -115,8 +123,8 @@ impl Cluster {
         })))
     }
 
-    fn record(&self, beat: u64) -> Vec<u8> {
-        let record = LeaseRecord { node: self.node.clone(), url: self.advertise.clone(), beat };
+    fn record(&self, nonce: u64, beat: u64) -> Vec<u8> {
+        let record = LeaseRecord { node: self.node.clone(), url: self.advertise.clone(), nonce, beat };
         serde_json::to_vec(&record).unwrap_or_default()
     }
 
@@ -140,36 +148,56 @@ impl Cluster {
         })
     }
 
-    /// Whether the holder of `d`'s fill lease still renews it (`false` once it is gone, or has
-    /// not renewed for `EXPIRY`).
-    pub async fn fill_owner_alive(&self, d: &Digest) -> std::io::Result<bool> {
+    /// Whether the replica at `url` still holds and renews `d`'s fill lease (`false` once the
+    /// lease is gone, has changed hands, or has not been renewed for `EXPIRY`).
+    pub async fn fill_owner_alive(&self, d: &Digest, url: &str) -> std::io::Result<bool> {
         let name = fill_lease(d);
         Ok(match self.store.read_lease(&name).await? {
-            Some((_, version)) => !self.stale(&name, &version),
+            Some((content, version)) => {
+                let holder = serde_json::from_slice::<LeaseRecord>(&content).map(|r| r.url).unwrap_or_default();
+                holder == url && !self.stale(&name, &version)
+            }
             None => false,
         })
     }
 
     async fn claim(&self, name: &str) -> std::io::Result<Claim> {
-        loop {
-            if let Some(version) = self.store.write_lease(name, &self.record(0), Condition::Absent).await? {
+        // Every claim writes a fresh nonce: two generations of a lease never look alike (an ETag
+        // is the content's MD5 on most stores), so an observer never mistakes a new holder for
+        // one that stopped renewing.
+        let nonce: u64 = rand::random();
+        // Each round ends in an answer unless another replica changed the lease in between; a
+        // store that keeps contradicting itself is an error, not a reason to spin.
+        for _ in 0..CLAIM_ROUNDS {
+            if let Some(version) = self.store.write_lease(name, &self.record(nonce, 0), Condition::Absent).await? {
                 lock(&self.observed).remove(name);
-                return Ok(Claim::Owned(self.hold(name, version, false)));
+                return Ok(Claim::Owned(self.hold(name, version, nonce, false)));
             }
             let Some((content, version)) = self.store.read_lease(name).await? else {
                 continue; // released in between: try to take it again
             };
-            let url = serde_json::from_slice::<LeaseRecord>(&content).map(|r| r.url).unwrap_or_default();
-            if !self.stale(name, &version) {
+            let holder = serde_json::from_slice::<LeaseRecord>(&content).ok();
+            let url = holder.as_ref().map(|r| r.url.clone()).unwrap_or_default();
+            // Left by this process (a fill that just ended, its release still on the way) or by
+            // an earlier run of this replica (same address): nobody else is using it.
+            let ours = holder.as_ref().is_some_and(|r| r.node == self.node || r.url == self.advertise);
+            if !ours && !self.stale(name, &version) {
                 return Ok(Claim::Held { url });
             }
-            // Nobody renewed it for EXPIRY: take it over, unless another replica is quicker.
-            if let Some(new) = self.store.write_lease(name, &self.record(0), Condition::Unchanged(version)).await? {
+            // Nobody renews it: take it over, unless another replica is quicker.
+            if let Some(new) =
+                self.store.write_lease(name, &self.record(nonce, 0), Condition::Unchanged(version)).await?
+            {
                 lock(&self.observed).remove(name);
-                tracing::warn!(lease = name, previous = url, "took over a lease its replica stopped renewing");
-                return Ok(Claim::Owned(self.hold(name, new, true)));
+                if !ours {
+                    tracing::warn!(lease = name, previous = url, "took over a lease its replica stopped renewing");
+                }
+                return Ok(Claim::Owned(self.hold(name, new, nonce, !ours)));
             }
         }
+        Err(std::io::Error::other(crate::storage::Unavailable(format!(
+            "lease {name}: the object store answered inconsistently {CLAIM_ROUNDS} times"
+        ))))
     }
 
     /// Whether `version` of lease `name` has been seen unchanged for `EXPIRY` (and remember it).
@@ -189,36 +217,52 @@ impl Cluster {
         lock(&self.observed).remove(&fill_lease(d));
     }
 
-    /// Keep renewing a lease just taken, until the returned handle is dropped.
-    fn hold(&self, name: &str, version: Version, taken_over: bool) -> Lease {
+    /// Keep renewing a lease just taken, until the returned handle is dropped. A holder that
+    /// cannot renew in time counts itself as having lost the lease before the others may take it
+    /// over, so two replicas never both believe they hold it.
+    fn hold(&self, name: &str, version: Version, nonce: u64, taken_over: bool) -> Lease {
         let lost = Arc::new(AtomicBool::new(false));
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let (store, name, lost_flag) = (self.store.clone(), name.to_string(), lost.clone());
         let (node, url) = (self.node.clone(), self.advertise.clone());
         tokio::spawn(async move {
             let mut version = version;
-            let mut beat = 0;
-            loop {
+            let mut renewed = Instant::now();
+            let mut beats = tokio::time::interval_at(tokio::time::Instant::now() + RENEW, RENEW);
+            beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            for beat in 1.. {
                 tokio::select! {
                     _ = &mut stopped => break,
-                    _ = tokio::time::sleep(RENEW) => {}
+                    _ = beats.tick() => {}
                 }
-                beat += 1;
-                let record =
-                    serde_json::to_vec(&LeaseRecord { node: node.clone(), url: url.clone(), beat }).unwrap_or_default();
-                match store.write_lease(&name, &record, Condition::Unchanged(version.clone())).await {
-                    Ok(Some(v)) => version = v,
-                    Ok(None) => {
+                let record = LeaseRecord { node: node.clone(), url: url.clone(), nonce, beat };
+                let record = serde_json::to_vec(&record).unwrap_or_default();
+                let renewal = store.write_lease(&name, &record, Condition::Unchanged(version.clone()));
+                match tokio::time::timeout(RENEW, renewal).await {
+                    Ok(Ok(Some(v))) => {
+                        version = v;
+                        renewed = Instant::now();
+                    }
+                    Ok(Ok(None)) => {
                         tracing::warn!(lease = name, "lost a lease to another replica (not renewed in time)");
                         lost_flag.store(true, Ordering::Relaxed);
                         return;
                     }
-                    // The bucket did not answer: try again at the next beat (the others take the
-                    // lease over only after EXPIRY without a renewal).
-                    Err(e) => tracing::warn!(lease = name, error = %e, "renewing a lease failed"),
+                    // The bucket did not answer in time: try again at the next beat, unless the
+                    // others may already take the lease over.
+                    Ok(Err(_)) | Err(_) if renewed.elapsed() < EXPIRY - RENEW => {
+                        tracing::warn!(lease = name, "renewing a lease failed; trying again");
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tracing::warn!(lease = name, "could not renew a lease in time; giving it up");
+                        lost_flag.store(true, Ordering::Relaxed);
+                        return;
+                    }
                 }
             }
-            // Released: removed, unless it has changed hands in the meantime.
+            // Released: removed, unless it has changed hands in the meantime. (An object store
+            // has no conditional delete: a takeover in the instant between the two requests
+            // loses its lease and the fill is decided again.)
             if let Ok(Some((_, current))) = store.read_lease(&name).await {
                 if current == version {
                     let _ = store.remove_lease(&name).await;
@@ -229,19 +273,26 @@ impl Cluster {
     }
 
     /// Ask the replica at `url` for bytes of `d` from `offset` on (its running fill, or its store).
-    pub async fn fetch_from_peer(&self, url: &str, d: &Digest, offset: u64) -> Result<reqwest::Response, String> {
+    pub async fn fetch_from_peer(&self, url: &str, d: &Digest, offset: u64) -> Result<reqwest::Response, PeerFailure> {
         let path = format!("{PEER_PATH}{d}");
         let mut req = self.client.get(format!("{url}{path}")).header(PEER_AUTH, self.sign(&path, unix_now()));
         if offset > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={offset}-"));
         }
-        let failed = |e: String| {
+        let failed = |detail: String, refused: bool| {
             self.metrics.peer_failures.inc();
-            e
+            PeerFailure { detail, refused }
         };
-        let resp = req.send().await.map_err(|e| failed(crate::upstream::error_chain(&e.without_url())))?;
-        if !resp.status().is_success() {
-            return Err(failed(format!("the replica at {url} answered {}", resp.status())));
+        let resp = req.send().await.map_err(|e| failed(crate::upstream::error_chain(&e.without_url()), false))?;
+        let status = resp.status();
+        if !status.is_success() {
+            // 403: our signature is not theirs (another bucket or prefix, a signing key made
+            // again, clocks apart).
+            let refused = status == reqwest::StatusCode::FORBIDDEN;
+            return Err(failed(format!("the replica at {url} answered {status}"), refused));
+        }
+        if resp.content_length().is_none() {
+            return Err(failed(format!("the replica at {url} answered without a Content-Length"), false));
         }
         Ok(resp)
     }
@@ -279,6 +330,14 @@ impl Cluster {
         let expected = self.signature(path, expires);
         subtle::ConstantTimeEq::ct_eq(expected.as_bytes(), signature.as_bytes()).into()
     }
+}
+
+/// Why another replica's answer could not be used.
+#[derive(Debug)]
+pub struct PeerFailure {
+    pub detail: String,
+    /// It refused the request outright: asking again will not help.
+    pub refused: bool,
 }
 
 /// A lease this replica holds, renewed in the background; dropped, it is released.

@@ -340,6 +340,7 @@ pub const ENV_OVERRIDES: &[EnvOverride] = &[
     EnvOverride { var: "REGMIRROR_AUTH_ANONYMOUS", key: "auth.anonymous", list: false },
     EnvOverride { var: "REGMIRROR_METRICS_LISTEN", key: "metrics.listen", list: false },
     EnvOverride { var: "REGMIRROR_LOG_FORMAT", key: "log.format", list: false },
+    EnvOverride { var: "REGMIRROR_CLUSTER_ADVERTISE", key: "cluster.advertise", list: false },
 ];
 
 impl EnvOverride {
@@ -878,9 +879,15 @@ impl Validator {
 
     fn cluster(&mut self, cluster: RawCluster, backend: &StorageBackend) -> Option<String> {
         let advertise = cluster.advertise?;
-        let url = reqwest::Url::parse(&advertise)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some() && matches!(u.path(), "" | "/"));
+        let url = reqwest::Url::parse(&advertise).ok().filter(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.host().is_some()
+                && matches!(u.path(), "" | "/")
+                && u.query().is_none()
+                && u.fragment().is_none()
+                && u.username().is_empty()
+                && u.password().is_none()
+        });
         if url.is_none() {
             self.problem(format!(
                 "cluster.advertise = {advertise:?} is not a base URL: use http(s)://HOST:PORT, where the other replicas reach this one"

@@ -302,7 +302,7 @@ async fn eviction_keeps_the_bucket_under_max_size_and_counts_uses_on_every_repli
         (0..5u8).map(|i| hub_image(&hub, &format!("e{i}"), "1", blob_of(3 << 20, 70 + i)).0).collect();
     let prefix = prefix();
     let config = replica_config(server, &prefix, &hub.url(), "@SELF@")
-        .replace("[storage]\n", "[storage]\nmax_size = \"16MiB\"\n");
+        .replace("[storage]\n", "[storage]\nmax_size = \"14MiB\"\n");
     let a = TestServer::start(&config).await;
     let b = TestServer::start(&config).await;
     let c = client();
@@ -311,11 +311,13 @@ async fn eviction_keeps_the_bucket_under_max_size_and_counts_uses_on_every_repli
         let c = c.clone();
         async move { download_digest(c.get(url).send().await.unwrap()).await }
     };
-    // Private content through B (never evicted), four images through A: 14 MiB, under the bound.
-    let private = push_blob(&c, &b.url(""), "private/keep", &blob_of(2 << 20, 79)).await;
+    // Four images through A, then the layer of e1 pushed into a private repository through B:
+    // private now, never to be evicted (A still has it as mirrored content). 12 MiB in all.
     for (i, blob) in blobs.iter().enumerate().take(4) {
         assert_eq!(pull(&a, i).await, *blob);
     }
+    let private = push_blob(&c, &b.url(""), "private/keep", &blob_of(3 << 20, 71)).await;
+    assert_eq!(private, blobs[1]);
     let marker = format!("{}/data.touched", &blobs[0][7..]);
     let touched_at = |server: &Seaweed| {
         server.objects(&prefix).into_iter().find(|(k, ..)| k.ends_with(&marker)).map_or(0, |(_, _, t)| t)
@@ -326,18 +328,36 @@ async fn eviction_keeps_the_bucket_under_max_size_and_counts_uses_on_every_repli
     assert_eq!(pull(&b, 0).await, blobs[0]);
     eventually("B's use of e0 is recorded in the bucket", || touched_at(server) > first_use).await;
 
-    // A fifth image through A passes the bound: one least recently used blob goes, and e0 is not
-    // it (A last used it before the others, but B used it since).
+    // A fifth image through A passes the bound: one least recently used blob goes, and neither
+    // e0 (A last used it before the others, but B used it since) nor the private e1 is it.
     assert_eq!(pull(&a, 4).await, blobs[4]);
-    eventually("the bucket is back under max_size", || blob_bytes(server, &prefix) <= 16 << 20).await;
+    eventually("the bucket is back under max_size", || blob_bytes(server, &prefix) <= 14 << 20).await;
     let keys = server.keys(&prefix);
     let present = |d: &str| keys.iter().any(|k| k.ends_with(&format!("{}/data", &d[7..])));
     assert!(present(&blobs[0]), "e0 was evicted although B used it last");
     assert!(present(&private), "private content was evicted");
     assert!(present(&blobs[4]));
-    assert_eq!(blobs[1..4].iter().filter(|d| !present(d)).count(), 1, "{keys:?}");
+    assert_eq!(blobs[2..4].iter().filter(|d| !present(d)).count(), 1, "{keys:?}");
     assert_eq!(
         metric(&a.metrics(), "regmirror_evictions_total") + metric(&b.metrics(), "regmirror_evictions_total"),
         1.0
     );
+}
+
+#[tokio::test]
+async fn a_pushed_blob_is_never_served_for_a_mirrored_repository_on_the_upstreams_word() {
+    let Some(server) = common::s3::shared() else { return };
+    let hub = Hub::start().await;
+    // An upstream that answers every blob HEAD with 200 but has none of these bytes.
+    hub.state.permissive_heads.store(true, std::sync::atomic::Ordering::SeqCst);
+    let prefix = prefix();
+    let a = TestServer::start(&replica_config(server, &prefix, &hub.url(), "@SELF@")).await;
+    let b = TestServer::start(&replica_config(server, &prefix, &hub.url(), "@SELF@")).await;
+    let c = client();
+    let pushed = push_blob(&c, &a.url(""), "private/secret", &blob_of(1 << 20, 90)).await;
+    for s in [&a, &b] {
+        let r = c.get(s.url(&format!("/v2/library/anything/blobs/{pushed}"))).send().await.unwrap();
+        assert_eq!(r.status(), 404, "a private blob was served as mirrored content");
+    }
+    assert!(hub.count(&hub.state.counters.blob_gets) >= 1, "the upstream was never asked for the bytes");
 }

@@ -141,8 +141,8 @@ impl Cache {
     /// replica), so the replica that runs eviction counts it.
     fn share_use(&self, d: &Digest) {
         const SHARED_EVERY: u64 = 60;
-        if self.cluster.is_none() || self.lru.last_use(d).is_some_and(|t| t + SHARED_EVERY > crate::storage::unix_now())
-        {
+        let recent = |t: u64| t + SHARED_EVERY > crate::storage::unix_now();
+        if self.cluster.is_none() || self.lru.last_use(d).is_some_and(recent) || self.lru.is_protected(d) {
             return;
         }
         let (store, d) = (self.store.clone(), d.clone());

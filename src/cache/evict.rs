@@ -17,9 +17,12 @@ pub fn spawn(cache: Cache) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         let mut gc_runs = crate::gc::record(&cache.store).await.runs;
+        // Replicas on one bucket check the bound on the tick only: each check lists the bucket,
+        // too much to do after every fill.
+        let on_wakeup = cache.cluster.is_none();
         loop {
             tokio::select! {
-                _ = cache.evict_wakeup.notified() => {}
+                _ = cache.evict_wakeup.notified(), if on_wakeup => {}
                 _ = tick.tick() => {}
             }
             // `regmirror gc` deletes behind the server's back: count the store again after it ran.
@@ -95,9 +98,11 @@ async fn replicated_pass(cache: &Cache, cluster: &crate::cluster::Cluster, max: 
         std::io::Result::Ok(())
     };
     match refreshed.await {
-        Ok(()) => {
+        // (A lease lost meanwhile: another replica runs the pass now.)
+        Ok(()) if !lease.lost() => {
             pass(cache, max).await;
         }
+        Ok(()) => {}
         Err(e) => tracing::warn!(error = %e, "could not read the bucket for an eviction pass"),
     }
     drop(lease);

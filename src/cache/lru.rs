@@ -110,6 +110,11 @@ impl Lru {
         idx.dirty.push((d.clone(), now));
     }
 
+    /// Whether `d` is private content (never evicted).
+    pub fn is_protected(&self, d: &Digest) -> bool {
+        self.lock().protected.contains(d)
+    }
+
     /// When `d` was last used here (Unix seconds), if it is in the eviction order.
     pub fn last_use(&self, d: &Digest) -> Option<u64> {
         self.lock().entries.get(d).map(|e| e.atime)
@@ -119,6 +124,10 @@ impl Lru {
     /// blobs gone leave it, and a use anywhere (the store's time for a blob) counts like one here.
     pub fn refresh(&self, protected: HashSet<Digest>, blobs: Vec<(Digest, u64, u64)>) {
         let mut idx = self.lock();
+        // Pushed through another replica since: out of the eviction order for good.
+        for d in &protected {
+            idx.remove(d);
+        }
         idx.protected.extend(protected);
         let present: HashSet<&Digest> = blobs.iter().map(|b| &b.0).collect();
         let gone: Vec<Digest> =

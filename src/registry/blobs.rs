@@ -37,7 +37,8 @@ pub async fn get(ctx: Ctx, target: Target, digest: &str, info: &mut RequestInfo)
     };
     if let BlobSource::Stored { .. } = source {
         if !ctx.is_head() && redirects(&ctx.state) {
-            if let Some(url) = ctx.state.store.blob_url(&d, REDIRECT_TTL).await? {
+            // Without a URL (the store could not sign one), the blob is served here.
+            if let Ok(Some(url)) = ctx.state.store.blob_url(&d, REDIRECT_TTL).await {
                 ctx.state.metrics.blob_redirects.inc();
                 let mut resp = located(StatusCode::TEMPORARY_REDIRECT, &url, Some(&d));
                 resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -55,6 +55,10 @@ fn backend(e: object_store::Error) -> io::Error {
     }
 }
 
+fn backend_message(message: &str) -> io::Error {
+    io::Error::other(super::Unavailable(format!("object store: {message}")))
+}
+
 fn not_found_is_none<T>(r: object_store::Result<T>) -> io::Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
@@ -441,7 +445,8 @@ impl Driver for S3Driver {
         };
         let opts = PutOptions { mode, ..Default::default() };
         match self.bucket.put_opts(&self.key(path), PutPayload::from(content.to_vec()), opts).await {
-            Ok(r) => Ok(Some(r.e_tag.unwrap_or_default())),
+            // Without an ETag the next compare-and-swap cannot be made.
+            Ok(r) => r.e_tag.map(Some).ok_or_else(|| backend_message("the object store gave no ETag for a write")),
             Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(None),
             Err(e) => Err(backend(e)),
         }

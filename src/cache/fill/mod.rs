@@ -322,6 +322,11 @@ async fn fetch(
     match writer.commit(digest, Some(staged.total)).await {
         Ok(total) => Ok((total, source)),
         Err(CommitError::Io(e)) => Err(e.into()),
+        // Bytes relayed by another replica: not the upstream's fault (and nothing was stored).
+        Err(e) if coordination.relayed_any => {
+            tracing::warn!(%digest, error = %e, "bytes relayed by another replica were rejected");
+            Err(CacheError::Internal(format!("blob {digest}: bytes relayed by another replica did not match")))
+        }
         Err(e) => {
             tracing::warn!(upstream = upstream.name(), %digest, error = %e, "upstream content rejected");
             Err(CacheError::Upstream(upstream.failed(UpstreamError::DigestMismatch {
@@ -356,7 +361,19 @@ async fn receive(
     loop {
         let upstream = source.upstream.clone();
         let offset = writer.written();
-        let (resp, from_peer) = match coordination.open(cache, &source, digest, offset).await? {
+        let opened = match coordination.open(cache, &source, digest, offset).await {
+            Ok(opened) => opened,
+            // The bucket blinked while the fill was under way (deciding who continues it): wait
+            // and ask again, as for a broken upstream connection.
+            Err(e) if offset > 0 && resumes < MAX_RESUMES => {
+                tracing::info!(%digest, offset, error = %e, "could not decide where the fill continues; trying again");
+                tokio::time::sleep(resume_delay(resumes)).await;
+                resumes += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let (resp, from_peer) = match opened {
             Opened::Stored(total) => return Ok(Received::Stored(total, source)),
             Opened::Peer(resp) => (Ok(resp), true),
             Opened::Upstream(resp) => (resp, false),

@@ -62,6 +62,10 @@ pub struct Coordination {
     unreachable_since: Option<Instant>,
     /// Fetching from the upstream without the lease (its holder could not be reached).
     alone: bool,
+    /// The replica the bytes come from now.
+    peer: Option<String>,
+    /// Some of the bytes came from another replica (a mismatch is then not the upstream's fault).
+    pub relayed_any: bool,
 }
 
 impl Coordination {
@@ -72,6 +76,8 @@ impl Coordination {
             confirmed: None,
             unreachable_since: None,
             alone: false,
+            peer: None,
+            relayed_any: false,
         }
     }
 
@@ -87,7 +93,8 @@ impl Coordination {
         self.lease.as_ref().is_some_and(Lease::lost)
     }
 
-    pub fn relayed(&self, n: u64) {
+    pub fn relayed(&mut self, n: u64) {
+        self.relayed_any = true;
         if let Some(cluster) = &self.cluster {
             cluster.relayed(n);
         }
@@ -108,6 +115,7 @@ impl Coordination {
         digest: &Digest,
         offset: u64,
     ) -> Result<Opened, CacheError> {
+        self.peer = None;
         let Some(cluster) = self.cluster.clone() else { return Ok(from_upstream(source, digest, offset).await) };
         if self.alone || self.lease.as_ref().is_some_and(|l| !l.lost()) {
             return Ok(from_upstream(source, digest, offset).await);
@@ -118,10 +126,7 @@ impl Coordination {
                 Claim::Owned(lease) => {
                     self.lease = Some(lease);
                     // The last holder may have finished just before its lease went.
-                    if let Some(size) = cache.store.blob_size(digest).await? {
-                        if let Err(e) = self.confirm(source, digest).await {
-                            return Ok(Opened::Upstream(Err(e)));
-                        }
+                    if let Some(size) = self.stored(cache, source, digest).await? {
                         return Ok(Opened::Stored(size));
                     }
                     return Ok(from_upstream(source, digest, offset).await);
@@ -136,25 +141,40 @@ impl Coordination {
                                 tracing::info!(%digest, replica = url, "fill streams from the replica that runs it");
                             }
                             self.unreachable_since = None;
+                            self.peer = Some(url);
                             return Ok(Opened::Peer(resp));
                         }
-                        Err(detail) => {
-                            if let Some(size) = cache.store.blob_size(digest).await? {
+                        Err(refusal) => {
+                            if let Some(size) = self.stored(cache, source, digest).await? {
                                 return Ok(Opened::Stored(size));
                             }
                             let since = *self.unreachable_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= PEER_PATIENCE {
-                                tracing::warn!(%digest, replica = url, detail, "the replica running this fill cannot be reached; fetching from the upstream here as well");
+                            // A refusal will not go away by asking again (keys or addresses
+                            // differ between the replicas): say so, and fetch here at once.
+                            if refusal.refused || since.elapsed() >= PEER_PATIENCE {
+                                tracing::warn!(%digest, replica = url, detail = refusal.detail, "the replica running this fill cannot be used; fetching from the upstream here as well");
                                 self.alone = true;
                                 return Ok(from_upstream(source, digest, offset).await);
                             }
-                            tracing::debug!(%digest, replica = url, detail, "the replica running this fill did not answer");
+                            tracing::debug!(%digest, replica = url, detail = refusal.detail, "the replica running this fill did not answer");
                             tokio::time::sleep(PEER_RETRY).await;
                         }
                     }
                 }
             }
         }
+    }
+
+    /// The blob's size when the store has it from this fill's upstream (another replica's fill
+    /// finished): bytes another upstream delivered, or a push, are fetched and verified instead,
+    /// as on a single replica.
+    async fn stored(&mut self, cache: &Cache, source: &Mirrored, digest: &Digest) -> Result<Option<u64>, CacheError> {
+        if !cache.store.delivered_by(digest, source.upstream.name()).await? {
+            return Ok(None);
+        }
+        let Some(size) = cache.store.blob_size(digest).await? else { return Ok(None) };
+        self.confirm(source, digest).await.map_err(|e| CacheError::upstream(super::super::Content::Blob, e))?;
+        Ok(Some(size))
     }
 
     /// The upstream must say that this repository has the blob before bytes fetched for another
@@ -179,13 +199,13 @@ impl Coordination {
         if self.lease_lost() {
             return Next::Switch("another replica took the fill's lease over".into());
         }
-        let (Some(cluster), true) = (&self.cluster, from_peer) else {
+        let (Some(cluster), Some(peer), true) = (&self.cluster, &self.peer, from_peer) else {
             return body.next().await.map_or(Next::End, Next::Chunk);
         };
         loop {
             match tokio::time::timeout(STALL_CHECK, body.next()).await {
                 Ok(next) => return next.map_or(Next::End, Next::Chunk),
-                Err(_) => match cluster.fill_owner_alive(digest).await {
+                Err(_) => match cluster.fill_owner_alive(digest, peer).await {
                     Ok(true) => continue,
                     Ok(false) => return Next::Switch("the replica running the fill stopped renewing its lease".into()),
                     // The bucket cannot tell: keep waiting for the bytes.
