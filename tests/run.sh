@@ -102,7 +102,8 @@ if [ "${REGMIRROR_E2E:-}" = "skip" ]; then
   echo "== end-to-end suite skipped (REGMIRROR_E2E=skip)"
   exit 0
 fi
-echo "== end-to-end suite (real clients, the .deb, the image)"
+echo "== end-to-end suite (real clients, the .deb, the image, blob redirects to SeaweedFS)"
 cargo build --release
+# REGMIRROR_WEED by name: sudo passes on only the knobs set before this script exported it.
 as_root env REGMIRROR_BIN="$PWD/target/release/regmirror" REGMIRROR_DEB="$PWD/$DEB" \
-  REGMIRROR_IMAGE_CONTEXT="$PWD/target/image" bash tests/e2e/run.sh
+  REGMIRROR_IMAGE_CONTEXT="$PWD/target/image" REGMIRROR_WEED="${REGMIRROR_WEED:-}" bash tests/e2e/run.sh

