@@ -429,7 +429,7 @@ impl Driver for S3Driver {
         }
         let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
         let found = self.bucket.get_opts(&self.key(path), options).await.map_err(backend)?;
-        Ok(Some(found.into_stream().map_err(backend).boxed()))
+        Ok(Some(in_large_chunks(found.into_stream().map_err(backend).boxed())))
     }
 
     async fn get_versioned(&self, path: &str) -> io::Result<Option<(Vec<u8>, Version)>> {
@@ -457,6 +457,32 @@ impl Driver for S3Driver {
         let url = self.bucket.signed_url(Method::GET, &self.key(path), ttl).await.map_err(backend)?;
         Ok(Some(url.to_string()))
     }
+}
+
+/// The network hands a response over in pieces of a few KiB; a response body sent on in pieces
+/// of `super::CHUNK` costs far less per byte.
+fn in_large_chunks(pieces: super::ByteStream) -> super::ByteStream {
+    futures_util::stream::unfold(Some(pieces), |pieces| async move {
+        let mut pieces = pieces?;
+        let mut chunk = bytes::BytesMut::new();
+        loop {
+            match pieces.next().await {
+                Some(Ok(piece)) if chunk.is_empty() && piece.len() >= super::CHUNK => {
+                    return Some((Ok(piece), Some(pieces)));
+                }
+                Some(Ok(piece)) => {
+                    chunk.extend_from_slice(&piece);
+                    if chunk.len() >= super::CHUNK {
+                        return Some((Ok(chunk.freeze()), Some(pieces)));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(e), None)),
+                None if chunk.is_empty() => return None,
+                None => return Some((Ok(chunk.freeze()), None)),
+            }
+        }
+    })
+    .boxed()
 }
 
 /// Stream a reader into `to` as one multipart upload, visible only once complete. With
