@@ -381,22 +381,27 @@ snap() { # OUTFILE: current metrics (or, without a /metrics listener, rebuilt fr
         "docker.io=$LOG/upstream-docker.io.log" "ghcr.io=$LOG/upstream-ghcr.io.log" >"$1"
 }
 
-# expect OP N METRIC FILTER... : the metric's change since the case started (OP: ge, eq, le).
-expect() {
-    local op=$1 n=$2 metric=$3 d ok=0
-    shift 3
-    snap "$T/m.after"
-    d=$("$PY" "$HERE/metrics.py" delta "$T/m.before" "$T/m.after" "$metric" "$@")
+# moved WHO BEFORE AFTER OP N METRIC FILTER... : a metric's change between two snapshots, checked
+# (OP: ge, eq, le) and reported; WHO names the source in the messages.
+moved() {
+    local who=$1 before=$2 after=$3 op=$4 n=$5 metric=$6 d ok=0 labels
+    shift 6
+    d=$("$PY" "$HERE/metrics.py" delta "$before" "$after" "$metric" "$@")
     d=${d%%.*}
     case $op in
         ge) ((d >= n)) && ok=1 ;;
         eq) ((d == n)) && ok=1 ;;
         le) ((d <= n)) && ok=1 ;;
     esac
-    local labels
     labels=$(IFS=,; echo "$*")
-    echo "   metric($METRICS_SOURCE) $metric{$labels} moved by $d (want $op $n)"
-    [ $ok = 1 ] || fail "$metric{$labels} moved by $d, expected $op $n"
+    echo "   $who $metric{$labels} moved by $d (want $op $n)"
+    [ $ok = 1 ] || fail "$who: $metric{$labels} moved by $d, expected $op $n"
+}
+
+# expect OP N METRIC FILTER... : the metric's change since the case started (OP: ge, eq, le).
+expect() {
+    snap "$T/m.after"
+    moved "metric($METRICS_SOURCE)" "$T/m.before" "$T/m.after" "$@"
 }
 
 print_tail() { # file [lines]
@@ -1913,19 +1918,8 @@ sw_snap() { curl -fsS --max-time 5 "$SW_METRICS_URL" -o "$1"; }
 
 # sw_expect OP N METRIC FILTER... : a SeaweedFS metric's change since redirect_ready (OP: ge, eq, le).
 sw_expect() {
-    local op=$1 n=$2 metric=$3 d ok=0 labels
-    shift 3
     sw_snap "$SW_DIR/m.after" || { fail "no SeaweedFS metrics on $SW_METRICS_URL"; return 1; }
-    d=$("$PY" "$HERE/metrics.py" delta "$SW_DIR/m.before" "$SW_DIR/m.after" "$metric" "$@")
-    d=${d%%.*}
-    case $op in
-        ge) ((d >= n)) && ok=1 ;;
-        eq) ((d == n)) && ok=1 ;;
-        le) ((d <= n)) && ok=1 ;;
-    esac
-    labels=$(IFS=,; echo "$*")
-    echo "   SeaweedFS metric $metric{$labels} moved by $d (want $op $n)"
-    [ $ok = 1 ] || fail "SeaweedFS: $metric{$labels} moved by $d, expected $op $n"
+    moved "SeaweedFS metric" "$SW_DIR/m.before" "$SW_DIR/m.after" "$@"
 }
 
 # An anonymous pull token for the test image (none without [auth]).
