@@ -10,8 +10,9 @@
 //! registry/, status/   the OCI Distribution API: routes, handlers, the token endpoint, the one
 //!                      error table; the status page and its JSON — the places that build
 //!                      HTTP responses
-//! cache/, auth         what to serve and who may: manifest and blob lookups (single flights,
-//!                      fills), eviction and pins; users, grants and tokens — content, not responses
+//! cache/, auth,        what to serve and who may: manifest and blob lookups (single flights,
+//! cluster              fills), eviction and pins; users, grants and tokens; replicas on one
+//!                      bucket (leases, signed requests between them) — content, not responses
 //! storage/, upstream/  where bytes live and where they come from, each with its own errors;
 //! gc, prefetch         gc works on the store alone; prefetch is a client of a running mirror
 //! oci/, config,        vocabulary (digests, names, references, media types, the manifest
@@ -22,7 +23,8 @@
 //!   [`server`]: listeners and shutdown.
 //! - [`registry`]: the API (paths, handlers, [`registry::error`]); [`status`]: `GET /` and
 //!   `/api/status`.
-//! - [`cache`]: mirrored manifests and blobs ([`cache::Cache`]); [`auth`]: access control.
+//! - [`cache`]: mirrored manifests and blobs ([`cache::Cache`]); [`auth`]: access control;
+//!   [`cluster`]: replicas on one bucket.
 //! - [`storage`]: the content-addressed store; [`upstream`]: upstream clients and tokens.
 //! - [`gc`], [`prefetch`]: operator commands.
 //! - [`oci`]: the spec's vocabulary; [`config`]: `mirror.toml`; [`metrics`]; [`tls`].
