@@ -857,3 +857,23 @@ impl Store {
         self.driver.delete(&upload_dir(id)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_of_the_blob_tree_gives_each_blob_its_size_and_last_use() {
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let files = vec![
+            (format!("sha256/aa/{a}/data"), 100, 10),
+            (format!("sha256/aa/{a}/data.touched"), 0, 50),
+            (format!("sha256/aa/{a}/from/docker.io"), 2, 60),
+            (format!("sha256/bb/{b}/data.touched"), 0, 70), // a marker without its blob
+            ("sha256/zz/not-a-digest/data".to_string(), 5, 5),
+            ("stray".to_string(), 1, 1),
+        ];
+        let blobs = blobs_in_tree(files);
+        assert_eq!(blobs, vec![(format!("sha256:{a}").parse::<Digest>().unwrap(), 100, 50)]);
+    }
+}
