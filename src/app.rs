@@ -61,7 +61,7 @@ impl AppState {
         // reqwest and the TLS listener share one crypto provider; installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let metrics = Metrics::new();
-        let store = crate::storage::open(&config, true)
+        let store = crate::storage::open(&config, true, &metrics)
             .map_err(|source| StartError::Storage { path: config.storage_root.clone(), source })?;
         let upstreams = Upstreams::new(&config, &metrics).map_err(StartError::Upstreams)?;
         let key = match &config.auth {

@@ -216,7 +216,8 @@ pub fn run(cli: Cli) -> ExitCode {
             };
             let result = tokio::runtime::Runtime::new().map_err(|e| e.to_string()).and_then(|rt| {
                 rt.block_on(async {
-                    let store = crate::storage::open(&config, false).map_err(|e| e.to_string())?;
+                    let store = crate::storage::open(&config, false, &crate::metrics::Metrics::new())
+                        .map_err(|e| e.to_string())?;
                     crate::gc::run(&store, &config.namespaces(), grace, dry_run).await.map_err(|e| e.to_string())
                 })
             });

@@ -52,6 +52,7 @@ struct LeaseRecord {
     /// Where the other replicas reach the holder.
     url: String,
     /// Random per claim: two claims never write the same object.
+    #[serde(default)]
     nonce: u64,
     /// Counts renewals, so every renewal changes the object.
     beat: u64,
@@ -178,9 +179,10 @@ impl Cluster {
             };
             let holder = serde_json::from_slice::<LeaseRecord>(&content).ok();
             let url = holder.as_ref().map(|r| r.url.clone()).unwrap_or_default();
-            // Left by this process (a fill that just ended, its release still on the way) or by
-            // an earlier run of this replica (same address): nobody else is using it.
-            let ours = holder.as_ref().is_some_and(|r| r.node == self.node || r.url == self.advertise);
+            // Left by this process (a lease released while it was read): nobody else uses it.
+            // (Not matched by address: replicas wrongly given one `advertise` would steal each
+            // other's leases; an earlier run of this replica's lease expires like any other.)
+            let ours = holder.as_ref().is_some_and(|r| r.node == self.node);
             if !ours && !self.stale(name, &version) {
                 return Ok(Claim::Held { url });
             }
@@ -223,42 +225,48 @@ impl Cluster {
     fn hold(&self, name: &str, version: Version, nonce: u64, taken_over: bool) -> Lease {
         let lost = Arc::new(AtomicBool::new(false));
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (released_tx, released) = tokio::sync::oneshot::channel::<()>();
         let (store, name, lost_flag) = (self.store.clone(), name.to_string(), lost.clone());
         let (node, url) = (self.node.clone(), self.advertise.clone());
         tokio::spawn(async move {
             let mut version = version;
-            let mut renewed = Instant::now();
+            // The others may take the lease over EXPIRY after they last saw it change; this
+            // holder counts it lost a beat before that if it could not renew it since.
+            let mut deadline = tokio::time::Instant::now() + (EXPIRY - RENEW);
             let mut beats = tokio::time::interval_at(tokio::time::Instant::now() + RENEW, RENEW);
             beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            for beat in 1.. {
+            let mut beat = 0;
+            let released_in_time = loop {
                 tokio::select! {
-                    _ = &mut stopped => break,
+                    _ = &mut stopped => break true,
                     _ = beats.tick() => {}
                 }
+                beat += 1;
                 let record = LeaseRecord { node: node.clone(), url: url.clone(), nonce, beat };
                 let record = serde_json::to_vec(&record).unwrap_or_default();
                 let renewal = store.write_lease(&name, &record, Condition::Unchanged(version.clone()));
-                match tokio::time::timeout(RENEW, renewal).await {
+                let now = tokio::time::Instant::now();
+                match tokio::time::timeout(deadline.saturating_duration_since(now).min(RENEW), renewal).await {
                     Ok(Ok(Some(v))) => {
                         version = v;
-                        renewed = Instant::now();
+                        deadline = tokio::time::Instant::now() + (EXPIRY - RENEW);
                     }
                     Ok(Ok(None)) => {
                         tracing::warn!(lease = name, "lost a lease to another replica (not renewed in time)");
-                        lost_flag.store(true, Ordering::Relaxed);
-                        return;
+                        break false;
                     }
-                    // The bucket did not answer in time: try again at the next beat, unless the
-                    // others may already take the lease over.
-                    Ok(Err(_)) | Err(_) if renewed.elapsed() < EXPIRY - RENEW => {
+                    _ if tokio::time::Instant::now() < deadline => {
                         tracing::warn!(lease = name, "renewing a lease failed; trying again");
                     }
-                    Ok(Err(_)) | Err(_) => {
+                    _ => {
                         tracing::warn!(lease = name, "could not renew a lease in time; giving it up");
-                        lost_flag.store(true, Ordering::Relaxed);
-                        return;
+                        break false;
                     }
                 }
+            };
+            if !released_in_time {
+                lost_flag.store(true, Ordering::Relaxed);
+                return;
             }
             // Released: removed, unless it has changed hands in the meantime. (An object store
             // has no conditional delete: a takeover in the instant between the two requests
@@ -268,8 +276,9 @@ impl Cluster {
                     let _ = store.remove_lease(&name).await;
                 }
             }
+            let _ = released_tx.send(());
         });
-        Lease { lost, taken_over, _stop: stop }
+        Lease { lost, taken_over, stop: Some(stop), released }
     }
 
     /// Ask the replica at `url` for bytes of `d` from `offset` on (its running fill, or its store).
@@ -345,10 +354,22 @@ pub struct Lease {
     lost: Arc<AtomicBool>,
     /// Taken over from a replica that stopped renewing it.
     taken_over: bool,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    /// Ends the renewals (dropping it does too).
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Sent once the lease object is removed.
+    released: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl Lease {
+    /// Give the lease up and wait until it is gone from the bucket (bounded: the store may not
+    /// answer), so that a new claim by this process never races the removal of the old one.
+    pub async fn release(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(RENEW, &mut self.released).await;
+    }
+
     /// Another replica took the lease over (this one did not renew it in time).
     pub fn lost(&self) -> bool {
         self.lost.load(Ordering::Relaxed)

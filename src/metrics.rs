@@ -37,6 +37,7 @@ pub struct Metrics {
     pub relayed_bytes: IntCounter,
     pub peer_failures: IntCounter,
     pub blob_redirects: IntCounter,
+    pub storage_errors: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -178,6 +179,12 @@ impl Metrics {
                 &r,
                 "regmirror_blob_redirects_total",
                 "Blob GETs answered with a redirect to the object store (storage.s3.redirect).",
+            ),
+            storage_errors: counter_vec(
+                &r,
+                "regmirror_storage_errors_total",
+                "Requests to the object store that failed (unreachable, timed out, erroring), by operation.",
+                &["operation"],
             ),
             registry: r,
         }

@@ -11,6 +11,10 @@ use common::*;
 use futures_util::StreamExt;
 use sha2::Digest as _;
 
+/// The two tests that move hundreds of MiB run one after the other: the takeover test measures
+/// time, and a 2-core machine busy hashing 4 GiB for the other would blur it.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn prefix() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
@@ -45,6 +49,7 @@ async fn download(c: reqwest::Client, url: String, first: tokio::sync::mpsc::Sen
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sixteen_clients_on_two_replicas_cost_one_upstream_get_and_the_second_replica_streams_early() {
     let Some(server) = common::s3::shared() else { return };
+    let _alone = HEAVY.lock().await;
     let size = 256 << 20;
     let hub = Hub::start().await;
     let (blob_digest, _, _) = hub_image(&hub, "big", "1", blob_of(size, 41));
@@ -97,6 +102,7 @@ async fn sixteen_clients_on_two_replicas_cost_one_upstream_get_and_the_second_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_other_replica_completes() {
     let Some(server) = common::s3::shared() else { return };
+    let _alone = HEAVY.lock().await;
     let size = 96 << 20;
     let hub = Hub::start().await;
     let (blob_digest, _, _) = hub_image(&hub, "taken", "1", blob_of(size, 42));

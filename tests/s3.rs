@@ -262,6 +262,14 @@ async fn ten_seconds_without_the_object_store_under_a_light_pull_load() {
     stop.store(true, Ordering::SeqCst);
     load.await.unwrap();
 
+    // The failures are counted by operation.
+    let store_errors: f64 = s
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("regmirror_storage_errors_total{operation="))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(store_errors > 0.0, "no storage errors counted");
     let answers = std::mem::take(&mut *answers.lock().unwrap());
     let unavailable: Vec<_> = answers.iter().filter(|(status, _, _)| *status == 503).collect();
     assert!(!unavailable.is_empty(), "no 503 during the outage");

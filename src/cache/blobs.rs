@@ -57,28 +57,27 @@ impl Cache {
     }
 
     /// A blob for another replica on the bucket, which found this one holding its fill's lease:
-    /// the running fill (from its first byte on), or the store once the fill has finished.
-    /// `None` when neither has it (the fill failed).
+    /// the running fill (from its first byte on), or its result in the store once it has
+    /// finished. `None` when no fill of it runs here, or it failed: a blob merely stored (a push,
+    /// say) is never handed out this way, as it would not be for a mirrored repository here.
     pub async fn blob_for_replica(&self, d: &Digest) -> Result<Option<BlobSource>, CacheError> {
-        if let Some(mut rx) = self.fills.progress(d) {
-            loop {
-                let phase = rx.borrow_and_update().phase.clone();
-                match phase {
-                    Phase::Streaming(staged) => {
-                        let fill = Following { cache: self.clone(), digest: d.clone(), rx };
-                        return Ok(Some(BlobSource::Filling { total: staged.total, fill }));
-                    }
-                    Phase::Failed(_) => return Ok(None),
-                    Phase::Done { .. } => break,
-                    Phase::Connecting => {
-                        if rx.changed().await.is_err() {
-                            break;
-                        }
+        let Some(mut rx) = self.fills.progress(d) else { return Ok(None) };
+        loop {
+            let phase = rx.borrow_and_update().phase.clone();
+            match phase {
+                Phase::Streaming(staged) => {
+                    let fill = Following { cache: self.clone(), digest: d.clone(), rx };
+                    return Ok(Some(BlobSource::Filling { total: staged.total, fill }));
+                }
+                Phase::Done { .. } => return Ok(self.stored_blob(d).await?),
+                Phase::Failed(_) => return Ok(None),
+                Phase::Connecting => {
+                    if rx.changed().await.is_err() {
+                        return Ok(None);
                     }
                 }
             }
         }
-        Ok(self.stored_blob(d).await?)
     }
 
     /// Find a mirrored blob: stored (this repository's, or another's that this upstream

@@ -90,6 +90,7 @@ async fn replicated_pass(cache: &Cache, cluster: &crate::cluster::Cluster, max: 
             return;
         }
     };
+    let listed_at = unix_now();
     let refreshed = async {
         let blobs = cache.store.scan_blobs().await?;
         let (_, protected) = private_content(cache).await?;
@@ -100,18 +101,33 @@ async fn replicated_pass(cache: &Cache, cluster: &crate::cluster::Cluster, max: 
     match refreshed.await {
         // (A lease lost meanwhile: another replica runs the pass now.)
         Ok(()) if !lease.lost() => {
-            pass(cache, max).await;
+            checked_pass(cache, max, Some(listed_at)).await;
         }
         Ok(()) => {}
         Err(e) => tracing::warn!(error = %e, "could not read the bucket for an eviction pass"),
     }
-    drop(lease);
+    lease.release().await;
 }
 
-/// Evict least recently used mirrored content, `bytes` at least where there is that much.
-async fn evict(cache: &Cache, bytes: u64) -> Evicted {
+/// Evict least recently used mirrored content, `bytes` at least where there is that much. With
+/// `listed_at` (replicas on one bucket: the order comes from a listing taken then), a victim used
+/// or linked since, on any replica, is kept.
+async fn evict(cache: &Cache, bytes: u64, listed_at: Option<u64>) -> Evicted {
     let mut done = Evicted::default();
     for (d, size) in cache.lru.take_victims(bytes) {
+        if let Some(listed_at) = listed_at {
+            match cache.store.blob_stat(&d).await {
+                Ok(Some((_, used))) if used < listed_at => {}
+                Ok(None) => {
+                    cache.lru.evicted(&d); // gone already (another replica's gc or pass)
+                    continue;
+                }
+                _ => {
+                    cache.lru.give_back(d, size);
+                    continue;
+                }
+            }
+        }
         match cache.store.delete_blob(&d).await {
             Ok(()) => {
                 cache.lru.evicted(&d);
@@ -137,7 +153,7 @@ async fn evict(cache: &Cache, bytes: u64) -> Evicted {
 /// to make room, whatever `storage.max_size` says (on a full disk that bound cannot hold anyway).
 pub async fn make_room(cache: &Cache, bytes: u64) -> Evicted {
     let _one_at_a_time = cache.evicting.lock().await;
-    let done = evict(cache, bytes).await;
+    let done = evict(cache, bytes, None).await;
     tracing::info!(
         evicted = done.blobs,
         evicted_bytes = done.bytes,
@@ -181,6 +197,11 @@ async fn mark_provenance(
 /// One eviction pass: least recently used mirrored content first, until the store is 5 % under
 /// `max`. Costs time in proportion to what it evicts.
 pub async fn pass(cache: &Cache, max: u64) -> Evicted {
+    checked_pass(cache, max, None).await
+}
+
+/// `pass`, where the eviction order comes from a listing of a shared bucket taken at `listed_at`.
+async fn checked_pass(cache: &Cache, max: u64, listed_at: Option<u64>) -> Evicted {
     // Passes one at a time, each counting what the last one left.
     let _one_at_a_time = cache.evicting.lock().await;
     let stats = cache.store.stats();
@@ -192,7 +213,7 @@ pub async fn pass(cache: &Cache, max: u64) -> Evicted {
     }
     let started = Instant::now();
     let low = max - max / 20;
-    let done = evict(cache, bytes - low).await;
+    let done = evict(cache, bytes - low, listed_at).await;
     let after = stats.bytes.load(Ordering::Relaxed).max(0) as u64;
     tracing::info!(
         evicted = done.blobs,

@@ -19,6 +19,7 @@
 //! ```
 //! Repository components never start with `_`, so the `_` directories cannot collide with names.
 
+mod counted;
 pub mod fs;
 pub mod s3;
 mod writer;
@@ -126,7 +127,7 @@ fn not_shared() -> io::Error {
 
 /// The store a configuration names. `serving`: this process serves it, so staged writes left by
 /// a previous run are removed (other processes, such as `regmirror gc`, leave them alone).
-pub fn open(config: &crate::config::Config, serving: bool) -> io::Result<Store> {
+pub fn open(config: &crate::config::Config, serving: bool, metrics: &crate::metrics::Metrics) -> io::Result<Store> {
     use crate::config::StorageBackend;
     Ok(match &config.backend {
         StorageBackend::Fs if serving => Store::new(fs::FsDriver::new(&config.storage_root)?),
@@ -137,7 +138,8 @@ pub fn open(config: &crate::config::Config, serving: bool) -> io::Result<Store> 
             } else {
                 fs::FsDriver::open(&config.storage_root)?
             };
-            Store::new(s3::S3Driver::new(s3, local, config.upstream_timeout)?)
+            let bucket = s3::S3Driver::new(s3, local, config.upstream_timeout)?;
+            Store::new(counted::Counted::new(bucket, metrics.storage_errors.clone()))
         }
     })
 }

@@ -434,7 +434,8 @@ impl Driver for S3Driver {
 
     async fn get_versioned(&self, path: &str) -> io::Result<Option<(Vec<u8>, Version)>> {
         let Some(r) = not_found_is_none(self.bucket.get(&self.key(path)).await)? else { return Ok(None) };
-        let version = r.meta.e_tag.clone().unwrap_or_default();
+        let version =
+            r.meta.e_tag.clone().ok_or_else(|| backend_message("the object store gave no ETag for a read"))?;
         Ok(Some((r.bytes().await.map_err(backend)?.to_vec(), version)))
     }
 

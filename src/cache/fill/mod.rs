@@ -271,8 +271,8 @@ async fn run(cache: Cache, sources: Arc<Mutex<Sources>>, digest: Digest, id: u64
             tx.send_modify(|p| p.phase = Phase::Failed(e.clone()));
         }
     }
+    coordination.release(&digest).await;
     lock(&sources).closed = true;
-    coordination.release(&digest);
     // Readers now go to the store (or fail); the window's memory is not needed any more.
     if let Phase::Streaming(staged) = &running {
         let mut window = staged.shared.window();
@@ -374,6 +374,13 @@ async fn receive(
             Err(e) => return Err(e),
         };
         let (resp, from_peer) = match opened {
+            // Clients have this fill's size already: a blob of another size is not theirs.
+            Opened::Stored(total) if staged.as_ref().is_some_and(|s| s.total != total) => {
+                return Err(CacheError::Internal(format!(
+                    "blob {digest}: stored with {total} bytes, announced with {}",
+                    staged.as_ref().map_or(0, |s| s.total)
+                )));
+            }
             Opened::Stored(total) => return Ok(Received::Stored(total, source)),
             Opened::Peer(resp) => (Ok(resp), true),
             Opened::Upstream(resp) => (resp, false),
@@ -403,9 +410,12 @@ async fn receive(
         };
         let misplaced =
             offset > 0 && (resp.status() != StatusCode::PARTIAL_CONTENT || range_start(&resp) != Some(offset));
-        if misplaced && from_peer && resumes < MAX_RESUMES {
+        if misplaced && from_peer {
             // The replica answered for another range (its fill ended and restarted, say): ask again.
             coordination.peer_failed();
+            if resumes >= MAX_RESUMES {
+                return Err(replicas_failed(digest, "answered for the wrong range"));
+            }
             tokio::time::sleep(resume_delay(resumes)).await;
             resumes += 1;
             continue;
@@ -482,12 +492,14 @@ async fn receive(
         let detail = broken.unwrap_or_else(|| "body ended early".to_string());
         if from_peer || coordination.lease_lost() {
             // Asked again at once: the replica may have gone, and its lease is then taken over.
+            // (Not the upstream's failure: its health and metrics stay as they are.)
             tracing::info!(%digest, offset = writer.written(), detail, "the stream from the replica running the fill broke off");
             coordination.peer_failed();
-            if resumes < MAX_RESUMES {
-                resumes += 1;
-                continue;
+            if resumes >= MAX_RESUMES {
+                return Err(replicas_failed(digest, &detail));
             }
+            resumes += 1;
+            continue;
         }
         let err = upstream.failed(UpstreamError::Reset { upstream: upstream.name().to_string(), detail });
         if resumes >= MAX_RESUMES {
@@ -497,6 +509,11 @@ async fn receive(
         tokio::time::sleep(resume_delay(resumes)).await;
         resumes += 1;
     }
+}
+
+/// A fill that the replicas on the bucket could not bring to an end between them.
+fn replicas_failed(digest: &Digest, detail: &str) -> CacheError {
+    CacheError::Internal(format!("blob {digest}: the replicas could not complete the fill ({detail})"))
 }
 
 /// Free space kept beyond a blob's size for the store's own small writes (links, tags, logs).
@@ -595,6 +612,14 @@ pub(super) fn follow(
             let progress = f.rx.borrow_and_update().clone();
             let (available, staged) = match progress.phase {
                 Phase::Failed(e) => return Some((Err(std::io::Error::other(e.to_string())), Follower { end: 0, ..f })),
+                // A stored blob shorter than the range asked for (the fill's announced size) ends
+                // the response with an error instead of waiting for bytes that never come.
+                Phase::Done { total } if f.pos >= total => {
+                    return Some((
+                        Err(std::io::Error::other(format!("blob {}: stored with {total} bytes", f.digest))),
+                        Follower { end: 0, ..f },
+                    ));
+                }
                 Phase::Done { total } => (total, None),
                 // The last byte of the response (of a range too) waits until the blob is verified
                 // and stored: a response never completes with content that turns out not to match

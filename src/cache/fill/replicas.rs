@@ -82,8 +82,10 @@ impl Coordination {
     }
 
     /// The fill has ended: the lease goes (the blob is recorded by now, or the fill failed).
-    pub fn release(&mut self, digest: &Digest) {
-        self.lease = None;
+    pub async fn release(&mut self, digest: &Digest) {
+        if let Some(lease) = self.lease.take() {
+            lease.release().await;
+        }
         if let Some(cluster) = &self.cluster {
             cluster.forget_fill(digest);
         }
@@ -126,7 +128,10 @@ impl Coordination {
                 Claim::Owned(lease) => {
                     self.lease = Some(lease);
                     // The last holder may have finished just before its lease went.
-                    if let Some(size) = self.stored(cache, source, digest).await? {
+                    if let Some(size) = stored(cache, source, digest).await? {
+                        if let Err(e) = self.confirm(source, digest).await {
+                            return Ok(Opened::Upstream(Err(e)));
+                        }
                         return Ok(Opened::Stored(size));
                     }
                     return Ok(from_upstream(source, digest, offset).await);
@@ -145,7 +150,8 @@ impl Coordination {
                             return Ok(Opened::Peer(resp));
                         }
                         Err(refusal) => {
-                            if let Some(size) = self.stored(cache, source, digest).await? {
+                            // (Confirmed with the upstream above.)
+                            if let Some(size) = stored(cache, source, digest).await? {
                                 return Ok(Opened::Stored(size));
                             }
                             let since = *self.unreachable_since.get_or_insert_with(Instant::now);
@@ -163,18 +169,6 @@ impl Coordination {
                 }
             }
         }
-    }
-
-    /// The blob's size when the store has it from this fill's upstream (another replica's fill
-    /// finished): bytes another upstream delivered, or a push, are fetched and verified instead,
-    /// as on a single replica.
-    async fn stored(&mut self, cache: &Cache, source: &Mirrored, digest: &Digest) -> Result<Option<u64>, CacheError> {
-        if !cache.store.delivered_by(digest, source.upstream.name()).await? {
-            return Ok(None);
-        }
-        let Some(size) = cache.store.blob_size(digest).await? else { return Ok(None) };
-        self.confirm(source, digest).await.map_err(|e| CacheError::upstream(super::super::Content::Blob, e))?;
-        Ok(Some(size))
     }
 
     /// The upstream must say that this repository has the blob before bytes fetched for another
@@ -218,4 +212,14 @@ impl Coordination {
 
 async fn from_upstream(source: &Mirrored, digest: &Digest, offset: u64) -> Opened {
     Opened::Upstream(source.upstream.blob(Method::GET, &source.remote, digest, offset).await)
+}
+
+/// The blob's size when the store has it from this fill's upstream (another replica's fill
+/// finished): bytes another upstream delivered, or a push, are fetched and verified instead, as
+/// on a single replica.
+async fn stored(cache: &Cache, source: &Mirrored, digest: &Digest) -> Result<Option<u64>, CacheError> {
+    if !cache.store.delivered_by(digest, source.upstream.name()).await? {
+        return Ok(None);
+    }
+    Ok(cache.store.blob_size(digest).await?)
 }
