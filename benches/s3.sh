@@ -14,7 +14,9 @@
 #   cold pull   a blob nobody has fetched yet, fs against s3 (the S3 figure includes the upload
 #               into the bucket: the last byte is sent once the blob is stored)
 #   warm pull   a stored blob: fs, s3 (through a replica), the same object straight from
-#               SeaweedFS (signed with curl --aws-sigv4), and through the redirect
+#               SeaweedFS (signed with curl --aws-sigv4), the same through nginx (proxy_pass, as
+#               a yardstick for what any proxy costs on the machine), and through the redirect;
+#               with the time to the first byte and the CPU seconds of SeaweedFS and regmirror
 #   fan-out     16 clients on one uncached blob: all on fs; 8 on each of the two replicas
 #               (wall time, upstream GETs)
 # Prints a table, with PASS/MISS for: warm through a replica >= 0.8x the direct GET; one upstream
@@ -76,13 +78,16 @@ up() { # url: wait (bounded) until it answers
 metric() { $PY "$LIB" metric "$@" 2>/dev/null || echo "?"; }
 median() { $PY "$LIB" median "$@"; }
 mbs() { awk -v b="$BLOB_BYTES" -v s="$1" 'BEGIN { if (s > 0) printf "%.0f", b / s / 1e6 }'; }
-# GET, body discarded: prints seconds to the last byte; fails unless the status is 200.
+# GET, body discarded: prints seconds to the last byte; fails unless the status is 200. The time
+# to the first byte goes to $T/ttfb.
 timed_get() { # url [curl args...]
     local url=$1 out
     shift
-    out=$(curl -sS -o /dev/null -w '%{http_code} %{time_total}' --max-time 600 "$@" "$url") || return 1
-    [ "${out%% *}" = 200 ] || { say "GET $url answered ${out%% *}"; return 1; }
-    echo "${out#* }"
+    out=$(curl -sS -o /dev/null -w '%{http_code} %{time_total} %{time_starttransfer}' --max-time 600 "$@" "$url") || return 1
+    read -r code total first <<<"$out"
+    [ "$code" = 200 ] || [ "$code" = 206 ] || { say "GET $url answered $code"; return 1; }
+    echo "$first" >>"$T/ttfb"
+    echo "$total"
 }
 
 # Free ports below 55000 whose twins (port + 10000, SeaweedFS's gRPC ports) are free too.
@@ -98,14 +103,14 @@ def free(p):
     finally:
         s.close()
 picked = set()
-while len(picked) < 16:
+while len(picked) < 17:
     p = random.randrange(20000, 55000)
     if p not in picked and p + 10000 not in picked and p - 10000 not in picked and free(p) and free(p + 10000):
         picked.add(p)
 print("\n".join(map(str, picked)))
 PYEOF
 )
-[ ${#P[@]} = 16 ] || die "could not find free ports"
+[ ${#P[@]} = 17 ] || die "could not find free ports"
 P_UP=${P[0]} P_FS=${P[1]} P_A=${P[2]} P_B=${P[3]} P_R=${P[4]}
 P_S3=${P[5]} P_MASTER=${P[6]} P_VOLUME=${P[7]} P_FILER=${P[8]} P_ADMIN=${P[9]} P_ICE=${P[10]} P_LANCE=${P[11]}
 declare -A METRICS=([fs]=${P[12]} [s3a]=${P[13]} [s3b]=${P[14]} [redir]=${P[15]})
@@ -128,6 +133,37 @@ s3_ready() { # a signed PUT and GET succeed
 }
 for ((i = 0; i < 600; i++)); do s3_ready && break; sleep 0.1; done
 s3_ready || die "SeaweedFS did not come up: $(tail -5 "$T/weed.log")"
+
+# ---- nginx as a plain reverse proxy in front of SeaweedFS: what any proxy costs here ----
+P_NGX=${P[16]}
+for d in client_body proxy fastcgi uwsgi scgi; do mkdir -p "$T/nginx/$d"; done
+NGX_USER=
+[ "$(id -u)" = 0 ] && NGX_USER="user root;" # workers must read the 0700 temp dir
+cat >"$T/nginx/nginx.conf" <<EOF
+$NGX_USER
+worker_processes 1;
+pid $T/nginx/nginx.pid;
+error_log $T/nginx/error.log;
+events { worker_connections 256; }
+http {
+    access_log off;
+    client_body_temp_path $T/nginx/client_body;
+    proxy_temp_path $T/nginx/proxy;
+    fastcgi_temp_path $T/nginx/fastcgi;
+    uwsgi_temp_path $T/nginx/uwsgi;
+    scgi_temp_path $T/nginx/scgi;
+    server {
+        listen 127.0.0.1:$P_NGX;
+        location / {
+            proxy_pass http://127.0.0.1:$P_S3;
+            proxy_set_header Host \$http_host;
+            proxy_http_version 1.1;
+            proxy_max_temp_file_size 0;
+        }
+    }
+}
+EOF
+start nginx "$T/nginx.log" nginx -p "$T/nginx" -c "$T/nginx/nginx.conf" -g 'daemon off;'
 
 # ---- the upstream, with an access log ----
 cat >"$T/upstream.yml" <<EOF
@@ -222,20 +258,24 @@ redirect_cache_before=$(metric "http://127.0.0.1:${METRICS[redir]}/metrics" regm
 # (curl) during each warm series: on a small machine the three compete for the cores.
 cpu_snap() { $PY "$LIB" cpu-snap $$ "weed=${PID[weed]}" "fs=${PID[fs]}" "s3a=${PID[s3a]}" "redir=${PID[redir]}" "up=${PID[upstream]}" "b=${PID[s3b]}"; }
 declare -A CPU=()
-for what in fs s3 direct redirect; do
+declare -A TTFB=()
+for what in fs s3 direct nginx redirect; do
     snap0=$(cpu_snap)
+    : >"$T/ttfb"
     times=()
     for ((i = 1; i <= WARM_RUNS; i++)); do
         case $what in
         fs) t=$(timed_get "$(blob_url "$P_FS" "${HEX[warm]}")") ;;
         s3) t=$(timed_get "$(blob_url "$P_A" "${HEX[warm]}")") ;;
         direct) t=$(timed_get "$S3/$BUCKET/$key" "${direct[@]}") ;;
+        nginx) t=$(timed_get "http://127.0.0.1:$P_NGX/$BUCKET/$key" "${direct[@]}") ;;
         redirect) t=$(timed_get "$(blob_url "$P_R" "${HEX[warm]}")" -L) ;;
         esac
         [ -n "$t" ] || die "warm pull ($what) failed"
         times+=("$t")
     done
     FIG[warm_$what]=$(median "${times[@]}")
+    TTFB[$what]=$(median $(cat "$T/ttfb"))
     declare -A d=()
     for kv in $($PY "$LIB" cpu-diff "$snap0" "$(cpu_snap)"); do d[${kv%%=*}]=${kv#*=}; done
     case $what in fs) mine=${d[fs]} ;; s3) mine=${d[s3a]} ;; redirect) mine=${d[redir]} ;; *) mine=0 ;; esac
@@ -283,9 +323,10 @@ pass() { if [ "$1" = 1 ]; then echo PASS; else echo MISS; fi; }
     printf '%-44s %10s %10s\n' "warm pull, fs (median of $WARM_RUNS)" "${FIG[warm_fs]}" "$(mbs "${FIG[warm_fs]}")"
     printf '%-44s %10s %10s\n' "warm pull, s3 through a replica" "${FIG[warm_s3]}" "$(mbs "${FIG[warm_s3]}")"
     printf '%-44s %10s %10s\n' "warm, the same object straight from SeaweedFS" "${FIG[warm_direct]}" "$(mbs "${FIG[warm_direct]}")"
+    printf '%-44s %10s %10s\n' "warm, the same through nginx (proxy_pass)" "${FIG[warm_nginx]}" "$(mbs "${FIG[warm_nginx]}")"
     printf '%-44s %10s %10s\n' "warm pull, s3 with redirect (curl -L)" "${FIG[warm_redirect]}" "$(mbs "${FIG[warm_redirect]}")"
-    for what in fs s3 direct redirect; do
-        printf '  CPU seconds over the %d warm pulls (%s): %s\n' "$WARM_RUNS" "$what" "${CPU[$what]}"
+    for what in fs s3 direct nginx redirect; do
+        printf '  %s: first byte after %s s (median); CPU seconds over the %d warm pulls: %s\n' "$what" "${TTFB[$what]}" "$WARM_RUNS" "${CPU[$what]}"
     done
     printf '%-44s %10s %10s\n' "fan-out $FANOUT clients, fs: wall" "${FIG[fan_fs]}" "upstream GETs ${FIG[fan_fs_gets]}"
     printf '%-44s %10s %10s\n' "fan-out $FANOUT clients on two s3 replicas: wall" "${FIG[fan_s3]}" "upstream GETs ${FIG[fan_s3_gets]}"

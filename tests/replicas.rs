@@ -156,6 +156,7 @@ async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_othe
     })
     .await;
     let took = killed.elapsed();
+    eprintln!("B took the fill over {took:?} after A was killed");
     assert!(took <= Duration::from_secs(10), "the lease outlived its owner by {took:?}");
     for client in b_clients {
         assert_eq!(client.await.unwrap(), blob_digest);
