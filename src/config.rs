@@ -1202,6 +1202,21 @@ mod tests {
     }
 
     #[test]
+    fn replicas_need_a_bucket_and_a_base_url() {
+        let s3 = "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"regmirror\"\n";
+        let with = |storage: &str, advertise: &str| format!("{storage}[cluster]\nadvertise = \"{advertise}\"\n");
+        let c = Config::parse(&with(s3, "https://10.0.0.5:5000/"), Path::new("/x")).expect("valid");
+        assert_eq!(c.advertise.as_deref(), Some("https://10.0.0.5:5000"));
+        assert!(Config::parse(s3, Path::new("/x")).expect("valid").advertise.is_none());
+        let fs = problems(&with("", "http://10.0.0.5:5000"));
+        assert!(fs.len() == 1 && fs[0].contains("needs storage.backend = \"s3\""), "{fs:?}");
+        for bad in ["10.0.0.5:5000", "ftp://h:1", "http://h:1/v2", "http://h:1/?x=1", "http://u:p@h:1", "http://h:1/#f"]
+        {
+            assert_eq!(problems(&with(s3, bad)).len(), 1, "{bad} was taken");
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported() {
         let p = problems("[server]\nlisten = \"nope\"\nshutdown_timeout = \"x\"\n[log]\nformat = \"xml\"\n");
         assert_eq!(p.len(), 3, "{p:?}");
