@@ -342,3 +342,24 @@ async fn with_redirect_cached_blobs_are_fetched_from_the_bucket_and_the_replica_
     assert_eq!(metric(&text, "regmirror_served_bytes_total{source=\"fill\"}"), served_by_fill);
     assert_eq!(metric(&text, "regmirror_blob_redirects_total"), 3.0);
 }
+
+#[tokio::test]
+async fn multipart_uploads_a_crash_left_behind_are_aborted_once_old() {
+    let Some(server) = common::s3::shared() else { return };
+    let prefix = prefix();
+    let s = TestServer::start(&s3_config(server, &prefix, "http://127.0.0.1:9")).await;
+    // A replica killed while it stored a blob leaves its multipart upload open; another bucket
+    // user's, outside the prefix, is none of regmirror's business.
+    server.start_multipart(&format!("{prefix}/blobs/sha256/00/{}/data", "0".repeat(64)));
+    let other = format!("not-{prefix}/x");
+    server.start_multipart(&other);
+    assert_eq!(server.multipart_uploads(&prefix).len(), 1);
+    // Younger than the age given: kept (it may be a blob being stored right now).
+    assert_eq!(s.state.store.purge_abandoned_writes(Duration::from_secs(3600)).await.unwrap(), 0);
+    assert_eq!(server.multipart_uploads(&prefix).len(), 1);
+    // Older: aborted.
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the upload's age is the scenario
+    assert_eq!(s.state.store.purge_abandoned_writes(Duration::from_secs(1)).await.unwrap(), 1);
+    assert!(server.multipart_uploads(&prefix).is_empty());
+    assert_eq!(server.multipart_uploads(&other), vec![other.clone()]);
+}

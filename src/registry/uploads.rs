@@ -399,6 +399,12 @@ pub fn spawn_purge(state: crate::app::AppState) {
                 Ok(n) => tracing::info!(sessions = n, "expired upload sessions removed"),
                 Err(e) => tracing::warn!(error = %e, "could not purge expired upload sessions"),
             }
+            // A replica that crashed while storing a blob leaves its multipart upload behind.
+            match state.store.purge_abandoned_writes(state.config.upload_expiry).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(uploads = n, "abandoned multipart uploads aborted"),
+                Err(e) => tracing::warn!(error = %e, "could not look for abandoned multipart uploads"),
+            }
         }
     });
 }

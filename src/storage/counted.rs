@@ -95,6 +95,9 @@ impl<D: Driver> Driver for Counted<D> {
     async fn stream_range(&self, path: &str, range: std::ops::Range<u64>) -> io::Result<Option<ByteStream>> {
         self.count("read", self.inner.stream_range(path, range).await)
     }
+    async fn purge_abandoned_writes(&self, age: std::time::Duration) -> io::Result<usize> {
+        self.count("list", self.inner.purge_abandoned_writes(age).await)
+    }
     async fn presigned_get(&self, path: &str, ttl: std::time::Duration) -> io::Result<Option<String>> {
         self.count("presign", self.inner.presigned_get(path, ttl).await)
     }

@@ -100,6 +100,11 @@ pub trait Driver: Send + Sync + 'static {
     async fn stream_range(&self, _path: &str, _range: std::ops::Range<u64>) -> io::Result<Option<ByteStream>> {
         Ok(None)
     }
+    /// Remove writes that were started and never finished nor aborted (an object store's
+    /// multipart uploads left by a crash) once they are older than `age`; how many were removed.
+    async fn purge_abandoned_writes(&self, _age: std::time::Duration) -> io::Result<usize> {
+        Ok(0)
+    }
     /// A URL where a client can GET the file itself for `ttl`, when the backend can give one.
     async fn presigned_get(&self, _path: &str, _ttl: std::time::Duration) -> io::Result<Option<String>> {
         Ok(None)
@@ -812,6 +817,12 @@ impl Store {
         self.driver.put(&format!("{}/info", upload_dir(&id)), &json).await?;
         self.driver.put(&upload_data(&id), b"").await?;
         Ok(id)
+    }
+
+    /// Remove writes into the store that a crash left half done, older than `age` (an object
+    /// store's incomplete multipart uploads); how many.
+    pub async fn purge_abandoned_writes(&self, age: std::time::Duration) -> io::Result<usize> {
+        self.driver.purge_abandoned_writes(age).await
     }
 
     pub async fn upload_info(&self, id: &str) -> io::Result<Option<UploadInfo>> {

@@ -41,6 +41,8 @@ const WHOLE_REQUEST: Duration = Duration::from_secs(3600);
 
 pub struct S3Driver {
     bucket: Arc<AmazonS3>,
+    /// For the one request object_store does not make (listing multipart uploads).
+    http: reqwest::Client,
     /// Key prefix inside the bucket, empty or ending in `/`.
     prefix: String,
     /// Staged writes, under the node-local storage root.
@@ -101,7 +103,12 @@ impl S3Driver {
             "" => String::new(),
             p => format!("{p}/"),
         };
-        Ok(S3Driver { bucket: Arc::new(bucket), prefix, local })
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .read_timeout(timeout)
+            .build()
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(S3Driver { bucket: Arc::new(bucket), http, prefix, local })
     }
 
     fn key(&self, path: &str) -> Key {
@@ -453,11 +460,59 @@ impl Driver for S3Driver {
         }
     }
 
+    async fn purge_abandoned_writes(&self, age: Duration) -> io::Result<usize> {
+        use object_store::multipart::MultipartStore;
+        use object_store::signer::{Method, SignedUrlOptions, Signer};
+        // object_store cannot list multipart uploads: a signed ListMultipartUploads request.
+        let query = [("uploads", String::new()), ("prefix", self.prefix.clone())];
+        let options = SignedUrlOptions::new().with_query(query);
+        let url = self
+            .bucket
+            .signed_url_opts(Method::GET, &Key::from(""), Duration::from_secs(60), &options)
+            .await
+            .map_err(backend)?;
+        let listing = self.http.get(url).send().await.and_then(|r| r.error_for_status());
+        let listing =
+            listing.map_err(|e| backend_message(&format!("listing multipart uploads: {}", e.without_url())))?;
+        let text = listing.text().await.map_err(|e| backend_message(&format!("listing multipart uploads: {e}")))?;
+        let now = time::OffsetDateTime::now_utc();
+        let mut aborted = 0;
+        for (key, id, initiated) in multipart_uploads(&text) {
+            let started = time::OffsetDateTime::parse(&initiated, &time::format_description::well_known::Rfc3339);
+            if started.is_ok_and(|t| now - t >= age) {
+                self.bucket.abort_multipart(&Key::from(key), &id).await.map_err(backend)?;
+                aborted += 1;
+            }
+        }
+        Ok(aborted)
+    }
+
     async fn presigned_get(&self, path: &str, ttl: Duration) -> io::Result<Option<String>> {
         use object_store::signer::{Method, Signer};
         let url = self.bucket.signed_url(Method::GET, &self.key(path), ttl).await.map_err(backend)?;
         Ok(Some(url.to_string()))
     }
+}
+
+/// The uploads in a ListMultipartUploads answer: (key, upload id, initiated). The answer is a
+/// flat, well-known XML document; three fields of each `<Upload>` are all that is needed.
+fn multipart_uploads(xml: &str) -> Vec<(String, String, String)> {
+    let field = |block: &str, name: &str| -> Option<String> {
+        let start = block.find(&format!("<{name}>"))? + name.len() + 2;
+        let end = start + block[start..].find(&format!("</{name}>"))?;
+        Some(unescape_xml(&block[start..end]))
+    };
+    xml.split("<Upload>")
+        .skip(1)
+        .filter_map(|block| {
+            let block = block.split("</Upload>").next()?;
+            Some((field(block, "Key")?, field(block, "UploadId")?, field(block, "Initiated")?))
+        })
+        .collect()
+}
+
+fn unescape_xml(s: &str) -> String {
+    s.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&")
 }
 
 /// The network hands a response over in pieces of a few KiB; a response body sent on in pieces
@@ -611,5 +666,26 @@ impl Drop for PartWriter {
     fn drop(&mut self) {
         // Never shut down, or dropped while uploading: the local copy goes either way.
         let _ = std::fs::remove_file(self.local_root.join(&self.staging));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn multipart_uploads_are_read_from_a_listing() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>regmirror</Bucket>
+<Upload><Key>p/blobs/sha256/aa/a&amp;b/data</Key><UploadId>id-1</UploadId><Initiated>2026-11-30T04:00:00.000Z</Initiated></Upload>
+<Upload><Key>p/x</Key><UploadId>id-2</UploadId></Upload>
+<Upload><Key>p/y</Key><UploadId>id-3</UploadId><Initiated>2026-11-29T01:02:03Z</Initiated></Upload>
+</ListMultipartUploadsResult>"#;
+        assert_eq!(
+            super::multipart_uploads(xml),
+            vec![
+                ("p/blobs/sha256/aa/a&b/data".into(), "id-1".into(), "2026-11-30T04:00:00.000Z".into()),
+                ("p/y".into(), "id-3".into(), "2026-11-29T01:02:03Z".into()),
+            ]
+        );
+        assert!(super::multipart_uploads("<Error><Code>AccessDenied</Code></Error>").is_empty());
     }
 }

@@ -84,6 +84,45 @@ impl Seaweed {
 }
 
 impl Seaweed {
+    /// Start a multipart upload of `key` and leave it unfinished (as a crash would); its id.
+    pub fn start_multipart(&self, key: &str) -> String {
+        let (endpoint, key) = (self.endpoint.clone(), key.to_string());
+        std::thread::spawn(move || {
+            use object_store::multipart::MultipartStore;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let bucket = client(&endpoint);
+            rt.block_on(bucket.create_multipart(&object_store::path::Path::from(key))).unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Keys of the unfinished multipart uploads under `prefix` (ListMultipartUploads).
+    pub fn multipart_uploads(&self, prefix: &str) -> Vec<String> {
+        let (endpoint, prefix) = (self.endpoint.clone(), prefix.to_string());
+        std::thread::spawn(move || {
+            use object_store::signer::{Method, SignedUrlOptions, Signer};
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let bucket = client(&endpoint);
+            let options = SignedUrlOptions::new().with_query([("uploads", String::new()), ("prefix", prefix)]);
+            rt.block_on(async {
+                let url = bucket
+                    .signed_url_opts(
+                        Method::GET,
+                        &object_store::path::Path::from(""),
+                        std::time::Duration::from_secs(60),
+                        &options,
+                    )
+                    .await
+                    .unwrap();
+                let xml = reqwest::get(url).await.unwrap().error_for_status().unwrap().text().await.unwrap();
+                xml.split("<Key>").skip(1).filter_map(|k| k.split("</Key>").next().map(str::to_string)).collect()
+            })
+        })
+        .join()
+        .unwrap()
+    }
+
     /// The content of one key (read straight from the bucket).
     pub fn get(&self, key: &str) -> Vec<u8> {
         let (endpoint, key) = (self.endpoint.clone(), key.to_string());
