@@ -17,11 +17,8 @@ use crate::config::{Config, LogFormat, TlsConfig, DEFAULT_CONFIG_PATH};
 ///
 /// Every subcommand reads one configuration file: --config, else $REGMIRROR_CONFIG, else
 /// ./mirror.toml (the Debian package installs /etc/regmirror/mirror.toml). Environment variables
-/// override common keys: REGMIRROR_LISTEN, REGMIRROR_STORAGE_ROOT, REGMIRROR_MAX_SIZE,
-/// REGMIRROR_PRIVATE_NAMESPACES, REGMIRROR_TAG_TTL, REGMIRROR_TLS_MODE, REGMIRROR_TLS_DIR,
-/// REGMIRROR_TLS_HOSTS, REGMIRROR_TLS_CERT, REGMIRROR_TLS_KEY, REGMIRROR_AUTH_HTPASSWD,
-/// REGMIRROR_AUTH_ANONYMOUS, REGMIRROR_METRICS_LISTEN, REGMIRROR_LOG_FORMAT,
-/// REGMIRROR_CLUSTER_ADVERTISE (lists are comma-separated). RUST_LOG sets the log level. `regmirror check-config` names every problem.
+/// override common keys (listed at the end of --help). RUST_LOG sets the log level.
+/// `regmirror check-config` names every problem.
 ///
 /// Signals: SIGHUP reloads the TLS certificate; SIGTERM drains requests (server.shutdown_timeout)
 /// and stops. Full documentation: /usr/share/doc/regmirror/README.md.
@@ -30,6 +27,27 @@ use crate::config::{Config, LogFormat, TlsConfig, DEFAULT_CONFIG_PATH};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    /// The command line as clap sees it, with the environment overrides listed from the table
+    /// that applies them, so the help and the behaviour cannot drift apart.
+    pub fn command_with_env_help() -> clap::Command {
+        let vars: Vec<String> = crate::config::ENV_OVERRIDES
+            .iter()
+            .map(|o| format!("  {:<28} {}{}", o.var, o.key, if o.list { " (comma-separated)" } else { "" }))
+            .collect();
+        <Cli as clap::CommandFactory>::command().after_long_help(format!(
+            "Environment overrides, each over one key of the file (an empty value counts as unset):\n{}",
+            vars.join("\n")
+        ))
+    }
+
+    /// Parse the process's arguments (exits with clap's message on an error, or after --help).
+    pub fn parse_args() -> Cli {
+        use clap::FromArgMatches;
+        Cli::from_arg_matches(&Self::command_with_env_help().get_matches()).unwrap_or_else(|e| e.exit())
+    }
 }
 
 #[derive(Subcommand)]
@@ -268,7 +286,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Man { dir } => match clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir) {
+        Command::Man { dir } => match clap_mangen::generate_to(Cli::command_with_env_help(), &dir) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("regmirror man: {e}");
@@ -438,4 +456,17 @@ async fn serve(config: Config) -> Result<(), String> {
         run(listeners, state.metrics.clone(), shutdown_signal(), drain, limits).await.map_err(|e| e.to_string());
     crate::app::shutdown(&state).await;
     result
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::*;
+
+    #[test]
+    fn the_long_help_lists_every_environment_override() {
+        let help = Cli::command_with_env_help().render_long_help().to_string();
+        for o in crate::config::ENV_OVERRIDES {
+            assert!(help.contains(o.var) && help.contains(o.key), "{} missing from --help", o.var);
+        }
+    }
 }

@@ -1,10 +1,8 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     limit_malloc_arenas();
-    regmirror::cli::run(regmirror::cli::Cli::parse())
+    regmirror::cli::run(regmirror::cli::Cli::parse_args())
 }
 
 /// glibc gives every thread that allocates its own arena, and freed 1 MiB blob chunks linger in
