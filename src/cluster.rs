@@ -58,6 +58,12 @@ struct LeaseRecord {
     beat: u64,
 }
 
+impl LeaseRecord {
+    fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 /// The outcome of asking for a lease.
 pub enum Claim {
     /// This replica holds it until the `Lease` is dropped.
@@ -82,6 +88,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
 fn fill_lease(d: &Digest) -> String {
     format!("fill-{}-{}", d.algorithm().as_str(), d.hex())
 }
@@ -94,10 +106,7 @@ impl Cluster {
             tracing::warn!(advertise, "cluster.advertise is plain http while this replica serves TLS: blob bytes between replicas travel unencrypted");
         }
         let signing_key = crate::auth::signing_key(store).await?;
-        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&signing_key)
-            .map_err(|e| AuthError::SigningKey(e.to_string()))?;
-        mac.update(b"regmirror replicas v1");
-        let peer_key: [u8; 32] = mac.finalize().into_bytes().into();
+        let peer_key = hmac_sha256(&signing_key, b"regmirror replicas v1");
         let mut client = reqwest::Client::builder()
             .user_agent(concat!("regmirror/", env!("CARGO_PKG_VERSION"), " (replica)"))
             .connect_timeout(Duration::from_secs(5))
@@ -124,9 +133,9 @@ impl Cluster {
         })))
     }
 
-    fn record(&self, nonce: u64, beat: u64) -> Vec<u8> {
-        let record = LeaseRecord { node: self.node.clone(), url: self.advertise.clone(), nonce, beat };
-        serde_json::to_vec(&record).unwrap_or_default()
+    /// What this replica writes into a lease it claims.
+    fn record(&self, nonce: u64) -> LeaseRecord {
+        LeaseRecord { node: self.node.clone(), url: self.advertise.clone(), nonce, beat: 0 }
     }
 
     /// Take the lease of the fill of `d`, or learn who holds it.
@@ -170,9 +179,11 @@ impl Cluster {
         // Each round ends in an answer unless another replica changed the lease in between; a
         // store that keeps contradicting itself is an error, not a reason to spin.
         for _ in 0..CLAIM_ROUNDS {
-            if let Some(version) = self.store.write_lease(name, &self.record(nonce, 0), Condition::Absent).await? {
+            if let Some(version) =
+                self.store.write_lease(name, &self.record(nonce).to_bytes(), Condition::Absent).await?
+            {
                 lock(&self.observed).remove(name);
-                return Ok(Claim::Owned(self.hold(name, version, nonce, false)));
+                return Ok(Claim::Owned(self.hold(name, version, self.record(nonce), false)));
             }
             let Some((content, version)) = self.store.read_lease(name).await? else {
                 continue; // released in between: try to take it again
@@ -188,13 +199,13 @@ impl Cluster {
             }
             // Nobody renews it: take it over, unless another replica is quicker.
             if let Some(new) =
-                self.store.write_lease(name, &self.record(nonce, 0), Condition::Unchanged(version)).await?
+                self.store.write_lease(name, &self.record(nonce).to_bytes(), Condition::Unchanged(version)).await?
             {
                 lock(&self.observed).remove(name);
                 if !ours {
                     tracing::warn!(lease = name, previous = url, "took over a lease its replica stopped renewing");
                 }
-                return Ok(Claim::Owned(self.hold(name, new, nonce, !ours)));
+                return Ok(Claim::Owned(self.hold(name, new, self.record(nonce), !ours)));
             }
         }
         Err(std::io::Error::other(crate::storage::Unavailable(format!(
@@ -222,12 +233,11 @@ impl Cluster {
     /// Keep renewing a lease just taken, until the returned handle is dropped. A holder that
     /// cannot renew in time counts itself as having lost the lease before the others may take it
     /// over, so two replicas never both believe they hold it.
-    fn hold(&self, name: &str, version: Version, nonce: u64, taken_over: bool) -> Lease {
+    fn hold(&self, name: &str, version: Version, mut record: LeaseRecord, taken_over: bool) -> Lease {
         let lost = Arc::new(AtomicBool::new(false));
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let (released_tx, released) = tokio::sync::oneshot::channel::<()>();
         let (store, name, lost_flag) = (self.store.clone(), name.to_string(), lost.clone());
-        let (node, url) = (self.node.clone(), self.advertise.clone());
         tokio::spawn(async move {
             let mut version = version;
             // The others may take the lease over EXPIRY after they last saw it change; this
@@ -235,16 +245,14 @@ impl Cluster {
             let mut deadline = tokio::time::Instant::now() + (EXPIRY - RENEW);
             let mut beats = tokio::time::interval_at(tokio::time::Instant::now() + RENEW, RENEW);
             beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut beat = 0;
             let released_in_time = loop {
                 tokio::select! {
                     _ = &mut stopped => break true,
                     _ = beats.tick() => {}
                 }
-                beat += 1;
-                let record = LeaseRecord { node: node.clone(), url: url.clone(), nonce, beat };
-                let record = serde_json::to_vec(&record).unwrap_or_default();
-                let renewal = store.write_lease(&name, &record, Condition::Unchanged(version.clone()));
+                record.beat += 1;
+                let bytes = record.to_bytes();
+                let renewal = store.write_lease(&name, &bytes, Condition::Unchanged(version.clone()));
                 let now = tokio::time::Instant::now();
                 match tokio::time::timeout(deadline.saturating_duration_since(now).min(RENEW), renewal).await {
                     Ok(Ok(Some(v))) => {
@@ -317,10 +325,7 @@ impl Cluster {
     }
 
     fn signature(&self, path: &str, expires: u64) -> String {
-        let mut mac =
-            <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.peer_key).expect("HMAC takes any key length");
-        mac.update(format!("{path}\n{expires}").as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        hex::encode(hmac_sha256(&self.peer_key, format!("{path}\n{expires}").as_bytes()))
     }
 
     fn sign(&self, path: &str, now: u64) -> String {

@@ -1294,24 +1294,31 @@ EOF
 chmod +x "$T/bin/podman" "$T/bin/skopeo"
 podman_=$T/bin/podman
 
+# podman_files DIR: podman's configuration in DIR (registries.conf from the README, vfs storage,
+# an auth file, which REGISTRY_AUTH_FILE needs to exist).
+podman_files() {
+    local dir=$1
+    mkdir -p "$dir/tmp"
+    [ -e "$dir/auth.json" ] || echo '{"auths": {}}' >"$dir/auth.json"
+    snippet registries.conf >"$dir/registries.conf" || return 1
+    cat >"$dir/storage.conf" <<EOF
+[storage]
+driver = "vfs"
+runroot = "$dir/run"
+graphroot = "$dir/root"
+EOF
+    cat >"$dir/containers.conf" <<EOF
+[engine]
+tmp_dir = "$dir/tmp"
+events_logger = "file"
+events_logfile_path = "$dir/events.log"
+EOF
+}
+
 case_podman_pull() {
     make_etc "$PODMAN_ETC"
     apply_ca_snippet "$PODMAN_ETC" podman-ca || { fail "podman-ca snippet"; return 1; }
-    mkdir -p "$PODMAN_DIR/tmp"
-    [ -e "$PODMAN_DIR/auth.json" ] || echo '{"auths": {}}' >"$PODMAN_DIR/auth.json" # REGISTRY_AUTH_FILE must exist
-    snippet registries.conf >"$PODMAN_DIR/registries.conf" || return 1
-    cat >"$PODMAN_DIR/storage.conf" <<EOF
-[storage]
-driver = "vfs"
-runroot = "$PODMAN_DIR/run"
-graphroot = "$PODMAN_DIR/root"
-EOF
-    cat >"$PODMAN_DIR/containers.conf" <<EOF
-[engine]
-tmp_dir = "$PODMAN_DIR/tmp"
-events_logger = "file"
-events_logfile_path = "$PODMAN_DIR/events.log"
-EOF
+    podman_files "$PODMAN_DIR" || return 1
     cat "$PODMAN_DIR/registries.conf"
     step "podman pull docker.io/library/hello:latest" "$podman_" pull docker.io/library/hello:latest || return 1
     local digest
@@ -2158,21 +2165,7 @@ case_redirect_containerd() {
 
 case_redirect_podman() {
     redirect_ready || return 0
-    mkdir -p "$R_PODMAN_DIR/tmp"
-    echo '{"auths": {}}' >"$R_PODMAN_DIR/auth.json"
-    snippet registries.conf >"$R_PODMAN_DIR/registries.conf" || return 1
-    cat >"$R_PODMAN_DIR/storage.conf" <<EOF
-[storage]
-driver = "vfs"
-runroot = "$R_PODMAN_DIR/run"
-graphroot = "$R_PODMAN_DIR/root"
-EOF
-    cat >"$R_PODMAN_DIR/containers.conf" <<EOF
-[engine]
-tmp_dir = "$R_PODMAN_DIR/tmp"
-events_logger = "file"
-events_logfile_path = "$R_PODMAN_DIR/events.log"
-EOF
+    podman_files "$R_PODMAN_DIR" || return 1
     step "podman images (fresh storage)" "$podman_R" images -q &&
         { [ ! -s "$T/last.out" ] || fail "podman's image store is not empty"; }
     step "podman pull docker.io/$R_IMAGE:latest (registries.conf mirror)" "$podman_R" pull "docker.io/$R_IMAGE:latest"

@@ -100,8 +100,6 @@ struct Running {
     rx: watch::Receiver<Progress>,
     sources: Arc<Mutex<Sources>>,
     started: Instant,
-    /// Clients streaming from this fill.
-    clients: Arc<AtomicUsize>,
 }
 
 /// A running fill as the status page shows it.
@@ -161,14 +159,13 @@ impl Fills {
             }
             // That fill has given up: this caller starts a fresh one, through its own repository.
         }
-        let clients = Arc::new(AtomicUsize::new(0));
         let progress =
-            Progress { phase: Phase::Connecting, received: 0, not_found: Vec::new(), clients: clients.clone() };
+            Progress { phase: Phase::Connecting, received: 0, not_found: Vec::new(), clients: Arc::default() };
         let (tx, rx) = watch::channel(progress);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let sources = Arc::new(Mutex::new(Sources { list: vec![source], current: 0, closed: false }));
         let started = Instant::now();
-        running.insert(digest.clone(), Running { id, rx: rx.clone(), sources: sources.clone(), started, clients });
+        running.insert(digest.clone(), Running { id, rx: rx.clone(), sources: sources.clone(), started });
         drop(running);
         tokio::spawn(run(cache.clone(), sources, digest, id, tx));
         Ok(rx)
@@ -217,7 +214,7 @@ impl Fills {
                     total,
                     seconds,
                     bytes_per_second: (progress.received as f64 / seconds.max(0.001)) as u64,
-                    clients: r.clients.load(Ordering::Relaxed),
+                    clients: progress.clients.load(Ordering::Relaxed),
                 }
             })
             .collect();
