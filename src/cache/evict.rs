@@ -30,7 +30,7 @@ pub fn spawn(cache: Cache) {
             if runs != gc_runs {
                 gc_runs = runs;
                 match cache.store.scan_blobs().await {
-                    Ok(blobs) => cache.store.stats().reset(blobs.iter().map(|b| b.1).sum(), blobs.len() as u64),
+                    Ok(blobs) => recount(&cache, &blobs),
                     Err(e) => tracing::warn!(error = %e, "could not count the store after gc"),
                 }
             }
@@ -53,12 +53,17 @@ pub fn spawn(cache: Cache) {
 /// order; the store's size figures come from the same scan. Once, at start, before serving.
 pub async fn load(cache: &Cache) -> std::io::Result<()> {
     let blobs = cache.store.scan_blobs().await?;
-    cache.store.stats().reset(blobs.iter().map(|b| b.1).sum(), blobs.len() as u64);
+    recount(cache, &blobs);
     let (repositories, protected) = private_content(cache).await?;
     mark_provenance(cache, &repositories, &protected).await?;
     cache.lru.load(protected, blobs);
     cache.loaded.store(true, Ordering::Release);
     Ok(())
+}
+
+/// The store's size figures, from a scan of its blobs (size is the second field).
+fn recount(cache: &Cache, blobs: &[(crate::oci::Digest, u64, u64)]) {
+    cache.store.stats().reset(blobs.iter().map(|b| b.1).sum(), blobs.len() as u64);
 }
 
 /// Every repository, and the digests private repositories hold (never evicted); relations of
@@ -94,7 +99,7 @@ async fn replicated_pass(cache: &Cache, cluster: &crate::cluster::Cluster, max: 
     let refreshed = async {
         let blobs = cache.store.scan_blobs().await?;
         let (_, protected) = private_content(cache).await?;
-        cache.store.stats().reset(blobs.iter().map(|b| b.1).sum(), blobs.len() as u64);
+        recount(cache, &blobs);
         cache.lru.refresh(protected, blobs);
         std::io::Result::Ok(())
     };

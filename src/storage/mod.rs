@@ -134,15 +134,12 @@ fn not_shared() -> io::Error {
 /// a previous run are removed (other processes, such as `regmirror gc`, leave them alone).
 pub fn open(config: &crate::config::Config, serving: bool, metrics: &crate::metrics::Metrics) -> io::Result<Store> {
     use crate::config::StorageBackend;
+    // The whole store, or (with an object store) the staged writes only.
+    let local =
+        if serving { fs::FsDriver::new(&config.storage_root)? } else { fs::FsDriver::open(&config.storage_root)? };
     Ok(match &config.backend {
-        StorageBackend::Fs if serving => Store::new(fs::FsDriver::new(&config.storage_root)?),
-        StorageBackend::Fs => Store::new(fs::FsDriver::open(&config.storage_root)?),
+        StorageBackend::Fs => Store::new(local),
         StorageBackend::S3(s3) => {
-            let local = if serving {
-                fs::FsDriver::new(&config.storage_root)?
-            } else {
-                fs::FsDriver::open(&config.storage_root)?
-            };
             let bucket = s3::S3Driver::new(s3, local, config.upstream_timeout)?;
             Store::new(counted::Counted::new(bucket, metrics.storage_errors.clone()))
         }

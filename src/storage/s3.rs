@@ -61,6 +61,16 @@ fn backend_message(message: &str) -> io::Error {
     io::Error::other(super::Unavailable(format!("object store: {message}")))
 }
 
+/// A GET of bytes `range` of an object.
+fn in_range(range: Range<u64>) -> GetOptions {
+    GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() }
+}
+
+/// An object's modification time, in Unix seconds.
+fn modified(meta: &object_store::ObjectMeta) -> u64 {
+    meta.last_modified.timestamp().max(0) as u64
+}
+
 fn not_found_is_none<T>(r: object_store::Result<T>) -> io::Result<Option<T>> {
     match r {
         Ok(v) => Ok(Some(v)),
@@ -141,7 +151,8 @@ impl S3Driver {
                     .and_then(|f| f.split('-').next())
                     .and_then(|o| o.parse::<u64>().ok())
                     .unwrap_or(u64::MAX);
-                (m.location, offset, m.size, m.last_modified.timestamp().max(0) as u64)
+                let modified = modified(&m);
+                (m.location, offset, m.size, modified)
             })
             .try_collect()
             .await
@@ -155,7 +166,7 @@ impl S3Driver {
         if range.is_empty() {
             return Ok(self.head(key).await?.map(|_| Bytes::new()));
         }
-        let options = GetOptions { range: Some(GetRange::Bounded(range.clone())), ..Default::default() };
+        let options = in_range(range.clone());
         match self.bucket.get_opts(key, options).await {
             Ok(r) => Ok(Some(r.bytes().await.map_err(backend)?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -218,7 +229,7 @@ impl S3Driver {
             .then(move |(k, range)| {
                 let bucket = bucket.clone();
                 async move {
-                    let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
+                    let options = in_range(range);
                     bucket.get_opts(&k, options).await.map(|r| r.into_stream()).map_err(backend)
                 }
             })
@@ -287,7 +298,7 @@ impl Driver for S3Driver {
         }
         let Some(meta) = not_found_is_none(self.bucket.head(&self.key(path)).await)? else { return Ok(None) };
         let mut size = meta.size;
-        let mut mtime = meta.last_modified.timestamp().max(0) as u64;
+        let mut mtime = modified(&meta);
         if Self::appended(path) {
             for (_, _, len, modified) in self.parts(path).await? {
                 size += len;
@@ -296,7 +307,7 @@ impl Driver for S3Driver {
         }
         // `touch` leaves a marker: objects cannot have their time changed.
         if let Some(touched) = not_found_is_none(self.bucket.head(&self.key(&format!("{path}.touched"))).await)? {
-            mtime = mtime.max(touched.last_modified.timestamp().max(0) as u64);
+            mtime = mtime.max(modified(&touched));
         }
         Ok(Some((size, mtime)))
     }
@@ -422,7 +433,7 @@ impl Driver for S3Driver {
             .map_ok(|m| {
                 let key = m.location.to_string();
                 let relative = key.strip_prefix(&strip).unwrap_or(&key).to_string();
-                (relative, m.size, m.last_modified.timestamp().max(0) as u64)
+                (relative, m.size, modified(&m))
             })
             .try_collect()
             .await
@@ -434,7 +445,7 @@ impl Driver for S3Driver {
         if Self::local(path) || Self::appended(path) || range.is_empty() {
             return Ok(None);
         }
-        let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
+        let options = in_range(range);
         let found = self.bucket.get_opts(&self.key(path), options).await.map_err(backend)?;
         Ok(Some(in_large_chunks(found.into_stream().map_err(backend).boxed())))
     }
