@@ -164,6 +164,11 @@ async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_othe
     assert!(!a_client.await.unwrap(), "A's client completed although A was killed");
     // B went on from the byte it had.
     assert!(hub.count(&hub.state.counters.cdn_range_gets) >= 1);
+    // The lease goes with the fill: it is removed just after the clients have their last byte.
+    eventually("the fill's lease is gone from the bucket", || {
+        !server.keys(&prefix).iter().any(|k| k.contains("cluster/leases/fill-"))
+    })
+    .await;
     // The bucket holds the blob once, verified, and nothing partial.
     let keys = server.keys(&prefix);
     let blob_keys: Vec<&String> = keys.iter().filter(|k| k.ends_with(&format!("{}/data", &blob_digest[7..]))).collect();
@@ -171,8 +176,6 @@ async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_othe
     assert!(!keys.iter().any(|k| k.contains("/tmp/") || k.contains(".parts")), "{keys:?}");
     let r = c.get(b.url(&path)).send().await.unwrap();
     assert_eq!(download_digest(r).await, blob_digest);
-    // The lease is gone with the fill.
-    assert!(!keys.iter().any(|k| k.contains("cluster/leases/fill-")), "{keys:?}");
 }
 
 #[tokio::test]
