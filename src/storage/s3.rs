@@ -474,25 +474,37 @@ impl Driver for S3Driver {
     async fn purge_abandoned_writes(&self, age: Duration) -> io::Result<usize> {
         use object_store::multipart::MultipartStore;
         use object_store::signer::{Method, SignedUrlOptions, Signer};
-        // object_store cannot list multipart uploads: a signed ListMultipartUploads request.
-        let query = [("uploads", String::new()), ("prefix", self.prefix.clone())];
-        let options = SignedUrlOptions::new().with_query(query);
-        let url = self
-            .bucket
-            .signed_url_opts(Method::GET, &Key::from(""), Duration::from_secs(60), &options)
-            .await
-            .map_err(backend)?;
-        let listing = self.http.get(url).send().await.and_then(|r| r.error_for_status());
-        let listing =
-            listing.map_err(|e| backend_message(&format!("listing multipart uploads: {}", e.without_url())))?;
-        let text = listing.text().await.map_err(|e| backend_message(&format!("listing multipart uploads: {e}")))?;
+        // object_store cannot list multipart uploads: signed ListMultipartUploads requests, a
+        // page (up to 1,000 uploads) at a time.
         let now = time::OffsetDateTime::now_utc();
         let mut aborted = 0;
-        for (key, id, initiated) in multipart_uploads(&text) {
-            let started = time::OffsetDateTime::parse(&initiated, &time::format_description::well_known::Rfc3339);
-            if started.is_ok_and(|t| now - t >= age) {
-                self.bucket.abort_multipart(&Key::from(key), &id).await.map_err(backend)?;
-                aborted += 1;
+        let mut after: Option<(String, String)> = None;
+        for _ in 0..MAX_UPLOAD_PAGES {
+            let mut query = vec![("uploads", String::new()), ("prefix", self.prefix.clone())];
+            if let Some((key, upload)) = after.take() {
+                query.extend([("key-marker", key), ("upload-id-marker", upload)]);
+            }
+            let options = SignedUrlOptions::new().with_query(query);
+            let url = self
+                .bucket
+                .signed_url_opts(Method::GET, &Key::from(""), Duration::from_secs(60), &options)
+                .await
+                .map_err(backend)?;
+            let listing = self.http.get(url).send().await.and_then(|r| r.error_for_status());
+            let listing =
+                listing.map_err(|e| backend_message(&format!("listing multipart uploads: {}", e.without_url())))?;
+            let text =
+                listing.text().await.map_err(|e| backend_message(&format!("listing multipart uploads: {e}")))?;
+            for (key, id, initiated) in multipart_uploads(&text) {
+                let started = time::OffsetDateTime::parse(&initiated, &time::format_description::well_known::Rfc3339);
+                if started.is_ok_and(|t| now - t >= age) {
+                    self.bucket.abort_multipart(&Key::from(key), &id).await.map_err(backend)?;
+                    aborted += 1;
+                }
+            }
+            after = next_upload_page(&text);
+            if after.is_none() {
+                break;
             }
         }
         Ok(aborted)
@@ -505,21 +517,40 @@ impl Driver for S3Driver {
     }
 }
 
+/// Pages of a multipart-upload listing read in one purge: a million uploads, far more than a
+/// bucket used by regmirror gathers in an `upload_expiry`; the rest wait for the next purge.
+const MAX_UPLOAD_PAGES: usize = 1000;
+
 /// The uploads in a ListMultipartUploads answer: (key, upload id, initiated). The answer is a
 /// flat, well-known XML document; three fields of each `<Upload>` are all that is needed.
 fn multipart_uploads(xml: &str) -> Vec<(String, String, String)> {
-    let field = |block: &str, name: &str| -> Option<String> {
-        let start = block.find(&format!("<{name}>"))? + name.len() + 2;
-        let end = start + block[start..].find(&format!("</{name}>"))?;
-        Some(unescape_xml(&block[start..end]))
-    };
     xml.split("<Upload>")
         .skip(1)
         .filter_map(|block| {
             let block = block.split("</Upload>").next()?;
-            Some((field(block, "Key")?, field(block, "UploadId")?, field(block, "Initiated")?))
+            Some((xml_field(block, "Key")?, xml_field(block, "UploadId")?, xml_field(block, "Initiated")?))
         })
         .collect()
+}
+
+/// Where the next page of a truncated ListMultipartUploads answer starts: (key marker, upload
+/// id marker). None on the last page.
+fn next_upload_page(xml: &str) -> Option<(String, String)> {
+    // The markers are top-level fields; an upload's own fields come after its `<Upload>`.
+    let head = xml.split("<Upload>").next().unwrap_or(xml);
+    let tail = xml.rsplit("</Upload>").next().unwrap_or(xml);
+    let field = |name: &str| xml_field(head, name).or_else(|| xml_field(tail, name));
+    if field("IsTruncated").as_deref() != Some("true") {
+        return None;
+    }
+    Some((field("NextKeyMarker")?, field("NextUploadIdMarker").unwrap_or_default()))
+}
+
+/// The text of the first `<name>` element in `xml`.
+fn xml_field(xml: &str, name: &str) -> Option<String> {
+    let start = xml.find(&format!("<{name}>"))? + name.len() + 2;
+    let end = start + xml[start..].find(&format!("</{name}>"))?;
+    Some(unescape_xml(&xml[start..end]))
 }
 
 fn unescape_xml(s: &str) -> String {
@@ -698,5 +729,21 @@ mod tests {
             ]
         );
         assert!(super::multipart_uploads("<Error><Code>AccessDenied</Code></Error>").is_empty());
+        assert_eq!(super::next_upload_page(xml), None);
+    }
+
+    #[test]
+    fn a_truncated_listing_names_where_the_next_page_starts() {
+        // As AWS answers: the markers before the uploads, IsTruncated among them.
+        let aws = r#"<ListMultipartUploadsResult><Bucket>b</Bucket><KeyMarker></KeyMarker><UploadIdMarker></UploadIdMarker>
+<NextKeyMarker>p/k&amp;1</NextKeyMarker><NextUploadIdMarker>id-9</NextUploadIdMarker><MaxUploads>1</MaxUploads><IsTruncated>true</IsTruncated>
+<Upload><Key>p/k&amp;1</Key><UploadId>id-9</UploadId><Initiated>2026-11-29T01:02:03Z</Initiated></Upload></ListMultipartUploadsResult>"#;
+        assert_eq!(super::next_upload_page(aws), Some(("p/k&1".into(), "id-9".into())));
+        // Fields after the uploads, and an upload whose key looks like a marker, change nothing.
+        let after = r#"<ListMultipartUploadsResult><Upload><Key>IsTruncated</Key><UploadId>u</UploadId></Upload>
+<NextKeyMarker>z</NextKeyMarker><NextUploadIdMarker>u</NextUploadIdMarker><IsTruncated>true</IsTruncated></ListMultipartUploadsResult>"#;
+        assert_eq!(super::next_upload_page(after), Some(("z".into(), "u".into())));
+        assert_eq!(super::next_upload_page("<IsTruncated>false</IsTruncated>"), None);
+        assert_eq!(super::next_upload_page("<Error><Code>SlowDown</Code></Error>"), None);
     }
 }
