@@ -129,6 +129,36 @@ async fn an_object_store_that_stops_answering_gives_503_then_service_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_store_lost_in_the_middle_of_a_body_aborts_it_and_the_failure_is_counted() {
+    let Some(server) = common::s3::own() else { return };
+    let hub = Hub::start().await;
+    let size = 64 << 20;
+    let (blob_digest, _, _) = hub_image(&hub, "big", "1", blob_of(size, 6));
+    let prefix = prefix();
+    let s = TestServer::start(&s3_config(&server, &prefix, &hub.url())).await;
+    let c = client();
+    assert_eq!(download_digest(pull_blob(&c, &s, "library/big", &blob_digest).await).await, blob_digest);
+    let read_errors = || metric(&s.metrics(), r#"regmirror_storage_errors_total{operation="read"}"#);
+    assert_eq!(read_errors(), 0.0);
+
+    // A stored blob is being served from the bucket when the object store dies.
+    let mut r = pull_blob(&c, &s, "library/big", &blob_digest).await;
+    assert_eq!(r.status(), 200);
+    let mut received = r.chunk().await.unwrap().map_or(0, |b| b.len());
+    server.signal("KILL");
+    let ended = loop {
+        match r.chunk().await {
+            Ok(Some(bytes)) => received += bytes.len(),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    // Cut short, never ended as if complete; and counted as a failed read of the store.
+    assert!(ended.is_err() && received < size, "the body ended normally after {received} bytes");
+    assert!(read_errors() >= 1.0, "a store lost mid-body was not counted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_chunked_push_started_on_one_replica_is_finished_on_another() {
     let Some(server) = common::s3::shared() else { return };
     let prefix = prefix();

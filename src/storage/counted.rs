@@ -93,7 +93,18 @@ impl<D: Driver> Driver for Counted<D> {
         self.count("list", self.inner.list_tree(path).await)
     }
     async fn stream_range(&self, path: &str, range: std::ops::Range<u64>) -> io::Result<Option<ByteStream>> {
-        self.count("read", self.inner.stream_range(path, range).await)
+        use futures_util::{StreamExt, TryStreamExt};
+        let stream = self.count("read", self.inner.stream_range(path, range).await)?;
+        // A store that fails halfway through a body counts as well as one that fails at the start.
+        let errors = self.errors.with_label_values(&["read"]);
+        Ok(stream.map(|s| {
+            s.inspect_err(move |e| {
+                if super::is_unavailable(e) {
+                    errors.inc();
+                }
+            })
+            .boxed()
+        }))
     }
     async fn purge_abandoned_writes(&self, age: std::time::Duration) -> io::Result<usize> {
         self.count("list", self.inner.purge_abandoned_writes(age).await)

@@ -493,8 +493,7 @@ impl Driver for S3Driver {
             let listing = self.http.get(url).send().await.and_then(|r| r.error_for_status());
             let listing =
                 listing.map_err(|e| backend_message(&format!("listing multipart uploads: {}", e.without_url())))?;
-            let text =
-                listing.text().await.map_err(|e| backend_message(&format!("listing multipart uploads: {e}")))?;
+            let text = listing.text().await.map_err(|e| backend_message(&format!("listing multipart uploads: {e}")))?;
             for (key, id, initiated) in multipart_uploads(&text) {
                 let started = time::OffsetDateTime::parse(&initiated, &time::format_description::well_known::Rfc3339);
                 if started.is_ok_and(|t| now - t >= age) {
