@@ -241,15 +241,26 @@ async fn ten_seconds_without_the_object_store_under_a_light_pull_load() {
 
     // The load: one pull after another, round the images, every answer recorded.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let outage_started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u16, Duration, String)>::new()));
     let load = tokio::spawn({
         let (s, c, stop, answers, images) = (s.clone(), c.clone(), stop.clone(), answers.clone(), images.clone());
+        let outage_started = outage_started.clone();
         async move {
-            for n in 0.. {
+            // Before the outage: the two cached images in turn. From its start: the two
+            // uncached ones first, then round all four.
+            let (mut before, mut since) = (0usize, 0usize);
+            loop {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                let (repo, blob) = &images[n % images.len()];
+                let (repo, blob) = if outage_started.load(Ordering::SeqCst) {
+                    since += 1;
+                    &images[(1 + since) % images.len()]
+                } else {
+                    before += 1;
+                    &images[before % 2]
+                };
                 let started = Instant::now();
                 let r = pull_blob(&c, &s, repo, blob).await;
                 let status = r.status().as_u16();
@@ -271,6 +282,7 @@ async fn ten_seconds_without_the_object_store_under_a_light_pull_load() {
     });
     eventually("the load runs", || answers.lock().unwrap().len() >= 4).await;
     server.signal("STOP");
+    outage_started.store(true, Ordering::SeqCst);
     let outage = Instant::now();
     eventually_async("/readyz says not ready", || async {
         c.get(s.url("/readyz")).send().await.is_ok_and(|r| r.status() == 503)
@@ -301,6 +313,7 @@ async fn ten_seconds_without_the_object_store_under_a_light_pull_load() {
         .sum();
     assert!(store_errors > 0.0, "no storage errors counted");
     let answers = std::mem::take(&mut *answers.lock().unwrap());
+    eprintln!("answers: {:?}", answers.iter().map(|(s, t, _)| (*s, t.as_millis())).collect::<Vec<_>>());
     let unavailable: Vec<_> = answers.iter().filter(|(status, _, _)| *status == 503).collect();
     assert!(!unavailable.is_empty(), "no 503 during the outage");
     for (status, took, body) in answers.iter() {

@@ -140,8 +140,7 @@ impl Cache {
     /// replica), so the replica that runs eviction counts it.
     fn share_use(&self, d: &Digest) {
         const SHARED_EVERY: u64 = 60;
-        let recent = |t: u64| t + SHARED_EVERY > crate::storage::unix_now();
-        if self.cluster.is_none() || self.lru.last_use(d).is_some_and(recent) || self.lru.is_protected(d) {
+        if self.cluster.is_none() || !self.lru.due_for_sharing(d, SHARED_EVERY) {
             return;
         }
         let (store, d) = (self.store.clone(), d.clone());

@@ -32,6 +32,10 @@ struct Index {
     evicting: HashSet<Digest>,
     /// Subject → the manifests that refer to it: a referrer never outlives its subject here.
     referrers: HashMap<Digest, HashSet<Digest>>,
+    /// When this replica last recorded a use of a blob in a store shared with other replicas.
+    /// Kept apart from `entries`, whose times include the other replicas' uses: one replica's
+    /// use must not keep another's from being recorded.
+    shared: HashMap<Digest, u64>,
     /// Accesses not yet appended to the log.
     dirty: Vec<(Digest, u64)>,
     log_lines: u64,
@@ -110,14 +114,20 @@ impl Lru {
         idx.dirty.push((d.clone(), now));
     }
 
-    /// Whether `d` is private content (never evicted).
-    pub fn is_protected(&self, d: &Digest) -> bool {
-        self.lock().protected.contains(d)
-    }
-
-    /// When `d` was last used here (Unix seconds), if it is in the eviction order.
-    pub fn last_use(&self, d: &Digest) -> Option<u64> {
-        self.lock().entries.get(d).map(|e| e.atime)
+    /// Whether a use of `d` now is to be recorded in a store shared with other replicas: yes,
+    /// unless this replica recorded one in the last `every` seconds or `d` is private content.
+    pub fn due_for_sharing(&self, d: &Digest, every: u64) -> bool {
+        let now = unix_now();
+        let mut idx = self.lock();
+        if idx.protected.contains(d) || idx.shared.get(d).is_some_and(|t| t + every > now) {
+            return false;
+        }
+        // Only recent records matter: the older ones go before the map outgrows the index.
+        if idx.shared.len() > idx.entries.len() + 1024 {
+            idx.shared.retain(|_, t| *t + every > now);
+        }
+        idx.shared.insert(d.clone(), now);
+        true
     }
 
     /// Bring the order up to date with a store other replicas share: blobs they added join it,
@@ -387,6 +397,19 @@ mod tests {
         let mut expected = vec![d(1), d(2), d(3)];
         expected.sort();
         assert_eq!(taken, expected);
+    }
+
+    #[test]
+    fn another_replicas_use_does_not_keep_this_ones_from_being_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let lru = Lru::new(dir.path());
+        lru.load(HashSet::from([d(9)]), vec![(d(1), 1, 100), (d(9), 1, 100)]);
+        // The bucket says another replica used d(1) just now.
+        lru.refresh(HashSet::new(), vec![(d(1), 1, unix_now())]);
+        assert!(lru.due_for_sharing(&d(1), 60), "this replica's use was hidden by another's");
+        assert!(!lru.due_for_sharing(&d(1), 60), "recorded twice within a minute");
+        assert!(lru.due_for_sharing(&d(1), 0));
+        assert!(!lru.due_for_sharing(&d(9), 60), "private content entered the eviction order");
     }
 
     #[test]
