@@ -57,6 +57,19 @@ fn backend(e: object_store::Error) -> io::Error {
     }
 }
 
+/// The request got no answer from the store (connection refused or broken, timed out), as
+/// against an answer that refused it.
+fn unanswered(e: &object_store::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<object_store::client::HttpError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn backend_message(message: &str) -> io::Error {
     io::Error::other(super::Unavailable(format!("object store: {message}")))
 }
@@ -170,6 +183,8 @@ impl S3Driver {
         match self.bucket.get_opts(key, options).await {
             Ok(r) => Ok(Some(r.bytes().await.map_err(backend)?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // A store that did not answer would not answer a HEAD either: no second wait.
+            Err(e) if unanswered(&e) => Err(backend(e)),
             // A range starting at or past the end (an empty object included).
             Err(e) => match self.head(key).await? {
                 Some(size) if size <= range.start => Ok(Some(Bytes::new())),
@@ -729,6 +744,28 @@ mod tests {
         );
         assert!(super::multipart_uploads("<Error><Code>AccessDenied</Code></Error>").is_empty());
         assert_eq!(super::next_upload_page(xml), None);
+    }
+
+    #[tokio::test]
+    async fn a_store_that_does_not_answer_is_told_from_one_that_refuses() {
+        use object_store::ObjectStoreExt;
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let store = super::AmazonS3Builder::new()
+            .with_bucket_name("b")
+            .with_region("us-east-1")
+            .with_endpoint(endpoint)
+            .with_allow_http(true)
+            .with_access_key_id("id")
+            .with_secret_access_key("secret")
+            .with_retry(object_store::RetryConfig { max_retries: 0, ..Default::default() })
+            .build()
+            .unwrap();
+        let e = store.get(&super::Key::from("x")).await.unwrap_err();
+        assert!(super::unanswered(&e), "{e:?}");
+        let refused = object_store::Error::Generic { store: "S3", source: "416 Range Not Satisfiable".into() };
+        assert!(!super::unanswered(&refused));
     }
 
     #[test]
