@@ -2,7 +2,7 @@
 
 use std::ops::Deref;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -56,6 +56,18 @@ pub enum StartError {
     Index(std::io::Error),
 }
 
+impl StartError {
+    /// The object store did not answer (or failed): worth waiting for, unlike a wrong setting.
+    fn store_unavailable(&self) -> bool {
+        match self {
+            StartError::Storage { source: e, .. }
+            | StartError::Index(e)
+            | StartError::Auth(AuthError::SigningKeyStore(e)) => crate::storage::is_unavailable(e),
+            _ => false,
+        }
+    }
+}
+
 impl AppState {
     pub async fn new(config: Config) -> Result<Self, StartError> {
         // reqwest and the TLS listener share one crypto provider; installing twice is harmless.
@@ -97,11 +109,23 @@ impl AppState {
 
 /// A mirror ready to serve: the state, with the store indexed and the background tasks
 /// (eviction, pins, the purge of expired uploads) running. `main` and the tests start here.
+///
+/// An object store that cannot be reached is waited for, with the wait growing to 30 s between
+/// attempts: a replica started (or restarted by systemd) while the bucket is away would
+/// otherwise exit, again and again, until systemd gives up on it.
 pub async fn start(config: Config) -> Result<AppState, StartError> {
-    let state = AppState::new(config).await?;
-    let started = Instant::now();
-    evict::load(&state.cache).await.map_err(StartError::Index)?;
-    tracing::info!(ms = started.elapsed().as_millis() as u64, "store indexed");
+    const LONGEST_WAIT: Duration = Duration::from_secs(30);
+    let mut wait = Duration::from_secs(1);
+    let state = loop {
+        match indexed(config.clone()).await {
+            Err(e) if e.store_unavailable() => {
+                tracing::warn!(error = %e, retry_in_seconds = wait.as_secs(), "the object store cannot be reached; not serving until it can");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(LONGEST_WAIT);
+            }
+            result => break result?,
+        }
+    };
     evict::spawn(state.cache.clone());
     let config = &state.config;
     let (pins, every, referrers) = (config.pins.clone(), config.pin_refresh, config.pin_referrers);
@@ -110,6 +134,15 @@ pub async fn start(config: Config) -> Result<AppState, StartError> {
     if state.config.ui_enabled {
         crate::status::spawn(state.clone()).await;
     }
+    Ok(state)
+}
+
+/// The state, with the store indexed.
+async fn indexed(config: Config) -> Result<AppState, StartError> {
+    let state = AppState::new(config).await?;
+    let started = Instant::now();
+    evict::load(&state.cache).await.map_err(StartError::Index)?;
+    tracing::info!(ms = started.elapsed().as_millis() as u64, "store indexed");
     Ok(state)
 }
 

@@ -31,6 +31,8 @@ pub enum AuthError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("the token signing key in the store (meta/token.key) cannot be used: {0}")]
     SigningKey(String),
+    #[error("the token signing key in the store (meta/token.key) cannot be read or made: {0}")]
+    SigningKeyStore(std::io::Error),
     #[error("{0:?} is not a valid user name (no ':' or spaces)")]
     UserName(String),
     #[error("hashing the password: {0}")]
@@ -122,7 +124,7 @@ pub struct Access {
 /// The token signing key kept in the store (so tokens outlive a restart and, on a shared store,
 /// are accepted by every replica), made (readable by the owner only) when there is none yet.
 pub async fn signing_key(store: &Store) -> Result<[u8; 32], AuthError> {
-    let broken = |e: std::io::Error| AuthError::SigningKey(e.to_string());
+    let broken = AuthError::SigningKeyStore;
     if let Some(bytes) = store.read_meta(Meta::TokenKey).await.map_err(broken)? {
         return <[u8; 32]>::try_from(bytes.as_slice())
             .map_err(|_| AuthError::SigningKey("not 32 bytes; remove it and a new one is made".into()));
@@ -167,7 +169,7 @@ struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = crate::lock(&self.map);
         if let Some(n) = map.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -240,7 +242,7 @@ impl PasswordChecks {
     }
 
     fn enter(&self, ip: IpAddr) -> Option<InFlight> {
-        let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = crate::lock(&self.in_flight);
         let n = map.entry(ip).or_default();
         if *n >= CHECKS_PER_ADDRESS {
             return None;

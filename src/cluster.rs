@@ -11,6 +11,7 @@
 //! Requests between replicas carry an HMAC of the path and an expiry time, keyed from the token
 //! signing key that all replicas read from the bucket.
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,10 +83,6 @@ pub struct Cluster {
     /// clock): a version that outlives `EXPIRY` is a lease nobody renews.
     observed: Mutex<HashMap<String, (Version, Instant)>>,
     metrics: Metrics,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {

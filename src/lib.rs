@@ -45,3 +45,10 @@ pub mod status;
 pub mod storage;
 pub mod tls;
 pub mod upstream;
+
+/// A mutex's guard, also when a panic elsewhere poisoned it: every value behind these mutexes is
+/// left consistent between statements (maps and counters), so a panic in one request must not
+/// take every later request that touches the same map down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

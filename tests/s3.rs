@@ -129,6 +129,46 @@ async fn an_object_store_that_stops_answering_gives_503_then_service_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_replica_started_while_the_store_is_away_waits_for_it_and_then_serves() {
+    let Some(server) = common::s3::own() else { return };
+    let hub = Hub::start().await;
+    let (blob_digest, _, _) = hub_image(&hub, "app", "1", blob_of(1 << 20, 7));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("mirror.toml");
+    let prefix = prefix();
+    std::fs::write(
+        &config,
+        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{}", s3_config(&server, &prefix, &hub.url()))
+            .replace("root = \"local\"", &format!("root = {:?}", dir.path().join("local")))
+            // Each attempt gives up on the stopped store sooner.
+            .replace("upstream_timeout = \"3s\"", "upstream_timeout = \"1s\""),
+    )
+    .unwrap();
+    server.signal("STOP");
+    let mut replica = Proc::spawn(&config, &dir.path().join("replica.log"));
+    let log = || std::fs::read_to_string(dir.path().join("replica.log")).unwrap_or_default();
+    eventually("the replica says it waits for the store", || {
+        log().matches("the object store cannot be reached").count() >= 2
+    })
+    .await;
+    assert!(replica.child.try_wait().unwrap().is_none(), "the replica exited: {}", log());
+    assert!(!log().contains(common::s3::SECRET_KEY));
+
+    server.signal("CONT");
+    let url = format!("http://127.0.0.1:{port}");
+    let c = client();
+    eventually_async("the replica serves once the store is back", || async {
+        c.get(format!("{url}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let r = c.get(format!("{url}/v2/library/app/blobs/{blob_digest}")).send().await.unwrap();
+    assert_eq!(download_digest(r).await, blob_digest);
+    replica.child.kill().unwrap();
+    replica.child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_store_lost_in_the_middle_of_a_body_aborts_it_and_the_failure_is_counted() {
     let Some(server) = common::s3::own() else { return };
     let hub = Hub::start().await;

@@ -149,7 +149,7 @@ async fn evict(cache: &Cache, bytes: u64, listed_at: Option<u64>) -> Evicted {
     cache.metrics.evicted_bytes.inc_by(done.bytes);
     if done.blobs > 0 {
         let record = super::EvictionRecord { at: unix_now(), blobs: done.blobs, bytes: done.bytes };
-        *cache.last_eviction.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+        *crate::lock(&cache.last_eviction) = Some(record);
     }
     done
 }

@@ -35,7 +35,7 @@ struct Leave<K: Eq + Hash, V> {
 
 impl<K: Eq + Hash, V> Drop for Leave<K, V> {
     fn drop(&mut self) {
-        let mut running = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut running = crate::lock(&self.map);
         if running.get(&self.key).is_some_and(|(running_id, _)| *running_id == self.id) {
             running.remove(&self.key);
         }
@@ -66,7 +66,7 @@ where
         self.waiting.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _waiting = Waiting(self.waiting.clone());
         let pending = {
-            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            let mut running = crate::lock(&self.running);
             match running.get(&key) {
                 Some((_, pending)) => pending.clone(),
                 None => {
@@ -96,7 +96,7 @@ where
 
     /// Flights running now.
     pub fn len(&self) -> usize {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).len()
+        crate::lock(&self.running).len()
     }
 
     pub fn is_empty(&self) -> bool {

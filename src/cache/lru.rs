@@ -100,7 +100,7 @@ impl Lru {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.index)
     }
 
     /// Record that mirrored content was used now.

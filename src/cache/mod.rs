@@ -148,7 +148,7 @@ impl Cache {
     /// A client pulled a manifest of `repo`.
     pub fn pulled(&self, repo: &RepoName) {
         let now = self.clock.now();
-        let mut pulls = self.last_pulls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pulls = crate::lock(&self.last_pulls);
         match pulls.get_mut(repo) {
             Some(t) => *t = now,
             None => {

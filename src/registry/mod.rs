@@ -170,7 +170,7 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn take_body(&self) -> Body {
-        std::mem::take(&mut *self.body.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *crate::lock(&self.body))
     }
 
     pub fn is_head(&self) -> bool {

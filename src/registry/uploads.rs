@@ -29,12 +29,12 @@ type Slot = Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>;
 
 impl Sessions {
     fn slot(&self, id: &str) -> Slot {
-        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = crate::lock(&self.inner);
         map.entry(id.to_string()).or_default().clone()
     }
 
     fn forget(&self, id: &str) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        crate::lock(&self.inner).remove(id);
     }
 }
 

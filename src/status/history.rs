@@ -6,9 +6,9 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use super::lock;
 use crate::app::AppState;
 use crate::gc::GcRecord;
+use crate::lock;
 use crate::metrics::{Metrics, Snapshot};
 use crate::oci::RepoName;
 use crate::storage::Meta;

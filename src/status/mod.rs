@@ -242,7 +242,7 @@ impl Status {
 
         let visible = |name: &crate::oci::RepoName| state.access.may_pull(who, name);
         let index = state.status.repositories.current(state);
-        let pulls = state.cache.last_pulls.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let pulls = crate::lock(&state.cache.last_pulls).clone();
         let repositories = repository_page(&index.rows, &pulls, view, &visible, index.built_at);
 
         let gc = state.status.history.gc();
@@ -252,7 +252,7 @@ impl Status {
             blobs: m.store_objects.get().max(0) as u64,
             repositories: index.rows.iter().filter(|r| visible(&r.name)).count(),
             pinned_bytes: m.pinned_bytes.get().max(0) as u64,
-            last_eviction: *state.cache.last_eviction.lock().unwrap_or_else(|e| e.into_inner()),
+            last_eviction: *crate::lock(&state.cache.last_eviction),
             last_gc: (gc.runs > 0).then_some(GcStatus { at: gc.last_run, runs: gc.runs, freed_bytes: gc.freed_bytes }),
         };
 
@@ -491,9 +491,4 @@ fn secure(resp: &mut Response, started: Instant, html: bool) {
     if let Ok(v) = HeaderValue::from_str(&format!("render;dur={ms:.2}")) {
         h.insert("server-timing", v);
     }
-}
-
-/// Shared with the history and the repository summary.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

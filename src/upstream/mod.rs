@@ -236,7 +236,7 @@ impl Upstream {
     }
 
     fn health_now(&self) -> std::sync::MutexGuard<'_, Health> {
-        self.health.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.health)
     }
 
     /// Send a request for `repo`, answering a bearer or basic challenge once.

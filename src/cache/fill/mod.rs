@@ -10,6 +10,7 @@
 mod replicas;
 mod window;
 
+use crate::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -116,10 +117,6 @@ pub struct FillStatus {
     /// Bytes per second since the fill started.
     pub bytes_per_second: u64,
     pub clients: usize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A fill of the blob runs for another repository: the caller's repository must be confirmed

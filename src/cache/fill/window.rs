@@ -58,7 +58,7 @@ pub(super) enum Source {
 
 impl Shared {
     pub(super) fn window(&self) -> std::sync::MutexGuard<'_, Window> {
-        self.window.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.window)
     }
 
     /// Wait, until `deadline` at most, while the fastest reader reading from memory is more than
