@@ -110,16 +110,16 @@ impl AppState {
 /// A mirror ready to serve: the state, with the store indexed and the background tasks
 /// (eviction, pins, the purge of expired uploads) running. `main` and the tests start here.
 ///
-/// An object store that cannot be reached is waited for, with the wait growing to 30 s between
-/// attempts: a replica started (or restarted by systemd) while the bucket is away would
-/// otherwise exit, again and again, until systemd gives up on it.
+/// An object store that cannot be used (no answer, or an error) is waited for, the wait growing
+/// to 30 s between attempts: a replica started (or restarted by systemd) while the bucket is
+/// away would otherwise exit, again and again, until systemd gives up on it.
 pub async fn start(config: Config) -> Result<AppState, StartError> {
     const LONGEST_WAIT: Duration = Duration::from_secs(30);
     let mut wait = Duration::from_secs(1);
     let state = loop {
         match indexed(config.clone()).await {
             Err(e) if e.store_unavailable() => {
-                tracing::warn!(error = %e, retry_in_seconds = wait.as_secs(), "the object store cannot be reached; not serving until it can");
+                tracing::warn!(error = %e, retry_in_seconds = wait.as_secs(), "the object store cannot be used; not serving until it can");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(LONGEST_WAIT);
             }

@@ -149,11 +149,11 @@ async fn a_replica_started_while_the_store_is_away_waits_for_it_and_then_serves(
     let mut replica = Proc::spawn(&config, &dir.path().join("replica.log"));
     let log = || std::fs::read_to_string(dir.path().join("replica.log")).unwrap_or_default();
     eventually("the replica says it waits for the store", || {
-        log().matches("the object store cannot be reached").count() >= 2
+        log().matches("the object store cannot be used").count() >= 2
     })
     .await;
     assert!(replica.child.try_wait().unwrap().is_none(), "the replica exited: {}", log());
-    assert!(!log().contains(common::s3::SECRET_KEY));
+    assert!(!log().contains(common::s3::SECRET_KEY) && !log().contains("X-Amz-Signature"), "{}", log());
 
     server.signal("CONT");
     let url = format!("http://127.0.0.1:{port}");
@@ -353,7 +353,6 @@ async fn ten_seconds_without_the_object_store_under_a_light_pull_load() {
         .sum();
     assert!(store_errors > 0.0, "no storage errors counted");
     let answers = std::mem::take(&mut *answers.lock().unwrap());
-    eprintln!("answers: {:?}", answers.iter().map(|(s, t, _)| (*s, t.as_millis())).collect::<Vec<_>>());
     let unavailable: Vec<_> = answers.iter().filter(|(status, _, _)| *status == 503).collect();
     assert!(!unavailable.is_empty(), "no 503 during the outage");
     for (status, took, body) in answers.iter() {

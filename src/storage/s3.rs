@@ -496,8 +496,11 @@ impl Driver for S3Driver {
         let mut after: Option<(String, String)> = None;
         for _ in 0..MAX_UPLOAD_PAGES {
             let mut query = vec![("uploads", String::new()), ("prefix", self.prefix.clone())];
-            if let Some((key, upload)) = after.take() {
-                query.extend([("key-marker", key), ("upload-id-marker", upload)]);
+            if let Some((key, upload)) = &after {
+                query.push(("key-marker", key.clone()));
+                if !upload.is_empty() {
+                    query.push(("upload-id-marker", upload.clone()));
+                }
             }
             let options = SignedUrlOptions::new().with_query(query);
             let url = self
@@ -505,22 +508,37 @@ impl Driver for S3Driver {
                 .signed_url_opts(Method::GET, &Key::from(""), Duration::from_secs(60), &options)
                 .await
                 .map_err(backend)?;
-            let listing = self.http.get(url).send().await.and_then(|r| r.error_for_status());
-            let listing =
-                listing.map_err(|e| backend_message(&format!("listing multipart uploads: {}", e.without_url())))?;
-            let text = listing.text().await.map_err(|e| backend_message(&format!("listing multipart uploads: {e}")))?;
+            // The URL carries a signature: never in an error message.
+            let failed =
+                |e: reqwest::Error| backend_message(&format!("listing multipart uploads: {}", e.without_url()));
+            let listing = self.http.get(url).send().await.and_then(|r| r.error_for_status()).map_err(failed)?;
+            let text = listing.text().await.map_err(failed)?;
             for (key, id, initiated) in multipart_uploads(&text) {
                 let started = time::OffsetDateTime::parse(&initiated, &time::format_description::well_known::Rfc3339);
                 if started.is_ok_and(|t| now - t >= age) {
-                    self.bucket.abort_multipart(&Key::from(key), &id).await.map_err(backend)?;
-                    aborted += 1;
+                    match self.bucket.abort_multipart(&Key::from(key), &id).await {
+                        Ok(()) => aborted += 1,
+                        // Aborted by another replica in the meantime.
+                        Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(backend(e)),
+                    }
                 }
             }
-            after = next_upload_page(&text);
-            if after.is_none() {
-                break;
+            match next_upload_page(&text) {
+                // A store that names the same page again would be asked for it forever.
+                Some(next) if Some(&next) != after.as_ref() => after = Some(next),
+                Some(_) => {
+                    tracing::warn!("the object store's multipart-upload listing does not advance; the rest waits for the next purge");
+                    return Ok(aborted);
+                }
+                None => return Ok(aborted),
             }
         }
+        tracing::info!(
+            pages = MAX_UPLOAD_PAGES,
+            aborted,
+            "multipart uploads: the rest of the listing waits for the next purge"
+        );
         Ok(aborted)
     }
 
@@ -557,7 +575,11 @@ fn next_upload_page(xml: &str) -> Option<(String, String)> {
     if field("IsTruncated").as_deref() != Some("true") {
         return None;
     }
-    Some((field("NextKeyMarker")?, field("NextUploadIdMarker").unwrap_or_default()))
+    // Stores that leave the markers out mean the page's last upload (as S3 defines them).
+    let last = multipart_uploads(xml).pop();
+    let key = field("NextKeyMarker").filter(|k| !k.is_empty()).or_else(|| last.as_ref().map(|u| u.0.clone()))?;
+    let upload = field("NextUploadIdMarker").filter(|u| !u.is_empty()).or_else(|| last.map(|u| u.1));
+    Some((key, upload.unwrap_or_default()))
 }
 
 /// The text of the first `<name>` element in `xml`.
@@ -746,13 +768,9 @@ mod tests {
         assert_eq!(super::next_upload_page(xml), None);
     }
 
-    #[tokio::test]
-    async fn a_store_that_does_not_answer_is_told_from_one_that_refuses() {
-        use object_store::ObjectStoreExt;
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("http://{}", closed.local_addr().unwrap());
-        drop(closed);
-        let store = super::AmazonS3Builder::new()
+    /// A client of the S3 API at `endpoint`, trying each request once.
+    fn store_at(endpoint: String) -> super::AmazonS3 {
+        super::AmazonS3Builder::new()
             .with_bucket_name("b")
             .with_region("us-east-1")
             .with_endpoint(endpoint)
@@ -761,11 +779,37 @@ mod tests {
             .with_secret_access_key("secret")
             .with_retry(object_store::RetryConfig { max_retries: 0, ..Default::default() })
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_store_that_does_not_answer_is_told_from_one_that_refuses() {
+        use object_store::{ObjectStore, ObjectStoreExt};
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let store = store_at(endpoint);
         let e = store.get(&super::Key::from("x")).await.unwrap_err();
         assert!(super::unanswered(&e), "{e:?}");
-        let refused = object_store::Error::Generic { store: "S3", source: "416 Range Not Satisfiable".into() };
-        assert!(!super::unanswered(&refused));
+        // A store that answers, if only to refuse the range.
+        let refusing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", refusing.local_addr().unwrap());
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            for stream in refusing.incoming().flatten() {
+                let mut reader = std::io::BufReader::new(&stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let answer = "HTTP/1.1 416 Range Not Satisfiable\r\ncontent-length: 0\r\n\r\n";
+                let _ = (&stream).write_all(answer.as_bytes());
+            }
+        });
+        let store = store_at(endpoint);
+        let options = super::in_range(10..20);
+        let refused = store.get_opts(&super::Key::from("x"), options).await.unwrap_err();
+        assert!(!super::unanswered(&refused), "{refused:?}");
     }
 
     #[test]
@@ -780,6 +824,12 @@ mod tests {
 <NextKeyMarker>z</NextKeyMarker><NextUploadIdMarker>u</NextUploadIdMarker><IsTruncated>true</IsTruncated></ListMultipartUploadsResult>"#;
         assert_eq!(super::next_upload_page(after), Some(("z".into(), "u".into())));
         assert_eq!(super::next_upload_page("<IsTruncated>false</IsTruncated>"), None);
+        // Markers left out or empty: the page's last upload, as S3 defines them.
+        let bare = r#"<ListMultipartUploadsResult><NextKeyMarker></NextKeyMarker><IsTruncated>true</IsTruncated>
+<Upload><Key>p/a</Key><UploadId>u1</UploadId><Initiated>2026-11-29T01:02:03Z</Initiated></Upload>
+<Upload><Key>p/b</Key><UploadId>u2</UploadId><Initiated>2026-11-29T01:02:03Z</Initiated></Upload></ListMultipartUploadsResult>"#;
+        assert_eq!(super::next_upload_page(bare), Some(("p/b".into(), "u2".into())));
+        assert_eq!(super::next_upload_page("<IsTruncated>true</IsTruncated>"), None);
         assert_eq!(super::next_upload_page("<Error><Code>SlowDown</Code></Error>"), None);
     }
 }
