@@ -131,6 +131,9 @@ pub async fn start(config: Config) -> Result<AppState, StartError> {
     let (pins, every, referrers) = (config.pins.clone(), config.pin_refresh, config.pin_referrers);
     pins::spawn(state.cache.clone(), state.upstreams.clone(), pins, every, referrers);
     uploads::spawn_purge(state.clone());
+    if let Some(cluster) = &state.cache.cluster {
+        cluster.spawn_announcements();
+    }
     if state.config.ui_enabled {
         crate::status::spawn(state.clone()).await;
     }
@@ -147,13 +150,17 @@ async fn indexed(config: Config) -> Result<AppState, StartError> {
 }
 
 /// After the listeners drained: keep what must outlive the process (access times for the
-/// eviction order, the status page's history) and stop the background tasks that write them.
+/// eviction order, the status page's history), stop the background tasks that write them, and
+/// take this replica's record out of the bucket.
 pub async fn shutdown(state: &AppState) {
     if state.config.ui_enabled {
         crate::status::stop(state).await;
     }
     if let Err(e) = state.cache.lru.persist() {
         tracing::warn!(error = %e, "could not persist access times");
+    }
+    if let Some(cluster) = &state.cache.cluster {
+        cluster.withdraw().await;
     }
 }
 

@@ -178,6 +178,71 @@ async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_othe
     assert_eq!(download_digest(r).await, blob_digest);
 }
 
+/// `/api/status` of `s`, as alice (signed in) or anonymously.
+async fn status_of(c: &reqwest::Client, s: &TestServer, signed_in: bool) -> serde_json::Value {
+    let mut req = c.get(s.url("/api/status"));
+    if signed_in {
+        req = req.basic_auth("alice", Some("alice-secret-pw"));
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// The other replica as `s` lists it, if it lists exactly one other.
+fn the_other(status: &serde_json::Value) -> Option<serde_json::Value> {
+    match status["replicas"].as_array()?.as_slice() {
+        [own, other] if own["this"] == true && other["this"] == false => Some(other.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn each_replica_lists_the_others_and_one_shut_down_cleanly_leaves_the_list() {
+    let Some(server) = common::s3::shared() else { return };
+    let hub = Hub::start().await;
+    let prefix = prefix();
+    let work = tempfile::tempdir().unwrap();
+    let htpasswd = work.path().join("htpasswd");
+    regmirror::auth::set_password(&htpasswd, "alice", "alice-secret-pw").unwrap();
+    let config = format!(
+        "{}[auth]\nhtpasswd = {:?}\nanonymous = \"pull-mirror\"\n",
+        replica_config(server, &prefix, &hub.url(), "@SELF@"),
+        htpasswd
+    );
+    let a = TestServer::start(&config).await;
+    let b = TestServer::start(&config).await;
+    let c = client();
+    eventually_async("A lists B, up", || async {
+        the_other(&status_of(&c, &a, true).await).is_some_and(|b| b["up"] == true)
+    })
+    .await;
+    let status = status_of(&c, &a, true).await;
+    assert_eq!(status["replicas"][0]["advertise"], a.url(""));
+    let other = the_other(&status).unwrap();
+    assert_eq!(other["advertise"], b.url(""));
+    assert_eq!(other["version"], env!("CARGO_PKG_VERSION"));
+    let b_node = other["node"].as_str().unwrap().to_string();
+    let page = c.get(a.url("/")).basic_auth("alice", Some("alice-secret-pw")).send().await.unwrap();
+    let page = page.text().await.unwrap();
+    assert!(page.contains(&format!("data-replica=\"{b_node}\" data-up=\"true\"")), "{page}");
+    assert!(page.contains(&b.url("")));
+    // Anonymous visitors see the replicas, not where they are.
+    let anonymous = status_of(&c, &a, false).await;
+    assert!(the_other(&anonymous).is_some_and(|b| b["advertise"].is_null()), "{anonymous}");
+    assert!(anonymous["replicas"][0]["advertise"].is_null());
+    let page = c.get(a.url("/")).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains(&format!("data-replica=\"{b_node}\"")) && !page.contains(&b.url("")));
+
+    // B shuts down cleanly: its record leaves the bucket at once, and A's list at A's next look.
+    b.stop().await;
+    assert!(!server.keys(&prefix).iter().any(|k| k.ends_with(&format!("cluster/replicas/{b_node}"))));
+    eventually_async("A no longer lists B", || async {
+        status_of(&c, &a, true).await["replicas"].as_array().is_some_and(|r| r.len() == 1)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_replica_refuses_unsigned_requests_for_its_fills() {
     let Some(server) = common::s3::shared() else { return };

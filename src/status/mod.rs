@@ -93,6 +93,9 @@ pub struct Status {
     pub store: StoreStatus,
     pub upstreams: Vec<UpstreamStatus>,
     pub fills: Vec<FillStatus>,
+    /// The replicas on the same bucket (`[cluster]`), this one first; `null` for a lone replica.
+    /// Their addresses only to a signed-in user (or where `[auth]` is off).
+    pub replicas: Option<Vec<crate::cluster::ReplicaView>>,
     pub repositories: RepositoryPage,
     pub client: ClientSetup,
 }
@@ -306,6 +309,14 @@ impl Status {
             store,
             upstreams,
             fills,
+            replicas: state.cache.cluster.as_ref().map(|cluster| {
+                let addresses = state.config.auth.is_none() || matches!(who, Principal::User(_));
+                let mut replicas = cluster.replicas();
+                if !addresses {
+                    replicas.iter_mut().for_each(|r| r.advertise = None);
+                }
+                replicas
+            }),
             repositories,
             client: client_setup(state, host),
         }

@@ -195,6 +195,7 @@ pub fn render(s: &Status, login: bool) -> String {
     store(&mut out, s);
     upstreams(&mut out, s);
     fills(&mut out, s);
+    replicas(&mut out, s);
     repositories(&mut out, s);
     client(&mut out, s);
     let _ = write!(out, "</main><script>{SCRIPT}</script></body></html>");
@@ -354,6 +355,30 @@ fn upstreams(out: &mut String, s: &Status) {
             url = esc(&u.url),
             state = u.state,
             label = upstream_state(u, s.generated_at),
+        );
+    }
+    out.push_str("</tbody></table></div></section>");
+}
+
+/// Only where there are replicas (`[cluster]`).
+fn replicas(out: &mut String, s: &Status) {
+    let Some(replicas) = &s.replicas else { return };
+    out.push_str("<section id=\"replicas\" data-live class=\"wide\"><h2>Replicas on the bucket</h2><div class=\"scroll\"><table><thead><tr><th>Replica</th><th>State</th><th>Version</th><th>Started</th></tr></thead><tbody>");
+    for r in replicas {
+        let (state, label) = match (r.this, r.up) {
+            (true, _) => ("ok", "this replica".to_string()),
+            (false, true) => ("ok", format!("up · seen {} s ago", r.last_seen_seconds)),
+            (false, false) => ("failing", format!("gone · last seen {} ago", uptime(r.last_seen_seconds))),
+        };
+        let address = r.advertise.as_deref().map(|a| format!("<br><span class=\"muted\">{}</span>", esc(a)));
+        let _ = write!(
+            out,
+            "<tr data-replica=\"{node}\" data-up=\"{up}\"><td><code>{node}</code>{address}</td><td class=\"state-{state}\">{label}</td><td>{version}</td><td>{started}</td></tr>",
+            node = esc(&r.node),
+            up = r.up,
+            address = address.unwrap_or_default(),
+            version = esc(&r.version),
+            started = when(r.started_at, s.generated_at),
         );
     }
     out.push_str("</tbody></table></div></section>");

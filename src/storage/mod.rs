@@ -305,6 +305,9 @@ fn upload_dir(id: &str) -> String {
     format!("uploads/{id}")
 }
 
+/// Where replicas on one bucket keep a record each (`cluster/replicas/<node>`).
+const REPLICAS: &str = "cluster/replicas";
+
 fn lease_path(name: &str) -> String {
     format!("cluster/leases/{name}")
 }
@@ -456,6 +459,27 @@ impl Store {
 
     pub async fn remove_lease(&self, name: &str) -> io::Result<()> {
         self.driver.delete(&lease_path(name)).await
+    }
+
+    // ---- the replicas' records ----
+
+    pub async fn write_replica_record(&self, node: &str, content: &[u8]) -> io::Result<()> {
+        self.driver.put(&format!("{REPLICAS}/{node}"), content).await
+    }
+
+    pub async fn read_replica_record(&self, node: &str) -> io::Result<Option<Vec<u8>>> {
+        self.driver.get(&format!("{REPLICAS}/{node}")).await
+    }
+
+    pub async fn remove_replica_record(&self, node: &str) -> io::Result<()> {
+        self.driver.delete(&format!("{REPLICAS}/{node}")).await
+    }
+
+    /// Every replica's record: its node and when it was last written (the store's clock, Unix
+    /// seconds). Empty on a backend that is not shared.
+    pub async fn list_replica_records(&self) -> io::Result<Vec<(String, u64)>> {
+        let files = self.driver.list_tree(REPLICAS).await?.unwrap_or_default();
+        Ok(files.into_iter().filter(|(node, ..)| !node.contains('/')).map(|(node, _, at)| (node, at)).collect())
     }
 
     /// A short-lived URL a client can fetch a stored blob from directly, when the backend gives

@@ -10,7 +10,6 @@
 mod replicas;
 mod window;
 
-use crate::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +20,7 @@ use reqwest::StatusCode;
 use tokio::sync::watch;
 
 use super::{Cache, CacheError, Content, Mirrored};
+use crate::lock;
 use crate::oci::{Digest, RepoName};
 use crate::storage::{BlobWriter, CommitError, CHUNK};
 use crate::upstream::{content_length, error_chain, UpstreamError};

@@ -11,7 +11,6 @@
 //! Requests between replicas carry an HMAC of the path and an expiry time, keyed from the token
 //! signing key that all replicas read from the bucket.
 
-use crate::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,9 +21,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthError;
 use crate::config::{Config, TlsConfig};
+use crate::lock;
 use crate::metrics::Metrics;
 use crate::oci::Digest;
 use crate::storage::{unix_now, Condition, Store, Version};
+
+mod members;
+pub use members::ReplicaView;
 
 /// How often an owner renews its lease.
 pub const RENEW: Duration = Duration::from_secs(2);
@@ -83,6 +86,8 @@ pub struct Cluster {
     /// clock): a version that outlives `EXPIRY` is a lease nobody renews.
     observed: Mutex<HashMap<String, (Version, Instant)>>,
     metrics: Metrics,
+    /// The replicas on the bucket as this one last read them (see `members`).
+    members: members::Members,
 }
 
 fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -127,6 +132,7 @@ impl Cluster {
             client,
             observed: Mutex::default(),
             metrics: metrics.clone(),
+            members: members::Members::new(),
         })))
     }
 
@@ -393,6 +399,7 @@ mod tests {
             client: reqwest::Client::new(),
             observed: Mutex::default(),
             metrics: Metrics::new(),
+            members: members::Members::new(),
         };
         let path = "/_regmirror/fills/sha256:00";
         let good = cluster.sign(path, unix_now());
