@@ -132,7 +132,7 @@ pub async fn start(config: Config) -> Result<AppState, StartError> {
     pins::spawn(state.cache.clone(), state.upstreams.clone(), pins, every, referrers);
     uploads::spawn_purge(state.clone());
     if let Some(cluster) = &state.cache.cluster {
-        cluster.spawn_announcements();
+        cluster.spawn_announcements(state.config.ui_enabled);
     }
     if state.config.ui_enabled {
         crate::status::spawn(state.clone()).await;

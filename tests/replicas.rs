@@ -214,7 +214,7 @@ async fn each_replica_lists_the_others_and_one_shut_down_cleanly_leaves_the_list
     let b = TestServer::start(&config).await;
     let c = client();
     eventually_async("A lists B, up", || async {
-        the_other(&status_of(&c, &a, true).await).is_some_and(|b| b["up"] == true)
+        the_other(&status_of(&c, &a, true).await).is_some_and(|other| other["up"] == true)
     })
     .await;
     let status = status_of(&c, &a, true).await;
@@ -229,7 +229,7 @@ async fn each_replica_lists_the_others_and_one_shut_down_cleanly_leaves_the_list
     assert!(page.contains(&b.url("")));
     // Anonymous visitors see the replicas, not where they are.
     let anonymous = status_of(&c, &a, false).await;
-    assert!(the_other(&anonymous).is_some_and(|b| b["advertise"].is_null()), "{anonymous}");
+    assert!(the_other(&anonymous).is_some_and(|other| other["advertise"].is_null()), "{anonymous}");
     assert!(anonymous["replicas"][0]["advertise"].is_null());
     let page = c.get(a.url("/")).send().await.unwrap().text().await.unwrap();
     assert!(page.contains(&format!("data-replica=\"{b_node}\"")) && !page.contains(&b.url("")));
@@ -241,6 +241,8 @@ async fn each_replica_lists_the_others_and_one_shut_down_cleanly_leaves_the_list
         status_of(&c, &a, true).await["replicas"].as_array().is_some_and(|r| r.len() == 1)
     })
     .await;
+    // B's announcements go on in the background, and do not bring its record back.
+    assert!(!server.keys(&prefix).iter().any(|k| k.ends_with(&format!("cluster/replicas/{b_node}"))));
 }
 
 #[tokio::test]

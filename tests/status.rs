@@ -265,6 +265,8 @@ async fn the_status_page_in_a_real_browser_agrees_with_the_metrics_and_the_json(
     assert_eq!(row.attr("data-clients").await.unwrap().as_deref(), Some("1"));
     assert_eq!(json["fills"][0]["digest"], big.as_str());
     assert_eq!(json["fills"][0]["clients"], 1);
+    // A lone replica lists no replicas.
+    assert!(json["replicas"].is_null());
 
     // The upstream after the forced failure, and the allowance it announced.
     let state = b.find(fantoccini::Locator::Css("tr[data-upstream=\"docker.io\"] td[data-state]")).await.unwrap();

@@ -1,10 +1,10 @@
 //! Which replicas share the bucket, for the operator's eyes (the status page and its JSON).
 //!
 //! Every replica writes a record of its own (`cluster/replicas/<node>`) every [`ANNOUNCE`] and
-//! lists the others' with one LIST. A record whose time has not changed for [`GONE`], by this
-//! replica's clock (the replicas' clocks need not agree), belongs to a replica that stopped
-//! without saying so; one the store says is a day old is removed. A replica that shuts down
-//! cleanly removes its own.
+//! lists the others' with one LIST. A record whose time in the store has not changed for
+//! [`GONE`], by this replica's clock (the replicas' clocks need not agree), belongs to a replica
+//! that stopped without saying so; one that stays so for a day is removed. A replica that shuts
+//! down cleanly removes its own.
 //!
 //! Nothing here decides anything: fills and eviction go by their leases alone.
 
@@ -21,14 +21,23 @@ use crate::storage::unix_now;
 /// How often a replica rewrites its record and reads the others'.
 pub const ANNOUNCE: Duration = Duration::from_secs(10);
 
+/// The longest a shutdown waits to take this replica's record out.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(5);
+
 /// A record unchanged for this long (three announcements missed) is a replica that is gone.
 const GONE: Duration = Duration::from_secs(35);
 
-/// Records this old by the store's clock are removed.
+/// Records this old are removed.
 const FORGOTTEN: u64 = 24 * 3600;
 
-/// What a replica's record holds.
-#[derive(Clone, Serialize, Deserialize)]
+/// How far this replica's clock and the store's may disagree (the README asks for NTP, and
+/// signed requests between replicas allow twice this).
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// What a replica's record holds. Every field has a default, so a record written by another
+/// version still lists that replica.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 struct Record {
     node: String,
     advertise: String,
@@ -44,8 +53,8 @@ struct Seen {
     written_at: u64,
     /// When this replica last saw that time change.
     changed: Instant,
-    /// How old the record already was then: its age by the store's clock when first seen old,
-    /// else nothing.
+    /// How old the record already was when first seen (this replica's clock against the
+    /// store's time, less what the two clocks may disagree by); zero once it changes.
     age_then: Duration,
 }
 
@@ -58,21 +67,21 @@ impl Seen {
 pub(super) struct Members {
     started_at: u64,
     others: Mutex<HashMap<String, Seen>>,
-    /// Held while this replica's record is written or removed: once withdrawn, it stays gone.
-    writing: tokio::sync::Mutex<bool>,
+    /// Whether this replica's record was taken out (a clean shutdown): then it is not written
+    /// again. Held across each write and the removal, so neither overtakes the other.
+    withdrawn: tokio::sync::Mutex<bool>,
 }
 
 impl Members {
     pub(super) fn new() -> Members {
-        Members { started_at: unix_now(), others: Mutex::default(), writing: tokio::sync::Mutex::new(false) }
+        Members { started_at: unix_now(), others: Mutex::default(), withdrawn: tokio::sync::Mutex::new(false) }
     }
 
-    /// A replica's record read for the first time. Its age by the store's clock says whether it
-    /// is current: clocks a minute apart still tell a record from an hour ago from a current one.
+    /// A replica's record read for the first time: how old the store says it is tells whether
+    /// it is current, so a record from an hour ago is shown gone at once.
     fn first_seen(&self, node: String, record: Record, written_at: u64, now: u64) {
         let age = Duration::from_secs(now.saturating_sub(written_at));
-        let age_then = if age > GONE + Duration::from_secs(60) { age } else { Duration::ZERO };
-        let seen = Seen { record, written_at, changed: Instant::now(), age_then };
+        let seen = Seen { record, written_at, changed: Instant::now(), age_then: age.saturating_sub(CLOCK_SKEW) };
         lock(&self.others).insert(node, seen);
     }
 }
@@ -106,28 +115,36 @@ impl Cluster {
         }
     }
 
-    /// Write this replica's record and read the others': one PUT, one LIST, and a GET for each
-    /// replica not seen before.
-    pub async fn announce(&self) -> std::io::Result<()> {
+    /// Write this replica's record and, with `list`, read the others': one PUT, one LIST, and a
+    /// GET for each replica not seen before.
+    pub async fn announce(&self, list: bool) -> std::io::Result<()> {
         {
-            let withdrawn = self.members.writing.lock().await;
+            let withdrawn = self.members.withdrawn.lock().await;
             if *withdrawn {
                 return Ok(());
             }
             let own = serde_json::to_vec(&self.own_record()).map_err(std::io::Error::other)?;
             self.store.write_replica_record(&self.node, &own).await?;
         }
-        let now = unix_now();
-        let (listed, forgotten): (Vec<_>, Vec<_>) = self
-            .store
-            .list_replica_records()
-            .await?
-            .into_iter()
-            .filter(|(node, _)| *node != self.node)
-            .partition(|(_, written_at)| now.saturating_sub(*written_at) <= FORGOTTEN);
-        for (node, _) in forgotten {
-            let _ = self.store.remove_replica_record(&node).await;
+        if !list {
+            return Ok(());
         }
+        let now = unix_now();
+        let mut listed = self.store.list_replica_records().await?;
+        listed.retain(|(node, _)| *node != self.node);
+        // Gone for a day, by this replica's own watch as well as by the store's time (a clock
+        // a day off must not remove replicas that are up).
+        let forgotten: Vec<String> = {
+            let others = lock(&self.members.others);
+            let old = |node: &String, written_at: u64| {
+                now.saturating_sub(written_at) > FORGOTTEN && others.get(node).is_some_and(|s| s.unchanged_for() > GONE)
+            };
+            listed.iter().filter(|(node, at)| old(node, *at)).map(|(node, _)| node.clone()).collect()
+        };
+        for node in &forgotten {
+            let _ = self.store.remove_replica_record(node).await;
+        }
+        listed.retain(|(node, _)| !forgotten.contains(node));
         let mut new = Vec::new();
         {
             let mut others = lock(&self.members.others);
@@ -152,24 +169,33 @@ impl Cluster {
         Ok(())
     }
 
-    /// Remove this replica's record (a clean shutdown); it is not written again.
+    /// Remove this replica's record (a clean shutdown); it is not written again. Bounded: with
+    /// the store away, the record is left to show this replica as gone.
     pub async fn withdraw(&self) {
-        let mut withdrawn = self.members.writing.lock().await;
-        *withdrawn = true;
-        if let Err(e) = self.store.remove_replica_record(&self.node).await {
-            tracing::debug!(error = %e, "could not remove this replica's record");
+        let removed = tokio::time::timeout(WITHDRAW_WAIT, async {
+            let mut withdrawn = self.members.withdrawn.lock().await;
+            *withdrawn = true;
+            self.store.remove_replica_record(&self.node).await
+        });
+        match removed.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not remove this replica's record from the bucket"),
+            Err(_) => {
+                tracing::warn!("the bucket did not answer in time; this replica's record stays and shows it as gone")
+            }
         }
     }
 
-    /// Keep this replica's record current, every [`ANNOUNCE`].
-    pub fn spawn_announcements(self: &std::sync::Arc<Self>) {
+    /// Keep this replica's record current, every [`ANNOUNCE`]; with `list` (the status page is
+    /// on), read the others' too.
+    pub fn spawn_announcements(self: &std::sync::Arc<Self>, list: bool) {
         let cluster = self.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(ANNOUNCE);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                if let Err(e) = cluster.announce().await {
+                if let Err(e) = cluster.announce(list).await {
                     tracing::debug!(error = %e, "could not announce this replica in the bucket");
                 }
             }
@@ -190,11 +216,11 @@ impl Cluster {
         }];
         let others = lock(&self.members.others);
         let mut rest: Vec<ReplicaView> = others
-            .values()
-            .map(|seen| {
+            .iter()
+            .map(|(node, seen)| {
                 let since = seen.unchanged_for();
                 ReplicaView {
-                    node: seen.record.node.clone(),
+                    node: node.clone(),
                     advertise: Some(seen.record.advertise.clone()),
                     version: seen.record.version.clone(),
                     started_at: seen.record.started_at,
@@ -204,6 +230,11 @@ impl Cluster {
                 }
             })
             .collect();
+        // A replica restarted after a crash is a new node at the same address: the old record
+        // would show it gone next to itself for a day.
+        let up_at: Vec<Option<String>> =
+            views.iter().chain(rest.iter()).filter(|v| v.up).map(|v| v.advertise.clone()).collect();
+        rest.retain(|v| v.up || !up_at.contains(&v.advertise));
         rest.sort_by(|a, b| (&a.advertise, &a.node).cmp(&(&b.advertise, &b.node)));
         views.extend(rest);
         views
@@ -227,7 +258,8 @@ mod tests {
         // Clocks a minute apart: a record "from the future" is current.
         members.first_seen("ahead".into(), record("ahead"), now + 50, now);
         let others = lock(&members.others);
-        assert!(others["old"].unchanged_for() >= Duration::from_secs(7200));
+        assert!(others["old"].unchanged_for() >= Duration::from_secs(7200) - CLOCK_SKEW);
+        assert!(others["old"].unchanged_for() > GONE);
         assert!(others["new"].unchanged_for() < GONE);
         assert!(others["ahead"].unchanged_for() < GONE);
     }

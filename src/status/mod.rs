@@ -310,7 +310,7 @@ impl Status {
             upstreams,
             fills,
             replicas: state.cache.cluster.as_ref().map(|cluster| {
-                let addresses = state.config.auth.is_none() || matches!(who, Principal::User(_));
+                let addresses = !state.access.enabled() || *who != Principal::Anonymous;
                 let mut replicas = cluster.replicas();
                 if !addresses {
                     replicas.iter_mut().for_each(|r| r.advertise = None);

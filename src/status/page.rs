@@ -360,30 +360,6 @@ fn upstreams(out: &mut String, s: &Status) {
     out.push_str("</tbody></table></div></section>");
 }
 
-/// Only where there are replicas (`[cluster]`).
-fn replicas(out: &mut String, s: &Status) {
-    let Some(replicas) = &s.replicas else { return };
-    out.push_str("<section id=\"replicas\" data-live class=\"wide\"><h2>Replicas on the bucket</h2><div class=\"scroll\"><table><thead><tr><th>Replica</th><th>State</th><th>Version</th><th>Started</th></tr></thead><tbody>");
-    for r in replicas {
-        let (state, label) = match (r.this, r.up) {
-            (true, _) => ("ok", "this replica".to_string()),
-            (false, true) => ("ok", format!("up · seen {} s ago", r.last_seen_seconds)),
-            (false, false) => ("failing", format!("gone · last seen {} ago", uptime(r.last_seen_seconds))),
-        };
-        let address = r.advertise.as_deref().map(|a| format!("<br><span class=\"muted\">{}</span>", esc(a)));
-        let _ = write!(
-            out,
-            "<tr data-replica=\"{node}\" data-up=\"{up}\"><td><code>{node}</code>{address}</td><td class=\"state-{state}\">{label}</td><td>{version}</td><td>{started}</td></tr>",
-            node = esc(&r.node),
-            up = r.up,
-            address = address.unwrap_or_default(),
-            version = esc(&r.version),
-            started = when(r.started_at, s.generated_at),
-        );
-    }
-    out.push_str("</tbody></table></div></section>");
-}
-
 fn fills(out: &mut String, s: &Status) {
     out.push_str("<section id=\"fills\" data-live class=\"wide\"><h2>Fills in progress</h2>");
     if s.fills.is_empty() {
@@ -410,6 +386,30 @@ fn fills(out: &mut String, s: &Status) {
             bytes(f.bytes_per_second),
             f.clients,
             digest = esc(&f.digest),
+        );
+    }
+    out.push_str("</tbody></table></div></section>");
+}
+
+/// Only where there are replicas (`[cluster]`).
+fn replicas(out: &mut String, s: &Status) {
+    let Some(replicas) = &s.replicas else { return };
+    out.push_str("<section id=\"replicas\" data-live class=\"wide\"><h2>Replicas on the bucket</h2><div class=\"scroll\"><table><thead><tr><th>Replica</th><th>State</th><th>Version</th><th>Started</th></tr></thead><tbody>");
+    for r in replicas {
+        let (state, label) = match (r.this, r.up) {
+            (true, _) => ("ok", "this replica".to_string()),
+            (false, true) => ("ok", format!("up · seen {} s ago", r.last_seen_seconds)),
+            (false, false) => ("failing", format!("gone · last seen {} ago", uptime(r.last_seen_seconds))),
+        };
+        let address = r.advertise.as_deref().map(|a| format!("<br><span class=\"muted\">{}</span>", esc(a)));
+        let _ = write!(
+            out,
+            "<tr data-replica=\"{node}\" data-up=\"{up}\"><td><code>{node}</code>{address}</td><td class=\"state-{state}\">{label}</td><td>{version}</td><td>{started}</td></tr>",
+            node = esc(&r.node),
+            up = r.up,
+            address = address.unwrap_or_default(),
+            version = esc(&r.version),
+            started = when(r.started_at, s.generated_at),
         );
     }
     out.push_str("</tbody></table></div></section>");

@@ -16,6 +16,9 @@
 //! meta/token.key                                              the token signing key (0600)
 //! meta/access.log                                             last use of mirrored blobs (LRU)
 //! meta/gc.json                                                totals of `regmirror gc` runs
+//! blobs/<alg>/<hex[..2]>/<hex>/data.touched                 last use on any replica (S3 only)
+//! cluster/leases/fill-<alg>-<hex>, cluster/leases/eviction    who runs a fill, an eviction pass
+//! cluster/replicas/<node>                                     each replica's record (S3 only)
 //! ```
 //! Repository components never start with `_`, so the `_` directories cannot collide with names.
 
@@ -305,8 +308,12 @@ fn upload_dir(id: &str) -> String {
     format!("uploads/{id}")
 }
 
-/// Where replicas on one bucket keep a record each (`cluster/replicas/<node>`).
+/// Where replicas on one bucket keep a record each.
 const REPLICAS: &str = "cluster/replicas";
+
+fn replica_record_path(node: &str) -> String {
+    format!("{REPLICAS}/{node}")
+}
 
 fn lease_path(name: &str) -> String {
     format!("cluster/leases/{name}")
@@ -464,21 +471,22 @@ impl Store {
     // ---- the replicas' records ----
 
     pub async fn write_replica_record(&self, node: &str, content: &[u8]) -> io::Result<()> {
-        self.driver.put(&format!("{REPLICAS}/{node}"), content).await
+        self.driver.put(&replica_record_path(node), content).await
     }
 
     pub async fn read_replica_record(&self, node: &str) -> io::Result<Option<Vec<u8>>> {
-        self.driver.get(&format!("{REPLICAS}/{node}")).await
+        self.driver.get(&replica_record_path(node)).await
     }
 
     pub async fn remove_replica_record(&self, node: &str) -> io::Result<()> {
-        self.driver.delete(&format!("{REPLICAS}/{node}")).await
+        self.driver.delete(&replica_record_path(node)).await
     }
 
     /// Every replica's record: its node and when it was last written (the store's clock, Unix
     /// seconds). Empty on a backend that is not shared.
     pub async fn list_replica_records(&self) -> io::Result<Vec<(String, u64)>> {
         let files = self.driver.list_tree(REPLICAS).await?.unwrap_or_default();
+        // Records sit right in the folder; anything deeper was not written by a replica.
         Ok(files.into_iter().filter(|(node, ..)| !node.contains('/')).map(|(node, _, at)| (node, at)).collect())
     }
 
