@@ -150,8 +150,8 @@ async fn indexed(config: Config) -> Result<AppState, StartError> {
 }
 
 /// After the listeners drained: keep what must outlive the process (access times for the
-/// eviction order, the status page's history), stop the background tasks that write them, and
-/// take this replica's record out of the bucket.
+/// eviction order, the status page's history), stop the background tasks that write them, give
+/// up the leases this replica holds and take its record out of the bucket.
 pub async fn shutdown(state: &AppState) {
     if state.config.ui_enabled {
         crate::status::stop(state).await;
@@ -160,6 +160,7 @@ pub async fn shutdown(state: &AppState) {
         tracing::warn!(error = %e, "could not persist access times");
     }
     if let Some(cluster) = &state.cache.cluster {
+        cluster.release_leases().await;
         cluster.withdraw().await;
     }
 }

@@ -99,29 +99,43 @@ async fn sixteen_clients_on_two_replicas_cost_one_upstream_get_and_the_second_re
     assert_eq!(hub.count(&hub.state.counters.cdn_gets), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_other_replica_completes() {
-    let Some(server) = common::s3::shared() else { return };
-    let _alone = HEAVY.lock().await;
+/// A fill run by replica A, a process of its own (to be stopped), with one client of A and
+/// eight of B following it through A; set up until B has a third of the blob, the upstream held
+/// there.
+struct FollowedFill {
+    hub: Hub,
+    a: Proc,
+    b: TestServer,
+    a_client: tokio::task::JoinHandle<bool>,
+    b_clients: Vec<tokio::task::JoinHandle<String>>,
+    blob_digest: String,
+    path: String,
+    prefix: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn fill_followed_through_b(server: &Seaweed, repo: &str, seed: u8, server_toml: &str) -> FollowedFill {
     let size = 96 << 20;
     let hub = Hub::start().await;
-    let (blob_digest, _, _) = hub_image(&hub, "taken", "1", blob_of(size, 42));
+    let (blob_digest, _, _) = hub_image(&hub, repo, "1", blob_of(size, seed));
     let prefix = prefix();
-    // A: a process of its own, to be killed.
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let a_url = format!("http://127.0.0.1:{port}");
     let config = dir.path().join("mirror.toml");
     std::fs::write(
         &config,
-        format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{}", replica_config(server, &prefix, &hub.url(), &a_url)),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n{server_toml}{}",
+            replica_config(server, &prefix, &hub.url(), &a_url)
+        ),
     )
     .unwrap();
-    let mut a = Proc::spawn(&config, &dir.path().join("a.log"));
+    let a = Proc::spawn(&config, &dir.path().join("a.log"));
     wait_until_up(&format!("{a_url}/healthz")).await;
     let b = TestServer::start(&replica_config(server, &prefix, &hub.url(), "@SELF@")).await;
     let c = client();
-    let path = format!("/v2/library/taken/blobs/{blob_digest}");
+    let path = format!("/v2/library/{repo}/blobs/{blob_digest}");
     hub.state.gate.send_replace((size / 3) as u64);
 
     // A's client starts the fill; B's eight follow it through A.
@@ -146,6 +160,16 @@ async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_othe
         metric(&b.metrics(), "regmirror_cluster_relayed_bytes_total") as usize >= size / 3
     })
     .await;
+    FollowedFill { hub, a, b, a_client, b_clients, blob_digest, path, prefix, _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_other_replica_completes() {
+    let Some(server) = common::s3::shared() else { return };
+    let _alone = HEAVY.lock().await;
+    let FollowedFill { hub, mut a, b, a_client, b_clients, blob_digest, path, prefix, _dir } =
+        fill_followed_through_b(server, "taken", 42, "").await;
+    let c = client();
 
     a.child.kill().unwrap();
     a.child.wait().unwrap();
@@ -176,6 +200,33 @@ async fn a_fill_owner_killed_mid_fill_is_taken_over_and_every_client_of_the_othe
     assert!(!keys.iter().any(|k| k.contains("/tmp/") || k.contains(".parts")), "{keys:?}");
     let r = c.get(b.url(&path)).send().await.unwrap();
     assert_eq!(download_digest(r).await, blob_digest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_owner_stopped_cleanly_hands_its_fill_over_without_waiting_for_the_lease_to_expire() {
+    let Some(server) = common::s3::shared() else { return };
+    let _alone = HEAVY.lock().await;
+    // A drains for a second at most, then ends, giving its leases up.
+    let FollowedFill { hub, mut a, b, b_clients, blob_digest, prefix, _dir, .. } =
+        fill_followed_through_b(server, "handed", 44, "shutdown_timeout = \"1s\"\n").await;
+    a.signal("TERM");
+    let stopped = Instant::now();
+    let exit = a.child.wait().unwrap();
+    assert!(exit.success(), "A ended with {exit}");
+    hub.state.gate.send_replace(u64::MAX);
+    // B goes on from the byte it had as soon as the lease is free: sooner than a lease left to
+    // expire could be taken (EXPIRY after B first finds it unchanged, once A's stream ended).
+    eventually("B asked the upstream for the rest", || hub.count(&hub.state.counters.cdn_range_gets) >= 1).await;
+    let took = stopped.elapsed();
+    eprintln!("B went on {took:?} after A was told to stop");
+    assert!(took < regmirror::cluster::EXPIRY, "B waited {took:?}: the lease was left to expire");
+    for client in b_clients {
+        assert_eq!(client.await.unwrap(), blob_digest);
+    }
+    // Handed over, not taken over.
+    assert_eq!(metric(&b.metrics(), "regmirror_cluster_fill_takeovers_total"), 0.0);
+    let keys = server.keys(&prefix);
+    assert_eq!(keys.iter().filter(|k| k.ends_with(&format!("{}/data", &blob_digest[7..]))).count(), 1, "{keys:?}");
 }
 
 /// `/api/status` of `s`, as alice (signed in) or anonymously.

@@ -88,6 +88,10 @@ pub struct Cluster {
     metrics: Metrics,
     /// The replicas on the bucket as this one last read them (see `members`).
     members: members::Members,
+    /// Set when the process ends: every lease held is given up at once.
+    ending: tokio::sync::watch::Sender<bool>,
+    /// Leases held right now (their renewal tasks running).
+    held: tokio::sync::watch::Sender<usize>,
 }
 
 fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
@@ -133,6 +137,8 @@ impl Cluster {
             observed: Mutex::default(),
             metrics: metrics.clone(),
             members: members::Members::new(),
+            ending: tokio::sync::watch::Sender::new(false),
+            held: tokio::sync::watch::Sender::new(0),
         })))
     }
 
@@ -228,6 +234,14 @@ impl Cluster {
         }
     }
 
+    /// Give up every lease this replica holds, as the process ends: the other replicas take its
+    /// fills over at once rather than after [`EXPIRY`]. Bounded: the store may not answer.
+    pub async fn release_leases(&self) {
+        self.ending.send_replace(true);
+        let mut held = self.held.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), held.wait_for(|n| *n == 0)).await;
+    }
+
     /// Forget what was observed of `d`'s fill lease (the fill ended here).
     pub fn forget_fill(&self, d: &Digest) {
         lock(&self.observed).remove(&fill_lease(d));
@@ -241,7 +255,10 @@ impl Cluster {
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let (released_tx, released) = tokio::sync::oneshot::channel::<()>();
         let (store, name, lost_flag) = (self.store.clone(), name.to_string(), lost.clone());
+        let (mut ending, held) = (self.ending.subscribe(), self.held.clone());
+        held.send_modify(|n| *n += 1);
         tokio::spawn(async move {
+            let _counted = Counted(held);
             let mut version = version;
             // The others may take the lease over EXPIRY after they last saw it change; this
             // holder counts it lost a beat before that if it could not renew it since.
@@ -251,6 +268,8 @@ impl Cluster {
             let released_in_time = loop {
                 tokio::select! {
                     _ = &mut stopped => break true,
+                    // The process ends: the others need not wait for the lease to expire.
+                    _ = ending_now(&mut ending) => break true,
                     _ = beats.tick() => {}
                 }
                 record.beat += 1;
@@ -357,6 +376,22 @@ pub struct PeerFailure {
     pub refused: bool,
 }
 
+/// Resolves once the process ends (never, should the cluster be gone first).
+async fn ending_now(ending: &mut tokio::sync::watch::Receiver<bool>) {
+    if ending.wait_for(|ending| *ending).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Counts a renewal task among the held leases while it runs.
+struct Counted(tokio::sync::watch::Sender<usize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 /// A lease this replica holds, renewed in the background; dropped, it is released.
 pub struct Lease {
     lost: Arc<AtomicBool>,
@@ -400,6 +435,8 @@ mod tests {
             observed: Mutex::default(),
             metrics: Metrics::new(),
             members: members::Members::new(),
+            ending: tokio::sync::watch::Sender::new(false),
+            held: tokio::sync::watch::Sender::new(0),
         };
         let path = "/_regmirror/fills/sha256:00";
         let good = cluster.sign(path, unix_now());
