@@ -153,6 +153,10 @@ async fn indexed(config: Config) -> Result<AppState, StartError> {
 /// eviction order, the status page's history), stop the background tasks that write them, give
 /// up the leases this replica holds and take its record out of the bucket.
 pub async fn shutdown(state: &AppState) {
+    // First: the other replicas wait for these.
+    if let Some(cluster) = &state.cache.cluster {
+        cluster.release_leases().await;
+    }
     if state.config.ui_enabled {
         crate::status::stop(state).await;
     }
@@ -160,7 +164,6 @@ pub async fn shutdown(state: &AppState) {
         tracing::warn!(error = %e, "could not persist access times");
     }
     if let Some(cluster) = &state.cache.cluster {
-        cluster.release_leases().await;
         cluster.withdraw().await;
     }
 }

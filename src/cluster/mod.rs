@@ -181,6 +181,10 @@ impl Cluster {
     }
 
     async fn claim(&self, name: &str) -> std::io::Result<Claim> {
+        // The process ends: no new fill or eviction pass is taken on here.
+        if *self.ending.borrow() {
+            return Err(std::io::Error::other(crate::storage::Unavailable("this replica is shutting down".into())));
+        }
         // Every claim writes a fresh nonce: two generations of a lease never look alike (an ETag
         // is the content's MD5 on most stores), so an observer never mistakes a new holder for
         // one that stopped renewing.
@@ -249,27 +253,31 @@ impl Cluster {
 
     /// Keep renewing a lease just taken, until the returned handle is dropped. A holder that
     /// cannot renew in time counts itself as having lost the lease before the others may take it
-    /// over, so two replicas never both believe they hold it.
+    /// over, so two replicas never both believe they hold it; so does one whose process ends.
     fn hold(&self, name: &str, version: Version, mut record: LeaseRecord, taken_over: bool) -> Lease {
         let lost = Arc::new(AtomicBool::new(false));
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let (released_tx, released) = tokio::sync::oneshot::channel::<()>();
         let (store, name, lost_flag) = (self.store.clone(), name.to_string(), lost.clone());
-        let (mut ending, held) = (self.ending.subscribe(), self.held.clone());
-        held.send_modify(|n| *n += 1);
+        let mut ending = self.ending.subscribe();
+        let counted = Counted::new(&self.held);
         tokio::spawn(async move {
-            let _counted = Counted(held);
+            let _counted = counted;
             let mut version = version;
             // The others may take the lease over EXPIRY after they last saw it change; this
             // holder counts it lost a beat before that if it could not renew it since.
             let mut deadline = tokio::time::Instant::now() + (EXPIRY - RENEW);
             let mut beats = tokio::time::interval_at(tokio::time::Instant::now() + RENEW, RENEW);
             beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut given_up = false;
             let released_in_time = loop {
                 tokio::select! {
                     _ = &mut stopped => break true,
                     // The process ends: the others need not wait for the lease to expire.
-                    _ = ending_now(&mut ending) => break true,
+                    _ = ending_now(&mut ending) => {
+                        given_up = true;
+                        break true;
+                    }
                     _ = beats.tick() => {}
                 }
                 record.beat += 1;
@@ -305,6 +313,10 @@ impl Cluster {
                 if current == version {
                     let _ = store.remove_lease(&name).await;
                 }
+            }
+            // Given up while the process ends: whatever still holds it acts as owner no more.
+            if given_up {
+                lost_flag.store(true, Ordering::Relaxed);
             }
             let _ = released_tx.send(());
         });
@@ -383,8 +395,15 @@ async fn ending_now(ending: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
-/// Counts a renewal task among the held leases while it runs.
+/// Counts a renewal task among the held leases from before it is spawned until it ends.
 struct Counted(tokio::sync::watch::Sender<usize>);
+
+impl Counted {
+    fn new(held: &tokio::sync::watch::Sender<usize>) -> Counted {
+        held.send_modify(|n| *n += 1);
+        Counted(held.clone())
+    }
+}
 
 impl Drop for Counted {
     fn drop(&mut self) {
