@@ -260,9 +260,9 @@ impl Cluster {
         let (released_tx, released) = tokio::sync::oneshot::channel::<()>();
         let (store, name, lost_flag) = (self.store.clone(), name.to_string(), lost.clone());
         let mut ending = self.ending.subscribe();
-        let counted = Counted::new(&self.held);
+        let holding = Holding::new(&self.held);
         tokio::spawn(async move {
-            let _counted = counted;
+            let _holding = holding;
             let mut version = version;
             // The others may take the lease over EXPIRY after they last saw it change; this
             // holder counts it lost a beat before that if it could not renew it since.
@@ -396,16 +396,16 @@ async fn ending_now(ending: &mut tokio::sync::watch::Receiver<bool>) {
 }
 
 /// Counts a renewal task among the held leases from before it is spawned until it ends.
-struct Counted(tokio::sync::watch::Sender<usize>);
+struct Holding(tokio::sync::watch::Sender<usize>);
 
-impl Counted {
-    fn new(held: &tokio::sync::watch::Sender<usize>) -> Counted {
+impl Holding {
+    fn new(held: &tokio::sync::watch::Sender<usize>) -> Holding {
         held.send_modify(|n| *n += 1);
-        Counted(held.clone())
+        Holding(held.clone())
     }
 }
 
-impl Drop for Counted {
+impl Drop for Holding {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);
     }

@@ -63,20 +63,31 @@ impl Seaweed {
 
     /// Objects under `prefix` in the bucket: key, size, last modified (Unix seconds).
     pub fn objects(&self, prefix: &str) -> Vec<(String, u64, i64)> {
-        let (endpoint, prefix) = (self.endpoint.clone(), prefix.to_string());
-        std::thread::spawn(move || {
+        let p = object_store::path::Path::from(prefix);
+        self.on_bucket(|bucket| async move {
             use futures_util::TryStreamExt;
             use object_store::ObjectStore;
+            bucket
+                .list(Some(&p))
+                .map_ok(|m| (m.location.to_string(), m.size, m.last_modified.timestamp()))
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap()
+        })
+    }
+
+    /// `work` against the bucket, with a client and a runtime of its own on a thread of its own:
+    /// the tests ask from inside their own runtime, and synchronously.
+    fn on_bucket<T, Work, Done>(&self, work: Work) -> T
+    where
+        Work: FnOnce(object_store::aws::AmazonS3) -> Done + Send + 'static,
+        Done: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let endpoint = self.endpoint.clone();
+        std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let bucket = client(&endpoint);
-            let p = object_store::path::Path::from(prefix);
-            rt.block_on(
-                bucket
-                    .list(Some(&p))
-                    .map_ok(|m| (m.location.to_string(), m.size, m.last_modified.timestamp()))
-                    .try_collect::<Vec<_>>(),
-            )
-            .unwrap()
+            rt.block_on(work(client(&endpoint)))
         })
         .join()
         .unwrap()
@@ -86,55 +97,34 @@ impl Seaweed {
 impl Seaweed {
     /// Start a multipart upload of `key` and leave it unfinished (as a crash would); its id.
     pub fn start_multipart(&self, key: &str) -> String {
-        let (endpoint, key) = (self.endpoint.clone(), key.to_string());
-        std::thread::spawn(move || {
+        let key = object_store::path::Path::from(key);
+        self.on_bucket(|bucket| async move {
             use object_store::multipart::MultipartStore;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let bucket = client(&endpoint);
-            rt.block_on(bucket.create_multipart(&object_store::path::Path::from(key))).unwrap()
+            bucket.create_multipart(&key).await.unwrap()
         })
-        .join()
-        .unwrap()
     }
 
     /// Keys of the unfinished multipart uploads under `prefix` (ListMultipartUploads).
     pub fn multipart_uploads(&self, prefix: &str) -> Vec<String> {
-        let (endpoint, prefix) = (self.endpoint.clone(), prefix.to_string());
-        std::thread::spawn(move || {
+        let prefix = prefix.to_string();
+        self.on_bucket(|bucket| async move {
             use object_store::signer::{Method, SignedUrlOptions, Signer};
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let bucket = client(&endpoint);
             let options = SignedUrlOptions::new().with_query([("uploads", String::new()), ("prefix", prefix)]);
-            rt.block_on(async {
-                let url = bucket
-                    .signed_url_opts(
-                        Method::GET,
-                        &object_store::path::Path::from(""),
-                        std::time::Duration::from_secs(60),
-                        &options,
-                    )
-                    .await
-                    .unwrap();
-                let xml = reqwest::get(url).await.unwrap().error_for_status().unwrap().text().await.unwrap();
-                xml.split("<Key>").skip(1).filter_map(|k| k.split("</Key>").next().map(str::to_string)).collect()
-            })
+            let everything = object_store::path::Path::from("");
+            let ttl = std::time::Duration::from_secs(60);
+            let url = bucket.signed_url_opts(Method::GET, &everything, ttl, &options).await.unwrap();
+            let xml = reqwest::get(url).await.unwrap().error_for_status().unwrap().text().await.unwrap();
+            xml.split("<Key>").skip(1).filter_map(|k| k.split("</Key>").next().map(str::to_string)).collect()
         })
-        .join()
-        .unwrap()
     }
 
     /// The content of one key (read straight from the bucket).
     pub fn get(&self, key: &str) -> Vec<u8> {
-        let (endpoint, key) = (self.endpoint.clone(), key.to_string());
-        std::thread::spawn(move || {
+        let path = object_store::path::Path::from(key);
+        self.on_bucket(|bucket| async move {
             use object_store::ObjectStoreExt;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let bucket = client(&endpoint);
-            let path = object_store::path::Path::from(key);
-            rt.block_on(async { bucket.get(&path).await.unwrap().bytes().await.unwrap().to_vec() })
+            bucket.get(&path).await.unwrap().bytes().await.unwrap().to_vec()
         })
-        .join()
-        .unwrap()
     }
 }
 
